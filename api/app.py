@@ -1,0 +1,366 @@
+"""The FastAPI application: command, query and SLA endpoints."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from uuid import UUID, uuid4
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from psycopg_pool import ConnectionPool
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.problems import install_problem_handlers
+from ledger.commands import Actor, IncidentCommands
+from ledger.database import Database
+from ledger.errors import CommandInvalid
+from ledger.ids import incident_stream_id
+from ledger.lifecycle import COMMANDS
+from ledger.store import PostgresEventStore
+from ledger.tenants import require_tenant
+from projections.sla_queries import SlaCounts, sla_summary
+
+logger = logging.getLogger(__name__)
+
+TenantPath = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
+
+
+class ReportIn(BaseModel):
+    """A report submitted by a resident, tenant or staff member."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    description: str = Field(min_length=1, max_length=5000)
+    title: str | None = Field(default=None, max_length=200)
+    category: str | None = Field(default=None, max_length=200)
+    address: str | None = Field(default=None, max_length=500)
+    latitude: float | None = Field(default=None, ge=-90, le=90)
+    longitude: float | None = Field(default=None, ge=-180, le=180)
+    source_channel: str = Field(default="api", max_length=50)
+
+
+class AssignIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    assignee: str = Field(min_length=1, max_length=200)
+    department: str | None = Field(default=None, max_length=200)
+
+
+class QuestionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1, max_length=2000)
+
+
+class ResponseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    response: str = Field(min_length=1, max_length=2000)
+
+
+class NoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class ReasonIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class RequiredReasonIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class RejectIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+    redirect_to: str = Field(
+        min_length=1, max_length=500,
+        description="Where the reporter should go instead: an agency, a phone number or a URL.",
+    )
+
+
+class DuplicateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    duplicate_of: UUID
+
+
+class EmptyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+COMMAND_BODIES: dict[str, type[BaseModel]] = {
+    "acknowledge": EmptyIn,
+    "assign": AssignIn,
+    "start-work": EmptyIn,
+    "request-information": QuestionIn,
+    "reporter-responded": ResponseIn,
+    "resolve": NoteIn,
+    "reopen": RequiredReasonIn,
+    "close": ReasonIn,
+    "reject": RejectIn,
+    "mark-duplicate": DuplicateIn,
+}
+assert set(COMMAND_BODIES) == set(COMMANDS)
+
+
+class AppendOut(BaseModel):
+    incident_id: UUID
+    version: int
+    replayed: bool
+
+
+class SlaCountsOut(BaseModel):
+    key: str | None
+    total: int
+    with_target: int
+    open: int
+    breached: int
+    on_time: int
+    on_time_rate: float | None
+
+
+class SlaSummaryOut(BaseModel):
+    tenant_id: str
+    as_of: datetime
+    totals: SlaCountsOut
+    by_category: list[SlaCountsOut]
+    by_department: list[SlaCountsOut]
+
+
+def _counts_out(key: str | None, counts: SlaCounts) -> SlaCountsOut:
+    return SlaCountsOut(
+        key=key, total=counts.total, with_target=counts.with_target, open=counts.open,
+        breached=counts.breached, on_time=counts.on_time, on_time_rate=counts.on_time_rate,
+    )
+
+
+_ETAG = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
+
+
+def parse_if_match(value: str | None) -> int | None:
+    """Read the expected stream version from an If-Match header (`"3"`, `W/"3"` or `3`)."""
+    if value is None:
+        return None
+    match = _ETAG.fullmatch(value)
+    if not match:
+        raise CommandInvalid(
+            f"invalid If-Match header {value!r}: send the incident's ETag, such as \"3\""
+        )
+    return int(match.group(1))
+
+
+def parse_as_of(value: str | None, zone_name: str) -> datetime:
+    """Read an ISO 8601 time; a time without an offset is read in the tenant's time zone."""
+    from zoneinfo import ZoneInfo
+
+    if value is None:
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as error:
+        raise CommandInvalid(
+            f"invalid as_of {value!r}: use ISO 8601, such as 2016-01-13T00:00 or "
+            "2016-01-13T05:00:00Z"
+        ) from error
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=ZoneInfo(zone_name))
+    return moment
+
+
+def _actor(request: Request) -> Actor:
+    # TODO: take the actor and role from the API key once keys and roles exist; until then
+    # the caller names itself in X-Actor and is recorded as unauthenticated.
+    name = request.headers.get("x-actor", "anonymous")[:200]
+    return Actor(name=name, role="unauthenticated", channel="api")
+
+
+def _request_id(request: Request) -> str:
+    return request.headers.get("x-request-id") or str(uuid4())
+
+
+def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -> FastAPI:
+    """Build the API over `database`. The app opens its own pool unless one is given."""
+    owned_pool = pool is None
+    pool = pool or ConnectionPool(database.app_conninfo, min_size=1, max_size=10, open=False)
+    store = PostgresEventStore(pool)
+    commands = IncidentCommands(store)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if owned_pool:
+            pool.open(wait=True)
+        try:
+            yield
+        finally:
+            if owned_pool:
+                pool.close()
+
+    app = FastAPI(
+        title="CivicPulse",
+        summary="An append-only incident ledger with SLA tracking",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    router = APIRouter(prefix="/tenants/{tenant_id}")
+
+    def get_commands() -> IncidentCommands:
+        return commands
+
+    Commands = Annotated[IncidentCommands, Depends(get_commands)]
+
+    @app.get("/health", tags=["operations"])
+    def health() -> dict[str, str]:
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+        return {"status": "ok"}
+
+    @router.post("/incidents", status_code=201, response_model=AppendOut, tags=["commands"])
+    def submit_report(
+        tenant_id: TenantPath,
+        report: ReportIn,
+        request: Request,
+        response: Response,
+        service: Commands,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> AppendOut:
+        """Submit a report. Send an Idempotency-Key to make retries safe."""
+        result = service.submit(
+            tenant_id,
+            report.model_dump(exclude_none=True),
+            actor=_actor(request),
+            idempotency_key=idempotency_key,
+            correlation_id=_request_id(request),
+        )
+        response.headers["ETag"] = f'"{result.append.stream_version}"'
+        response.headers["Location"] = f"/tenants/{tenant_id}/incidents/{result.incident_id}"
+        if result.append.replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return AppendOut(
+            incident_id=result.incident_id,
+            version=result.append.stream_version,
+            replayed=result.append.replayed,
+        )
+
+    def add_command_route(name: str, body_type: type[BaseModel]) -> None:
+        def run_command(
+            tenant_id: TenantPath,
+            incident_id: UUID,
+            body: body_type,  # type: ignore[valid-type]
+            request: Request,
+            response: Response,
+            service: Commands,
+            if_match: Annotated[str | None, Header()] = None,
+            idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+        ) -> AppendOut:
+            args = body.model_dump(mode="json", exclude_none=True)
+            result = service.execute(
+                tenant_id,
+                incident_id,
+                name,
+                args,
+                actor=_actor(request),
+                expected_version=parse_if_match(if_match),
+                idempotency_key=idempotency_key,
+                correlation_id=_request_id(request),
+            )
+            response.headers["ETag"] = f'"{result.append.stream_version}"'
+            if result.append.replayed:
+                response.headers["Idempotent-Replayed"] = "true"
+            return AppendOut(
+                incident_id=incident_id,
+                version=result.append.stream_version,
+                replayed=result.append.replayed,
+            )
+
+        run_command.__name__ = name.replace("-", "_")
+        run_command.__doc__ = (
+            f"Run the {name} command. Send If-Match with the incident's ETag to make sure "
+            "no one changed it since you read it; a stale version answers 409."
+        )
+        router.add_api_route(
+            f"/incidents/{{incident_id}}/{name}",
+            run_command,
+            methods=["POST"],
+            response_model=AppendOut,
+            tags=["commands"],
+        )
+
+    for command_name, body_model in COMMAND_BODIES.items():
+        add_command_route(command_name, body_model)
+
+    @router.get("/incidents/{incident_id}", tags=["queries"])
+    def get_incident(
+        tenant_id: TenantPath, incident_id: UUID, response: Response, service: Commands
+    ) -> dict[str, Any]:
+        """Return the incident's current state, folded from its stream (never stale)."""
+        state = service.load(tenant_id, incident_id)
+        response.headers["ETag"] = f'"{state.version}"'
+        return {"tenant_id": tenant_id, **_state_dict(state)}
+
+    @router.get("/incidents/{incident_id}/events", tags=["queries"])
+    def get_incident_events(
+        tenant_id: TenantPath, incident_id: UUID, service: Commands
+    ) -> list[dict[str, Any]]:
+        """Return the incident's event history in stream order."""
+        service.load(tenant_id, incident_id)
+        events = store.read_stream(tenant_id, incident_stream_id(incident_id))
+        return [
+            {
+                "position": event.position,
+                "stream_version": event.stream_version,
+                "event_id": str(event.event_id),
+                "event_type": event.event_type,
+                "schema_version": event.schema_version,
+                "occurred_at": event.occurred_at,
+                "recorded_at": event.recorded_at,
+                "payload": event.payload,
+                "metadata": {k: v for k, v in event.metadata.items() if k != "request_hash"},
+                "hash": event.hash.hex(),
+            }
+            for event in events
+        ]
+
+    @router.get("/sla/summary", response_model=SlaSummaryOut, tags=["queries"])
+    def get_sla_summary(
+        tenant_id: TenantPath,
+        as_of: Annotated[
+            str | None,
+            Query(description="Valid time to judge at (ISO 8601); without an offset it is read "
+                  "in the tenant's time zone. Defaults to now."),
+        ] = None,
+    ) -> SlaSummaryOut:
+        """Count incidents and breaches of their resolution targets, by type and department."""
+        tenant = require_tenant(store, tenant_id)
+        moment = parse_as_of(as_of, tenant.time_zone)
+        with pool.connection() as conn:
+            summary = sla_summary(conn, tenant_id, moment)
+        totals = SlaCounts()
+        for counts in summary["category"].values():
+            totals += counts
+        return SlaSummaryOut(
+            tenant_id=tenant_id,
+            as_of=moment,
+            totals=_counts_out(None, totals),
+            by_category=[_counts_out(k, v) for k, v in _sorted(summary["category"])],
+            by_department=[_counts_out(k, v) for k, v in _sorted(summary["department"])],
+        )
+
+    app.include_router(router)
+    return app
+
+
+def _sorted(groups: dict[str | None, SlaCounts]) -> list[tuple[str | None, SlaCounts]]:
+    return sorted(groups.items(), key=lambda item: (-item[1].total, item[0] or ""))
+
+
+def _state_dict(state: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    data = asdict(state)
+    data.pop("resume_status", None)
+    return data

@@ -1,0 +1,281 @@
+"""The `civicpulse` command line."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import signal
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from psycopg_pool import ConnectionPool
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from ledger.database import Database, resolve_database
+from ledger.errors import LedgerError
+from ledger.logs import configure_logging
+from ledger.settings import Settings, get_settings
+from ledger.store import PostgresEventStore
+
+app = typer.Typer(help="CivicPulse: an append-only incident ledger.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Create and inspect tenants.", no_args_is_help=True)
+import_app = typer.Typer(help="Import city 311 exports.", no_args_is_help=True)
+sla_app = typer.Typer(help="SLA figures.", no_args_is_help=True)
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(import_app, name="import")
+app.add_typer(sla_app, name="sla")
+
+console = Console(stderr=True)
+logger = logging.getLogger("civicpulse")
+
+
+def _setup() -> tuple[Settings, Database]:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return settings, resolve_database(settings)
+
+
+def _migrated() -> tuple[Settings, Database]:
+    from ledger.schema import migrate
+
+    settings, database = _setup()
+    migrate(database, settings)
+    return settings, database
+
+
+def _store(database: Database) -> tuple[ConnectionPool[Any], PostgresEventStore]:
+    pool: ConnectionPool[Any] = ConnectionPool(database.app_conninfo, min_size=1, max_size=4)
+    return pool, PostgresEventStore(pool)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=2)
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the database schema."""
+    _migrated()
+    console.print("schema is up to date")
+
+
+@tenant_app.command("create")
+def tenant_create(
+    tenant_id: Annotated[str, typer.Argument(help="Tenant id: lowercase letters, digits, -")],
+    name: Annotated[str, typer.Option(help="Display name")] = "",
+    time_zone: Annotated[str, typer.Option(help="IANA time zone for naive times")] = "UTC",
+    resolution_hours: Annotated[float, typer.Option(help="Default resolution target, hours")] = 72,
+    first_response_hours: Annotated[float, typer.Option(help="First-response target, hours")] = 24,
+) -> None:
+    """Create a tenant."""
+    from ledger.tenants import create_tenant
+
+    _, database = _migrated()
+    pool, store = _store(database)
+    with pool:
+        try:
+            config = create_tenant(
+                store, tenant_id, name=name or tenant_id, time_zone=time_zone,
+                occurred_at=datetime.now(UTC), resolution_hours=resolution_hours,
+                first_response_hours=first_response_hours,
+            )
+        except LedgerError as error:
+            raise _fail(str(error)) from error
+    console.print(f"created tenant {config.tenant_id} ({config.time_zone})")
+
+
+@import_app.command("boston")
+def import_boston_command(
+    path: Annotated[Path, typer.Argument(help="Boston 311 export, .csv or .csv.gz")],
+    tenant: Annotated[str, typer.Option(help="Tenant to import into")] = "boston",
+    time_zone: Annotated[
+        str, typer.Option(help="Time zone of the naive times; used when creating the tenant")
+    ] = "America/New_York",
+    workers: Annotated[int, typer.Option(min=1, help="Parser processes")] = 0,
+    rejects: Annotated[
+        Path | None, typer.Option(help="Where to write rejected rows (default: FILE.rejects.csv)")
+    ] = None,
+    project: Annotated[bool, typer.Option(help="Bring the read models up to date after")] = True,
+) -> None:
+    """Import a City of Boston 311 export. The tenant is created when it does not exist."""
+    from ledger.imports.pipeline import ImportFileError, import_boston
+    from ledger.tenants import create_tenant, load_tenant
+
+    if not path.is_file():
+        raise _fail(f"{path} not found: pass the path of a .csv or .csv.gz export")
+    settings, database = _migrated()
+    pool, store = _store(database)
+    with pool:
+        config = load_tenant(store, tenant)
+        if config is None:
+            try:
+                config = create_tenant(
+                    store, tenant, name=tenant, time_zone=time_zone,
+                    occurred_at=datetime.now(UTC),
+                )
+            except LedgerError as error:
+                raise _fail(str(error)) from error
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+        TimeElapsedColumn(), console=console,
+    ) as progress:
+        task = progress.add_task(f"importing {path.name}", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        with database.connect() as conn:
+            try:
+                report = import_boston(
+                    conn, path, tenant_id=tenant, time_zone=config.time_zone,
+                    workers=workers or None, progress=advance,
+                )
+            except ImportFileError as error:
+                raise _fail(str(error)) from error
+    rejects_path = rejects or path.with_name(path.name + ".rejects.csv")
+    if report.rejected:
+        with rejects_path.open("w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(["row_number", "reason"])
+            writer.writerows(report.rejected)
+    console.print(
+        f"{report.rows} rows read, {report.cases} cases, {report.events_appended} events "
+        f"appended, {report.events_already_present} already present, "
+        f"{len(report.rejected)} rejected"
+        + (f" (see {rejects_path})" if report.rejected else "")
+    )
+    if project:
+        from projections.runtime import catch_up, default_projections
+
+        applied = catch_up(database, default_projections(), settings.projector_batch_size)
+        console.print(f"read models updated with {applied} events")
+
+
+@sla_app.command("summary")
+def sla_summary_command(
+    tenant: Annotated[str, typer.Option(help="Tenant id")],
+    as_of: Annotated[
+        str | None, typer.Option(help="ISO 8601 valid time; naive times use the tenant's zone")
+    ] = None,
+    by: Annotated[str, typer.Option(help="category or department")] = "department",
+) -> None:
+    """Print on-time rates as of a moment."""
+    from api.app import parse_as_of
+    from ledger.tenants import require_tenant
+    from projections.sla_queries import GROUPINGS, sla_summary
+
+    if by not in GROUPINGS:
+        raise _fail(f"invalid --by {by!r}: use category or department")
+    _, database = _migrated()
+    pool, store = _store(database)
+    with pool:
+        try:
+            config = require_tenant(store, tenant)
+            moment = parse_as_of(as_of, config.time_zone)
+        except LedgerError as error:
+            raise _fail(str(error)) from error
+        with pool.connection() as conn:
+            summary = sla_summary(conn, tenant, moment)[by]
+    table = Table(title=f"{tenant} as of {moment.isoformat()}")
+    for column in (by, "total", "open", "breached", "on time"):
+        table.add_column(column, justify="left" if column == by else "right")
+    for key, counts in sorted(summary.items(), key=lambda item: -item[1].total):
+        rate = f"{counts.on_time_rate:.1%}" if counts.on_time_rate is not None else "-"
+        table.add_row(key or "(none)", str(counts.total), str(counts.open),
+                      str(counts.breached), rate)
+    Console().print(table)
+
+
+@app.command()
+def project(
+    once: Annotated[bool, typer.Option(help="Catch up and exit instead of running")] = False,
+) -> None:
+    """Run the projector: one worker thread per read model."""
+    from projections.runtime import Projector, catch_up, default_projections
+
+    settings, database = _migrated()
+    if once:
+        applied = catch_up(database, default_projections(), settings.projector_batch_size)
+        console.print(f"applied {applied} events")
+        return
+    projector = Projector(
+        database, batch_size=settings.projector_batch_size,
+        poll_seconds=settings.projector_poll_seconds,
+    )
+    _stop_on_signals(projector.stop_event)
+    projector.run_forever()
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handle(signum: int, _: Any) -> None:
+        logger.info("received signal %d, stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on")] = None,
+) -> None:
+    """Run the HTTP API."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings, database = _migrated()
+    uvicorn.run(create_app(database), host=host or settings.api_host,
+                port=port or settings.api_port, log_config=None)
+
+
+@app.command()
+def run(
+    demo: Annotated[bool, typer.Option(help="Create and fill the demo tenant if missing")] = True,
+    host: Annotated[str | None, typer.Option(help="Address to listen on")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on")] = None,
+) -> None:
+    """Run the API and the projector in one process, on the embedded database by default."""
+    import uvicorn
+
+    from api.app import create_app
+    from ledger.demo import seed_demo
+    from projections.runtime import Projector
+
+    settings, database = _migrated()
+    if demo:
+        pool, store = _store(database)
+        with pool:
+            appended = seed_demo(store)
+        if appended:
+            console.print(f"demo tenant 'demo' seeded with {appended} events")
+    projector = Projector(
+        database, batch_size=settings.projector_batch_size,
+        poll_seconds=settings.projector_poll_seconds,
+    )
+    projector.start()
+    try:
+        uvicorn.run(create_app(database), host=host or settings.api_host,
+                    port=port or settings.api_port, log_config=None)
+    finally:
+        projector.stop()
+
+
+def main() -> None:
+    try:
+        app()
+    except LedgerError as error:
+        console.print(f"[red]error:[/red] {error}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""RFC 9457 problem details for every error the API returns."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+import orjson
+from starlette.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ledger import errors
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_TYPE_BASE = "https://civicpulse.example/problems/"
+
+# Ledger error -> (HTTP status, problem type slug, title)
+_LEDGER_ERRORS: list[tuple[type[errors.LedgerError], int, str, str]] = [
+    (errors.ConcurrencyError, 409, "version-conflict", "Stream version conflict"),
+    (errors.StreamTenantMismatch, 409, "stream-tenant-mismatch", "Stream belongs to another tenant"),
+    (errors.IdempotencyKeyReused, 422, "idempotency-key-reused", "Idempotency key reused"),
+    (errors.CommandRejected, 409, "command-not-allowed", "Command not allowed in this state"),
+    (errors.CommandInvalid, 422, "invalid-command", "Invalid command"),
+    (errors.InvalidEventData, 422, "invalid-data", "Invalid data"),
+    (errors.TenantNotFound, 404, "tenant-not-found", "Tenant not found"),
+    (errors.IncidentNotFound, 404, "incident-not-found", "Incident not found"),
+    (errors.TenantExists, 409, "tenant-exists", "Tenant exists"),
+]
+
+
+class ProblemResponse(Response):
+    media_type = "application/problem+json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def problem(
+    request: Request, status: int, slug: str, title: str, detail: str, **extra: Any
+) -> ProblemResponse:
+    body = {
+        "type": PROBLEM_TYPE_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        **extra,
+    }
+    return ProblemResponse(body, status_code=status)
+
+
+def _extra_fields(error: errors.LedgerError) -> dict[str, Any]:
+    if isinstance(error, errors.ConcurrencyError):
+        return {"expected_version": error.expected, "current_version": error.actual}
+    if isinstance(error, errors.CommandRejected):
+        return {"state": error.status, "command": error.command, "allowed_commands": error.allowed}
+    return {}
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    async def ledger_error(request: Request, error: Exception) -> ProblemResponse:
+        assert isinstance(error, errors.LedgerError)
+        for error_type, status, slug, title in _LEDGER_ERRORS:
+            if isinstance(error, error_type):
+                return problem(request, status, slug, title, str(error), **_extra_fields(error))
+        return problem(request, 400, "bad-request", "Bad request", str(error))
+
+    async def validation_error(request: Request, error: Exception) -> ProblemResponse:
+        assert isinstance(error, RequestValidationError)
+        invalid = [
+            {
+                "location": ".".join(str(part) for part in item.get("loc", ())),
+                "message": item.get("msg", ""),
+                "value": repr(item.get("input"))[:200],
+            }
+            for item in error.errors()
+        ]
+        detail = "; ".join(f"{item['location']}: {item['message']}" for item in invalid)
+        return problem(
+            request, 422, "invalid-request", "Invalid request", detail, errors=invalid
+        )
+
+    async def http_error(request: Request, error: Exception) -> ProblemResponse:
+        assert isinstance(error, StarletteHTTPException)
+        return problem(
+            request, error.status_code, f"http-{error.status_code}", str(error.detail),
+            str(error.detail),
+        )
+
+    async def unexpected_error(request: Request, error: Exception) -> ProblemResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(
+            request, 500, "internal-error", "Internal server error",
+            "the server failed to handle this request; it has been logged",
+        )
+
+    app.add_exception_handler(errors.LedgerError, ledger_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)

@@ -1,0 +1,1 @@
+"""Write side of CivicPulse: events, the Postgres event store, commands and imports."""

@@ -1,0 +1,100 @@
+"""Where the database is: a server named by DATABASE_URL, or an embedded one.
+
+Two connection strings come out of here. The owner connection runs migrations and creates
+the application role; the application connection logs in as that role, which may read and
+append events but cannot update or delete them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import set_json_dumps, set_json_loads
+
+from ledger.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# JSONB in and out through orjson: faster than the standard library, and the same encoder
+# the hash chain uses, so a payload hashes the same before and after a round trip.
+set_json_dumps(orjson.dumps)
+set_json_loads(orjson.loads)
+
+# Keeps the embedded server object alive for the life of the process; pgserver stops the
+# server when the last object referring to it is collected.
+_embedded_servers: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Database:
+    """Connection strings for one CivicPulse database."""
+
+    owner_conninfo: str
+    app_conninfo: str
+    app_role: str
+    embedded: bool = False
+
+    def connect_owner(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.owner_conninfo, **kwargs)
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        """Open a connection as the application role."""
+        return psycopg.connect(self.app_conninfo, **kwargs)
+
+
+def app_conninfo_for(owner_conninfo: str, role: str, password: str | None) -> str:
+    """Return the owner's connection string with the application role swapped in."""
+    parts = conninfo_to_dict(owner_conninfo)
+    parts["user"] = role
+    parts.pop("password", None)
+    if password is not None:
+        parts["password"] = password
+    return make_conninfo("", **parts)
+
+
+def start_embedded_server(settings: Settings) -> str:
+    """Start (or reuse) the embedded PostgreSQL and return an owner connection string.
+
+    The server keeps its data in `settings.data_dir` between runs.
+    """
+    import pgserver  # imported here: it is only needed without DATABASE_URL
+
+    data_dir = settings.data_dir.expanduser().resolve()
+    key = str(data_dir)
+    if key not in _embedded_servers:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("starting embedded PostgreSQL in %s", data_dir)
+        _embedded_servers[key] = pgserver.get_server(data_dir, cleanup_mode="stop")
+    server = _embedded_servers[key]
+    maintenance = server.get_uri()
+    with psycopg.connect(maintenance, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (settings.database_name,)
+        ).fetchone()
+        if exists is None:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {}").format(sql.Identifier(settings.database_name))
+            )
+            logger.info("created database %s on the embedded server", settings.database_name)
+    return make_conninfo(maintenance, dbname=settings.database_name)
+
+
+def resolve_database(settings: Settings) -> Database:
+    """Build the connection strings from settings, starting the embedded server if needed."""
+    if settings.database_url:
+        owner = settings.database_url
+        embedded = False
+    else:
+        owner = start_embedded_server(settings)
+        embedded = True
+    password = settings.app_role_password.get_secret_value() if settings.app_role_password else None
+    app = settings.app_database_url or app_conninfo_for(owner, settings.app_role, password)
+    return Database(
+        owner_conninfo=owner, app_conninfo=app, app_role=settings.app_role, embedded=embedded
+    )

@@ -1,0 +1,85 @@
+"""Errors raised by the write side. The API maps each to a problem-details response."""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Base class for every error the ledger raises on purpose."""
+
+
+class ConcurrencyError(LedgerError):
+    """An append named a stream version that is no longer current."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"stream {stream_id} is at version {actual}, not the expected {expected}; "
+            "read the stream again and retry with its current version"
+        )
+
+
+class StreamTenantMismatch(LedgerError):
+    """An append would put events of one tenant into another tenant's stream."""
+
+    def __init__(self, stream_id: str, owner: str, tenant_id: str) -> None:
+        self.stream_id = stream_id
+        super().__init__(
+            f"stream {stream_id} belongs to another tenant and cannot take events of "
+            f"tenant {tenant_id}; use a new stream id"
+        )
+        self.owner = owner
+
+
+class IdempotencyKeyReused(LedgerError):
+    """An idempotency key came back with a different request body."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(
+            f"idempotency key {key!r} was already used for a different request; "
+            "send a new key for a new request"
+        )
+
+
+class InvalidEventData(LedgerError):
+    """A payload or metadata value cannot be stored as JSONB without changing it."""
+
+
+class TenantNotFound(LedgerError):
+    def __init__(self, tenant_id: str) -> None:
+        self.tenant_id = tenant_id
+        super().__init__(
+            f"tenant {tenant_id!r} not found; create it with `civicpulse tenant create`"
+        )
+
+
+class TenantExists(LedgerError):
+    def __init__(self, tenant_id: str) -> None:
+        self.tenant_id = tenant_id
+        super().__init__(f"tenant {tenant_id!r} already exists")
+
+
+class IncidentNotFound(LedgerError):
+    def __init__(self, tenant_id: str, incident_id: str) -> None:
+        self.incident_id = incident_id
+        super().__init__(f"incident {incident_id} not found in tenant {tenant_id!r}")
+
+
+class CommandRejected(LedgerError):
+    """A lifecycle command does not fit the incident's current state."""
+
+    def __init__(self, command: str, status: str, allowed: list[str]) -> None:
+        self.command = command
+        self.status = status
+        self.allowed = allowed
+        allowed_text = ", ".join(allowed) if allowed else "none"
+        super().__init__(
+            f"command {command!r} is not allowed while the incident is {status!r}; "
+            f"commands allowed in that state: {allowed_text}"
+        )
+
+
+class CommandInvalid(LedgerError):
+    """A lifecycle command carries a value that cannot be accepted."""

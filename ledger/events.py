@@ -1,0 +1,161 @@
+"""Events as they are appended and as they are read back, and the stream hash chain."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import orjson
+
+from ledger.errors import InvalidEventData
+
+JsonObject = dict[str, Any]
+
+GENESIS_HASH = bytes(32)
+
+# orjson writes integral floats from 1e16 up with an exponent; PostgreSQL's numeric type
+# prints them back as plain integers, which orjson reads as int. Such floats are stored as
+# integers from the start, so the hash computed before the append still matches the payload
+# read back after it.
+_EXPONENT_THRESHOLD = 1e16
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event about to be appended. `event_id` doubles as its idempotency key."""
+
+    event_type: str
+    payload: JsonObject
+    occurred_at: datetime
+    event_id: UUID = field(default_factory=uuid4)
+    metadata: JsonObject = field(default_factory=dict)
+    schema_version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored in the log."""
+
+    position: int
+    tx_id: int
+    tenant_id: str
+    stream_id: str
+    stream_version: int
+    event_type: str
+    schema_version: int
+    payload: JsonObject
+    metadata: JsonObject
+    occurred_at: datetime
+    recorded_at: datetime
+    event_id: UUID
+    hash: bytes
+
+
+def normalize_json(value: Any, path: str = "$") -> Any:
+    """Return `value` in the form JSONB stores it, or raise InvalidEventData.
+
+    Rejects what PostgreSQL would reject or silently change: NUL characters, non-finite
+    floats, non-string keys and integers outside 64 bits.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidEventData(f"{path} contains a NUL character; remove it")
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise InvalidEventData(f"{path} = {value} is outside 64-bit range; send it as text")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidEventData(f"{path} = {value} is not a finite number")
+        if abs(value) >= _EXPONENT_THRESHOLD and value.is_integer():
+            as_int = int(value)
+            # orjson reads integers past 64 bits back as floats, so those stay floats.
+            if -(2**63) <= as_int < 2**64:
+                return as_int
+        return value
+    if isinstance(value, Mapping):
+        normalized = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidEventData(f"{path} has a non-string key {key!r}")
+            if "\x00" in key:
+                raise InvalidEventData(f"{path} has a key with a NUL character; remove it")
+            normalized[key] = normalize_json(item, f"{path}.{key}")
+        return normalized
+    if isinstance(value, list | tuple):
+        return [normalize_json(item, f"{path}[{index}]") for index, item in enumerate(value)]
+    raise InvalidEventData(
+        f"{path} has a value of type {type(value).__name__}; use JSON types only"
+    )
+
+
+def canonical_json(value: Any) -> bytes:
+    """Serialize JSON with sorted keys: the form hashed into the chain."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def event_hash(
+    previous_hash: bytes | None,
+    *,
+    tenant_id: str,
+    stream_id: str,
+    stream_version: int,
+    event_type: str,
+    schema_version: int,
+    event_id: UUID,
+    occurred_at: datetime,
+    payload: Any,
+    metadata: Any,
+) -> bytes:
+    """Hash an event's content together with the hash of the event before it in its stream.
+
+    Position, transaction id and `recorded_at` are assigned by the database and are not
+    covered; ledger seals cover positions.
+    """
+    header = orjson.dumps(
+        [
+            tenant_id,
+            stream_id,
+            stream_version,
+            event_type,
+            schema_version,
+            str(event_id),
+            occurred_at.astimezone(UTC).isoformat(timespec="microseconds"),
+        ]
+    )
+    digest = hashlib.sha256(previous_hash or GENESIS_HASH)
+    for part in (header, canonical_json(payload), canonical_json(metadata)):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
+
+
+def recorded_event_hash(event: RecordedEvent, previous_hash: bytes | None) -> bytes:
+    """Recompute the hash a recorded event should carry."""
+    return event_hash(
+        previous_hash,
+        tenant_id=event.tenant_id,
+        stream_id=event.stream_id,
+        stream_version=event.stream_version,
+        event_type=event.event_type,
+        schema_version=event.schema_version,
+        event_id=event.event_id,
+        occurred_at=event.occurred_at,
+        payload=event.payload,
+        metadata=event.metadata,
+    )
+
+
+def require_aware(moment: datetime, name: str) -> datetime:
+    """Reject naive datetimes: every stored time carries its offset."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise InvalidEventData(f"{name} = {moment.isoformat()} has no time zone offset")
+    return moment

@@ -1,0 +1,1 @@
+"""Bulk import of city 311 exports into the event log."""

@@ -1,0 +1,251 @@
+"""The incident lifecycle: event types, the state fold, and command decisions.
+
+The fold is lenient: events are facts, and an imported history may skip steps (a city
+export goes straight from open to closed). Commands are strict: `decide` rejects any
+command that does not fit the current state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from ledger.errors import CommandInvalid, CommandRejected
+from ledger.events import RecordedEvent
+
+REPORT_SUBMITTED = "ReportSubmitted"
+INCIDENT_ACKNOWLEDGED = "IncidentAcknowledged"
+INCIDENT_ASSIGNED = "IncidentAssigned"
+WORK_STARTED = "WorkStarted"
+INFORMATION_REQUESTED = "InformationRequested"
+REPORTER_RESPONDED = "ReporterResponded"
+INCIDENT_RESOLVED = "IncidentResolved"
+INCIDENT_REOPENED = "IncidentReopened"
+INCIDENT_CLOSED = "IncidentClosed"
+INCIDENT_REJECTED = "IncidentRejected"
+INCIDENT_MARKED_DUPLICATE = "IncidentMarkedDuplicate"
+
+INCIDENT_EVENT_TYPES = frozenset(
+    {
+        REPORT_SUBMITTED,
+        INCIDENT_ACKNOWLEDGED,
+        INCIDENT_ASSIGNED,
+        WORK_STARTED,
+        INFORMATION_REQUESTED,
+        REPORTER_RESPONDED,
+        INCIDENT_RESOLVED,
+        INCIDENT_REOPENED,
+        INCIDENT_CLOSED,
+        INCIDENT_REJECTED,
+        INCIDENT_MARKED_DUPLICATE,
+    }
+)
+
+SUBMITTED = "submitted"
+ACKNOWLEDGED = "acknowledged"
+ASSIGNED = "assigned"
+IN_PROGRESS = "in_progress"
+WAITING_ON_REPORTER = "waiting_on_reporter"
+RESOLVED = "resolved"
+REOPENED = "reopened"
+CLOSED = "closed"
+REJECTED = "rejected"
+DUPLICATE = "duplicate"
+
+OPEN_STATUSES = frozenset({SUBMITTED, ACKNOWLEDGED, ASSIGNED, IN_PROGRESS, REOPENED})
+WORKABLE = OPEN_STATUSES | {WAITING_ON_REPORTER}
+
+# Command name -> (event type, statuses the command is allowed in).
+COMMANDS: dict[str, tuple[str, frozenset[str]]] = {
+    "acknowledge": (INCIDENT_ACKNOWLEDGED, frozenset({SUBMITTED, REOPENED})),
+    "assign": (INCIDENT_ASSIGNED, OPEN_STATUSES),
+    "start-work": (WORK_STARTED, frozenset({SUBMITTED, ACKNOWLEDGED, ASSIGNED, REOPENED})),
+    "request-information": (INFORMATION_REQUESTED, OPEN_STATUSES),
+    "reporter-responded": (REPORTER_RESPONDED, frozenset({WAITING_ON_REPORTER})),
+    "resolve": (INCIDENT_RESOLVED, WORKABLE),
+    "reopen": (INCIDENT_REOPENED, frozenset({RESOLVED, CLOSED})),
+    "close": (INCIDENT_CLOSED, frozenset({RESOLVED})),
+    "reject": (INCIDENT_REJECTED, WORKABLE),
+    "mark-duplicate": (INCIDENT_MARKED_DUPLICATE, WORKABLE),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentState:
+    """The current state of one incident, folded from its stream."""
+
+    incident_id: UUID
+    version: int
+    status: str
+    category: str | None
+    submitted_at: datetime
+    updated_at: datetime
+    resume_status: str | None = None
+    title: str | None = None
+    description: str | None = None
+    reason: str | None = None
+    queue: str | None = None
+    source_channel: str | None = None
+    source_id: str | None = None
+    address: str | None = None
+    latitude: float | None = None
+    longitude: float | None = None
+    assignee: str | None = None
+    department: str | None = None
+    duplicate_of: UUID | None = None
+    rejection_reason: str | None = None
+    redirect_to: str | None = None
+    closure_reason: str | None = None
+    resolved_at: datetime | None = None
+    closed_at: datetime | None = None
+
+
+def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState | None:
+    """Apply one event to an incident's state.
+
+    Events before the ReportSubmitted event (possible when a valid-time filter drops the
+    submission) leave the incident absent.
+    """
+    kind = event.event_type
+    payload = event.payload
+    at = event.occurred_at
+    if kind == REPORT_SUBMITTED:
+        return IncidentState(
+            incident_id=UUID(payload["incident_id"]),
+            version=event.stream_version,
+            status=SUBMITTED,
+            category=payload.get("category"),
+            department=payload.get("department"),
+            submitted_at=at,
+            updated_at=at,
+            title=payload.get("title"),
+            description=payload.get("description"),
+            reason=payload.get("reason"),
+            queue=payload.get("queue"),
+            source_channel=payload.get("source_channel"),
+            source_id=payload.get("source_id"),
+            address=payload.get("address"),
+            latitude=payload.get("latitude"),
+            longitude=payload.get("longitude"),
+        )
+    if state is None:
+        return None
+    state = replace(state, version=event.stream_version, updated_at=max(state.updated_at, at))
+    if kind == INCIDENT_ACKNOWLEDGED:
+        return replace(state, status=ACKNOWLEDGED)
+    if kind == INCIDENT_ASSIGNED:
+        return replace(
+            state,
+            status=ASSIGNED,
+            assignee=payload.get("assignee"),
+            department=payload.get("department") or state.department,
+        )
+    if kind == WORK_STARTED:
+        return replace(state, status=IN_PROGRESS)
+    if kind == INFORMATION_REQUESTED:
+        return replace(state, status=WAITING_ON_REPORTER, resume_status=state.status)
+    if kind == REPORTER_RESPONDED:
+        return replace(state, status=state.resume_status or ACKNOWLEDGED, resume_status=None)
+    if kind == INCIDENT_RESOLVED:
+        return replace(state, status=RESOLVED, resolved_at=at, resume_status=None)
+    if kind == INCIDENT_REOPENED:
+        return replace(state, status=REOPENED, resolved_at=None, closed_at=None)
+    if kind == INCIDENT_CLOSED:
+        return replace(
+            state,
+            status=CLOSED,
+            closed_at=at,
+            resolved_at=state.resolved_at or at,
+            closure_reason=payload.get("reason"),
+            resume_status=None,
+        )
+    if kind == INCIDENT_REJECTED:
+        return replace(
+            state,
+            status=REJECTED,
+            closed_at=at,
+            rejection_reason=payload.get("reason"),
+            redirect_to=payload.get("redirect_to"),
+            resume_status=None,
+        )
+    if kind == INCIDENT_MARKED_DUPLICATE:
+        return replace(
+            state,
+            status=DUPLICATE,
+            closed_at=at,
+            duplicate_of=UUID(payload["duplicate_of"]),
+            resume_status=None,
+        )
+    return state
+
+
+def fold_incident(events: list[RecordedEvent]) -> IncidentState | None:
+    state: IncidentState | None = None
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+def _text(args: dict[str, Any], name: str, *, required: bool, limit: int = 2000) -> str | None:
+    value = args.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise CommandInvalid(f"missing {name}: this command needs a non-empty {name}")
+        return None
+    if not isinstance(value, str):
+        raise CommandInvalid(f"invalid {name} {value!r}: expected text")
+    if len(value) > limit:
+        raise CommandInvalid(f"{name} is {len(value)} characters long; the limit is {limit}")
+    return value.strip()
+
+
+def decide(state: IncidentState, command: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Return the event type and payload that `command` appends, or raise.
+
+    Raises CommandRejected when the command does not fit the state and CommandInvalid when
+    an argument is missing or malformed.
+    """
+    if command not in COMMANDS:
+        raise CommandInvalid(
+            f"unknown command {command!r}; known commands: {', '.join(sorted(COMMANDS))}"
+        )
+    event_type, allowed = COMMANDS[command]
+    if state.status not in allowed:
+        permitted = [name for name, (_, states) in COMMANDS.items() if state.status in states]
+        raise CommandRejected(command, state.status, permitted)
+
+    payload: dict[str, Any] = {}
+    if command == "assign":
+        payload["assignee"] = _text(args, "assignee", required=True, limit=200)
+        department = _text(args, "department", required=False, limit=200)
+        if department:
+            payload["department"] = department
+    elif command == "request-information":
+        payload["question"] = _text(args, "question", required=True)
+    elif command == "reporter-responded":
+        payload["response"] = _text(args, "response", required=True)
+    elif command == "resolve":
+        note = _text(args, "note", required=False)
+        if note:
+            payload["note"] = note
+    elif command in ("reopen", "close"):
+        reason = _text(args, "reason", required=command == "reopen")
+        if reason:
+            payload["reason"] = reason
+    elif command == "reject":
+        payload["reason"] = _text(args, "reason", required=True)
+        payload["redirect_to"] = _text(args, "redirect_to", required=True, limit=500)
+    elif command == "mark-duplicate":
+        raw = args.get("duplicate_of")
+        try:
+            original = UUID(str(raw))
+        except ValueError as error:
+            raise CommandInvalid(
+                f"invalid duplicate_of {raw!r}: expected the id of another incident"
+            ) from error
+        if original == state.incident_id:
+            raise CommandInvalid("an incident cannot be a duplicate of itself")
+        payload["duplicate_of"] = str(original)
+    return event_type, payload

@@ -1,0 +1,64 @@
+"""Settings read once from the environment, at the edge of the program."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("civicpulse")) / "pgdata"
+
+
+class Settings(BaseSettings):
+    """CivicPulse configuration.
+
+    `DATABASE_URL` names a server and an owner role that may create roles and run migrations.
+    Without it, an embedded PostgreSQL is started in `CIVICPULSE_DATA_DIR`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CIVICPULSE_", extra="ignore")
+
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    app_database_url: str | None = Field(
+        default=None,
+        description="Connection string for the application role; derived from DATABASE_URL "
+        "by swapping in the application role when unset.",
+    )
+    app_role: str = Field(default="civicpulse_app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    app_role_password: SecretStr | None = None
+    database_name: str = Field(
+        default="civicpulse",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Database created on the embedded server.",
+    )
+    data_dir: Path = Field(default_factory=_default_data_dir)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+
+    projector_batch_size: int = Field(default=2000, ge=1, le=100_000)
+    projector_poll_seconds: float = Field(default=1.0, gt=0, le=600)
+
+    log_level: str = "INFO"
+    log_format: str = Field(default="console", pattern="^(console|json)$")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(
+                f"invalid log level {value!r}: use DEBUG, INFO, WARNING or ERROR"
+            )
+        return upper
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read from the environment on first use."""
+    return Settings()

@@ -1,0 +1,343 @@
+"""The append-only event store on PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from ledger.errors import (
+    ConcurrencyError,
+    IdempotencyKeyReused,
+    StreamTenantMismatch,
+)
+from ledger.events import (
+    NewEvent,
+    RecordedEvent,
+    event_hash,
+    normalize_json,
+    require_aware,
+)
+
+logger = logging.getLogger(__name__)
+
+EVENT_COLUMNS = """
+    position, tx_id::text::bigint AS tx_id, tenant_id, stream_id, stream_version, event_type,
+    schema_version, payload, metadata, occurred_at, recorded_at, event_id, hash
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A reader's place in the log: the last (transaction id, position) it has read."""
+
+    tx_id: int = 0
+    position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where an append landed. `replayed` is True when an idempotent retry matched."""
+
+    stream_id: str
+    stream_version: int
+    positions: tuple[int, ...]
+    replayed: bool = False
+
+
+def row_to_event(row: dict[str, Any]) -> RecordedEvent:
+    return RecordedEvent(
+        position=row["position"],
+        tx_id=row["tx_id"],
+        tenant_id=row["tenant_id"],
+        stream_id=row["stream_id"],
+        stream_version=row["stream_version"],
+        event_type=row["event_type"],
+        schema_version=row["schema_version"],
+        payload=row["payload"],
+        metadata=row["metadata"],
+        occurred_at=row["occurred_at"],
+        recorded_at=row["recorded_at"],
+        event_id=row["event_id"],
+        hash=bytes(row["hash"]),
+    )
+
+
+def read_after(
+    conn: psycopg.Connection[Any], checkpoint: Checkpoint, limit: int
+) -> list[RecordedEvent]:
+    """Read up to `limit` events after `checkpoint`, in commit-safe order.
+
+    Only events written by transactions older than every transaction still in flight are
+    returned, ordered by (transaction id, position). Positions come from a sequence and
+    transactions commit out of position order, so a reader that trusted positions alone
+    would step past an event whose transaction commits late. No event below the horizon
+    can appear later, so the returned order never changes.
+    """
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"""
+            SELECT {EVENT_COLUMNS}
+            FROM events
+            WHERE (tx_id, position) > (%s::text::xid8, %s)
+              AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+            ORDER BY tx_id, position
+            LIMIT %s
+            """,
+            (str(checkpoint.tx_id), checkpoint.position, limit),
+        )
+        return [row_to_event(row) for row in cur.fetchall()]
+
+
+class PostgresEventStore:
+    """Appends events with optimistic concurrency and reads them back.
+
+    Each stream belongs to one tenant. An append names the version it expects the stream to
+    be at (0 for a new stream, None to skip the check); a mismatch raises ConcurrencyError.
+    Events carry ids: appending ids that are already stored returns the first result when the
+    request is the same, and raises IdempotencyKeyReused when it is not.
+    """
+
+    def __init__(self, pool: ConnectionPool[Any]) -> None:
+        self.pool = pool
+
+    def append(
+        self,
+        tenant_id: str,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None,
+    ) -> AppendResult:
+        """Append `events` to a stream in one transaction.
+
+        Raises ConcurrencyError, StreamTenantMismatch, IdempotencyKeyReused or
+        InvalidEventData; nothing is stored when any of them is raised.
+        """
+        if not events:
+            raise ValueError("append needs at least one event")
+        prepared = [_prepare(event) for event in events]
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                return self._append_locked(conn, tenant_id, stream_id, prepared, expected_version)
+        except (ConcurrencyError, pg_errors.UniqueViolation) as error:
+            # A concurrent request with the same event ids may have won the race: if so,
+            # this append is a retry of it and gets the first result.
+            with self.pool.connection() as conn:
+                replay = find_stored(conn, tenant_id, stream_id, prepared)
+            if replay is not None:
+                return replay
+            if isinstance(error, ConcurrencyError):
+                raise
+            with self.pool.connection() as conn:
+                current = _stream_version(conn, stream_id)
+            raise ConcurrencyError(
+                stream_id, expected_version if expected_version is not None else -1, current
+            ) from error
+
+    def _append_locked(
+        self,
+        conn: psycopg.Connection[Any],
+        tenant_id: str,
+        stream_id: str,
+        events: list[NewEvent],
+        expected_version: int | None,
+    ) -> AppendResult:
+        # Lock the stream head. Creating the row first means two appends to a new stream
+        # queue on the same lock instead of racing on the unique index.
+        conn.execute(
+            """
+            INSERT INTO streams (stream_id, tenant_id, version, head_hash)
+            VALUES (%s, %s, 0, NULL)
+            ON CONFLICT (stream_id) DO NOTHING
+            """,
+            (stream_id, tenant_id),
+        )
+        head = conn.execute(
+            "SELECT tenant_id, version, head_hash FROM streams WHERE stream_id = %s FOR UPDATE",
+            (stream_id,),
+        ).fetchone()
+        assert head is not None
+        owner, version, head_hash = head
+        if owner != tenant_id:
+            raise StreamTenantMismatch(stream_id, owner, tenant_id)
+
+        # Checked under the lock, so a retry that arrives after the first request committed
+        # sees the first result rather than a version conflict.
+        replay = find_stored(conn, tenant_id, stream_id, events)
+        if replay is not None:
+            return replay
+        if expected_version is not None and expected_version != version:
+            raise ConcurrencyError(stream_id, expected_version, version)
+
+        previous = bytes(head_hash) if head_hash is not None else None
+        rows = []
+        for offset, event in enumerate(events, start=1):
+            stream_version = version + offset
+            digest = event_hash(
+                previous,
+                tenant_id=tenant_id,
+                stream_id=stream_id,
+                stream_version=stream_version,
+                event_type=event.event_type,
+                schema_version=event.schema_version,
+                event_id=event.event_id,
+                occurred_at=event.occurred_at,
+                payload=event.payload,
+                metadata=event.metadata,
+            )
+            rows.append(
+                (
+                    tenant_id,
+                    stream_id,
+                    stream_version,
+                    event.event_type,
+                    event.schema_version,
+                    psycopg.types.json.Jsonb(event.payload),
+                    psycopg.types.json.Jsonb(event.metadata),
+                    event.occurred_at,
+                    event.event_id,
+                    digest,
+                )
+            )
+            previous = digest
+
+        positions = []
+        with conn.cursor() as cur:
+            cur.executemany(
+                """
+                INSERT INTO events (tenant_id, stream_id, stream_version, event_type,
+                    schema_version, payload, metadata, occurred_at, event_id, hash)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                RETURNING position
+                """,
+                rows,
+                returning=True,
+            )
+            while True:
+                row = cur.fetchone()
+                assert row is not None
+                positions.append(row[0])
+                if not cur.nextset():
+                    break
+        new_version = version + len(events)
+        conn.execute(
+            "UPDATE streams SET version = %s, head_hash = %s WHERE stream_id = %s",
+            (new_version, previous, stream_id),
+        )
+        return AppendResult(stream_id, new_version, tuple(positions))
+
+    def read_stream(
+        self,
+        tenant_id: str,
+        stream_id: str,
+        *,
+        occurred_until: datetime | None = None,
+    ) -> list[RecordedEvent]:
+        """Read a tenant's stream in version order; empty when it does not exist."""
+        with self.pool.connection() as conn:
+            return read_stream(conn, tenant_id, stream_id, occurred_until=occurred_until)
+
+    def stream_version(self, tenant_id: str, stream_id: str) -> int:
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT version FROM streams WHERE stream_id = %s AND tenant_id = %s",
+                (stream_id, tenant_id),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+
+def read_stream(
+    conn: psycopg.Connection[Any],
+    tenant_id: str,
+    stream_id: str,
+    *,
+    occurred_until: datetime | None = None,
+) -> list[RecordedEvent]:
+    query = f"SELECT {EVENT_COLUMNS} FROM events WHERE tenant_id = %s AND stream_id = %s"
+    params: list[Any] = [tenant_id, stream_id]
+    if occurred_until is not None:
+        query += " AND occurred_at <= %s"
+        params.append(occurred_until)
+    query += " ORDER BY stream_version"
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query, params)
+        return [row_to_event(row) for row in cur.fetchall()]
+
+
+def _prepare(event: NewEvent) -> NewEvent:
+    require_aware(event.occurred_at, "occurred_at")
+    if not event.event_type or not event.event_type.isidentifier():
+        raise ValueError(f"invalid event type {event.event_type!r}: use a CamelCase name")
+    return NewEvent(
+        event_type=event.event_type,
+        payload=normalize_json(event.payload, "payload"),
+        occurred_at=event.occurred_at,
+        event_id=event.event_id,
+        metadata=normalize_json(event.metadata, "metadata"),
+        schema_version=event.schema_version,
+    )
+
+
+def _stream_version(conn: psycopg.Connection[Any], stream_id: str) -> int:
+    row = conn.execute("SELECT version FROM streams WHERE stream_id = %s", (stream_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def find_stored(
+    conn: psycopg.Connection[Any],
+    tenant_id: str,
+    stream_id: str,
+    events: Sequence[NewEvent],
+) -> AppendResult | None:
+    """Return the stored result when these event ids were appended before.
+
+    The earlier append counts as the same request when it went to the same stream with the
+    same request hash (or, for events without one, the same type and payload). Anything else
+    is a reused key.
+    """
+    ids: list[UUID] = [event.event_id for event in events]
+    stored = conn.execute(
+        """
+        SELECT event_id, stream_id, stream_version, position, event_type, payload,
+               metadata->>'request_hash'
+        FROM events WHERE tenant_id = %s AND event_id = ANY(%s)
+        ORDER BY stream_version
+        """,
+        (tenant_id, ids),
+    ).fetchall()
+    if not stored:
+        return None
+    by_id = {row[0]: row for row in stored}
+    key = str(events[0].metadata.get("idempotency_key") or events[0].event_id)
+    if len(by_id) != len(events):
+        raise IdempotencyKeyReused(key)
+    for event in events:
+        _, stored_stream, _, _, event_type, payload, request_hash = by_id[event.event_id]
+        if event.metadata.get("request_hash") is not None:
+            same_request = (
+                stored_stream == stream_id and request_hash == event.metadata["request_hash"]
+            )
+        else:
+            same_request = (
+                stored_stream == stream_id
+                and event_type == event.event_type
+                and payload == event.payload
+            )
+        if not same_request:
+            raise IdempotencyKeyReused(key)
+    last = max(stored, key=lambda row: row[2])
+    return AppendResult(
+        stream_id=stream_id,
+        stream_version=last[2],
+        positions=tuple(row[3] for row in stored),
+        replayed=True,
+    )

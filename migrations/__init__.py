@@ -1,0 +1,1 @@
+"""Alembic migrations for the CivicPulse schema, run by `civicpulse migrate`."""

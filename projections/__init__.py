@@ -1,0 +1,1 @@
+"""Read models and the streaming projector runtime."""

@@ -1,0 +1,152 @@
+"""Read models kept as one row per incident, folded from the incident's events."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from ledger.events import RecordedEvent
+from ledger.lifecycle import INCIDENT_EVENT_TYPES
+
+State = TypeVar("State")
+
+INCIDENT_STREAM_PREFIX = "incident-"
+
+
+def incident_id_of(event: RecordedEvent) -> UUID:
+    return UUID(event.stream_id.removeprefix(INCIDENT_STREAM_PREFIX))
+
+
+class Projection:
+    """A read model fed by the event log. `apply` runs inside the checkpoint's transaction."""
+
+    name: str
+    tables: tuple[str, ...]
+
+    def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        raise NotImplementedError
+
+
+class IncidentRowProjection(Projection, Generic[State]):
+    """A table with one row per incident whose columns are the fields of a state dataclass.
+
+    Each batch loads the rows of the incidents it touches, folds the new events into them
+    in log order and writes them back with one upsert.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        table: str,
+        state_type: type[State],
+        evolve: Callable[[State | None, RecordedEvent], State | None],
+    ) -> None:
+        self.name = name
+        self.table = table
+        self.tables = (table,)
+        self.state_type = state_type
+        self.evolve = evolve
+        self.columns = [field.name for field in dataclasses.fields(state_type)]  # type: ignore[arg-type]
+
+    def fold(self, events: Iterable[RecordedEvent]) -> dict[tuple[str, UUID], State]:
+        """Fold events from nothing: the table this projection should hold for them."""
+        states: dict[tuple[str, UUID], State] = {}
+        for event in events:
+            if event.event_type not in INCIDENT_EVENT_TYPES:
+                continue
+            key = (event.tenant_id, incident_id_of(event))
+            state = self.evolve(states.get(key), event)
+            if state is None:
+                states.pop(key, None)
+            else:
+                states[key] = state
+        return states
+
+    def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        relevant = [event for event in events if event.event_type in INCIDENT_EVENT_TYPES]
+        if not relevant:
+            return
+        keys = {(event.tenant_id, incident_id_of(event)) for event in relevant}
+        states: dict[tuple[str, UUID], State | None] = dict(self.load(conn, keys))
+        for event in relevant:
+            key = (event.tenant_id, incident_id_of(event))
+            states[key] = self.evolve(states.get(key), event)
+        self.write(conn, states)
+
+    def load(
+        self, conn: psycopg.Connection[Any], keys: set[tuple[str, UUID]]
+    ) -> dict[tuple[str, UUID], State]:
+        by_tenant: dict[str, list[UUID]] = defaultdict(list)
+        for tenant_id, incident_id in keys:
+            by_tenant[tenant_id].append(incident_id)
+        loaded: dict[tuple[str, UUID], State] = {}
+        query = sql.SQL(
+            "SELECT * FROM {} WHERE tenant_id = %s AND incident_id = ANY(%s)"
+        ).format(sql.Identifier(self.table))
+        with conn.cursor(row_factory=dict_row) as cur:
+            for tenant_id, ids in by_tenant.items():
+                cur.execute(query, (tenant_id, ids))
+                for row in cur:
+                    row.pop("tenant_id")
+                    loaded[(tenant_id, row["incident_id"])] = self.state_type(**row)
+        return loaded
+
+    def write(
+        self, conn: psycopg.Connection[Any], states: dict[tuple[str, UUID], State | None]
+    ) -> None:
+        """Upsert the given states and delete the rows whose state is None."""
+        columns = ["tenant_id", *self.columns]
+        staging = sql.Identifier(f"{self.table}_batch")
+        target = sql.Identifier(self.table)
+        conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            ).format(staging, target)
+        )
+        column_list = sql.SQL(", ").join(map(sql.Identifier, columns))
+        with conn.cursor() as cur:
+            with cur.copy(
+                sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)
+            ) as copy:
+                for (tenant_id, _), state in states.items():
+                    if state is not None:
+                        copy.write_row(
+                            [tenant_id, *(getattr(state, name) for name in self.columns)]
+                        )
+            updates = sql.SQL(", ").join(
+                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name))
+                for name in self.columns
+                if name != "incident_id"
+            )
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {target} ({columns}) SELECT {columns} FROM {staging} "
+                    "ON CONFLICT (tenant_id, incident_id) DO UPDATE SET {updates}"
+                ).format(target=target, columns=column_list, staging=staging, updates=updates)
+            )
+            cur.execute(sql.SQL("TRUNCATE {}").format(staging))
+            gone = [key for key, state in states.items() if state is None]
+            for tenant_id, incident_id in gone:
+                cur.execute(
+                    sql.SQL("DELETE FROM {} WHERE tenant_id = %s AND incident_id = %s").format(
+                        target
+                    ),
+                    (tenant_id, incident_id),
+                )
+
+    def read_all(self, conn: psycopg.Connection[Any]) -> dict[tuple[str, UUID], State]:
+        """Read the whole table back as states, for comparisons with a fresh fold."""
+        loaded: dict[tuple[str, UUID], State] = {}
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(self.table)))
+            for row in cur:
+                tenant_id = row.pop("tenant_id")
+                loaded[(tenant_id, row["incident_id"])] = self.state_type(**row)
+        return loaded

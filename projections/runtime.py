@@ -1,0 +1,205 @@
+"""The streaming projector: one worker thread per projection.
+
+Each worker owns its projection through a session-level advisory lock, so several projector
+processes can run and another takes over when the owner dies. A batch is read below the
+transaction horizon, applied, and the checkpoint moved, all in one transaction: every event
+has its effect exactly once, whatever is killed when.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from ledger.database import Database
+from ledger.store import Checkpoint, read_after
+from projections.base import Projection
+from projections.incidents import incidents_projection
+from projections.sla import sla_projection
+
+logger = logging.getLogger(__name__)
+
+# First key of the two-key advisory locks that mark projection ownership.
+ADVISORY_LOCK_CLASS = 0x4350  # "CP"
+NOTIFY_CHANNEL = "civicpulse_events"
+
+
+def default_projections() -> list[Projection]:
+    return [incidents_projection(), sla_projection()]
+
+
+def load_checkpoint(conn: psycopg.Connection[Any], name: str) -> Checkpoint:
+    conn.execute(
+        "INSERT INTO projection_checkpoints (projection) VALUES (%s) ON CONFLICT DO NOTHING",
+        (name,),
+    )
+    row = conn.execute(
+        "SELECT tx_id::text::bigint, position FROM projection_checkpoints WHERE projection = %s",
+        (name,),
+    ).fetchone()
+    assert row is not None
+    return Checkpoint(int(row[0]), int(row[1]))
+
+
+class CheckpointMoved(Exception):
+    """Another process advanced the checkpoint during this batch."""
+
+
+def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_size: int) -> int:
+    """Apply the next batch of events to `projection`; return how many were applied.
+
+    Runs in one transaction on `conn`. The checkpoint update names the checkpoint the batch
+    started from, so two processes that both believe they own the projection cannot apply
+    the same events twice: the second commit fails and rolls back.
+    """
+    with conn.transaction():
+        start = load_checkpoint(conn, projection.name)
+        events = read_after(conn, start, batch_size)
+        if not events:
+            return 0
+        projection.apply(conn, events)
+        last = events[-1]
+        moved = conn.execute(
+            """
+            UPDATE projection_checkpoints
+            SET tx_id = %s::text::xid8, position = %s, updated_at = now()
+            WHERE projection = %s AND tx_id = %s::text::xid8 AND position = %s
+            """,
+            (str(last.tx_id), last.position, projection.name, str(start.tx_id), start.position),
+        )
+        if moved.rowcount != 1:
+            raise CheckpointMoved(projection.name)
+        return len(events)
+
+
+def catch_up(database: Database, projections: Sequence[Projection], batch_size: int = 2000) -> int:
+    """Project every event below the horizon, in this thread; return the number applied."""
+    total = 0
+    with database.connect() as conn:
+        for projection in projections:
+            while applied := project_batch(conn, projection, batch_size):
+                total += applied
+    return total
+
+
+class ProjectionWorker(threading.Thread):
+    """Keeps one projection up to date until stopped."""
+
+    def __init__(
+        self,
+        database: Database,
+        projection: Projection,
+        *,
+        batch_size: int,
+        poll_seconds: float,
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(name=f"projection-{projection.name}", daemon=True)
+        self.database = database
+        self.projection = projection
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.stop_event = stop
+        self.applied = 0
+
+    def run(self) -> None:
+        logger.info("projection worker %s started", self.projection.name)
+        while not self.stop_event.is_set():
+            try:
+                self._own_and_project()
+            except psycopg.OperationalError as error:
+                logger.warning(
+                    "projection worker %s lost its database connection: %s; retrying in %.1fs",
+                    self.projection.name, error, self.poll_seconds,
+                )
+                self.stop_event.wait(self.poll_seconds)
+        logger.info("projection worker %s stopped after %d events", self.projection.name,
+                    self.applied)
+
+    def _own_and_project(self) -> None:
+        with self.database.connect(autocommit=True) as lock_conn:
+            # Wait for ownership: the lock is held by this connection's session and released
+            # by the server when the owning process dies.
+            while not self.stop_event.is_set():
+                owned = lock_conn.execute(
+                    "SELECT pg_try_advisory_lock(%s, hashtext(%s))",
+                    (ADVISORY_LOCK_CLASS, self.projection.name),
+                ).fetchone()
+                if owned and owned[0]:
+                    break
+                self.stop_event.wait(self.poll_seconds)
+            else:
+                return
+            logger.info("projection worker %s owns its projection", self.projection.name)
+            with self.database.connect() as work_conn, self.database.connect(
+                autocommit=True
+            ) as listen_conn:
+                listen_conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                self._loop(work_conn, listen_conn)
+
+    def _loop(self, work_conn: psycopg.Connection[Any],
+              listen_conn: psycopg.Connection[Any]) -> None:
+        while not self.stop_event.is_set():
+            try:
+                applied = project_batch(work_conn, self.projection, self.batch_size)
+            except CheckpointMoved:
+                logger.warning("projection %s checkpoint moved under this worker; re-reading",
+                               self.projection.name)
+                continue
+            except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as error:
+                # A poison event stops this projection only; its batch is rolled back, so it
+                # is retried after the poll interval and after a fix is deployed.
+                logger.error("projection %s failed to apply a batch: %s",
+                             self.projection.name, error)
+                self.stop_event.wait(self.poll_seconds)
+                continue
+            self.applied += applied
+            if applied:
+                logger.debug("projection %s applied %d events", self.projection.name, applied)
+                continue
+            # Caught up: sleep until a notification or the poll interval. Notifications only
+            # shorten the wait; polling finds events whose notification was missed.
+            for _ in listen_conn.notifies(timeout=self.poll_seconds, stop_after=1):
+                pass
+
+
+class Projector:
+    """Runs a worker thread per projection until `stop` is called."""
+
+    def __init__(
+        self,
+        database: Database,
+        projections: Sequence[Projection] | None = None,
+        *,
+        batch_size: int = 2000,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.stop_event = threading.Event()
+        self.workers = [
+            ProjectionWorker(
+                database, projection, batch_size=batch_size, poll_seconds=poll_seconds,
+                stop=self.stop_event,
+            )
+            for projection in (projections if projections is not None else default_projections())
+        ]
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        for worker in self.workers:
+            worker.join(timeout)
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self.stop_event.wait(1.0):
+                pass
+        finally:
+            self.stop()

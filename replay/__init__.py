@@ -1,0 +1,1 @@
+"""Replay: folding the log as of a past moment."""

@@ -1,0 +1,60 @@
+"""Read models as of a valid time: the state of the world at T, from `occurred_at`.
+
+A read-model row whose events all happened by T is already the state at T. Only incidents
+with events on both sides of T are folded again from the log, using just their events that
+happened by T. Rows whose events all happened after T did not exist yet.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from ledger.events import RecordedEvent
+from ledger.ids import incident_stream_id
+from ledger.store import EVENT_COLUMNS, row_to_event
+from projections.sla import SlaState, evolve_sla
+
+
+def straddling_sla_states(
+    conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
+) -> list[SlaState]:
+    """Fold the SLA state at `as_of` of each incident with events before and after it."""
+    ids = [
+        row[0]
+        for row in conn.execute(
+            """
+            SELECT incident_id FROM incident_sla
+            WHERE tenant_id = %s AND earliest_occurred_at <= %s AND latest_occurred_at > %s
+            """,
+            (tenant_id, as_of, as_of),
+        )
+    ]
+    if not ids:
+        return []
+    streams = [incident_stream_id(incident_id) for incident_id in ids]
+    events: dict[str, list[RecordedEvent]] = defaultdict(list)
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"""
+            SELECT {EVENT_COLUMNS} FROM events
+            WHERE tenant_id = %s AND stream_id = ANY(%s) AND occurred_at <= %s
+            ORDER BY stream_id, stream_version
+            """,
+            (tenant_id, streams, as_of),
+        )
+        for row in cur:
+            event = row_to_event(row)
+            events[event.stream_id].append(event)
+    states = []
+    for stream_events in events.values():
+        state: SlaState | None = None
+        for event in stream_events:
+            state = evolve_sla(state, event)
+        if state is not None:
+            states.append(state)
+    return states

@@ -1,0 +1,120 @@
+"""Fixtures: a real PostgreSQL, one fresh database per test session (or per test on request).
+
+With DATABASE_URL set (as in CI), databases are created on that server. Without it, an
+embedded server is started in a temporary data directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import ConnectionPool
+
+from ledger.database import Database, app_conninfo_for
+from ledger.schema import migrate
+from ledger.settings import Settings
+from ledger.store import PostgresEventStore
+from ledger.tenants import create_tenant
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BOSTON_FILE = SHARED_DATA / "boston311_2015.csv.gz"
+
+
+@pytest.fixture(scope="session")
+def server_conninfo() -> Iterator[str]:
+    """Owner connection string of the server the tests create databases on."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    import pgserver
+
+    with tempfile.TemporaryDirectory(prefix="civicpulse-test-pg-") as data_dir:
+        server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        yield server.get_uri()
+        server.cleanup()
+
+
+def _create_database(server_conninfo: str) -> tuple[str, Database]:
+    name = f"civicpulse_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    owner = make_conninfo(server_conninfo, dbname=name)
+    settings = Settings(database_url=owner)
+    database = Database(
+        owner_conninfo=owner,
+        app_conninfo=app_conninfo_for(owner, settings.app_role, None),
+        app_role=settings.app_role,
+    )
+    migrate(database, settings)
+    return name, database
+
+
+def _drop_database(server_conninfo: str, name: str) -> None:
+    with psycopg.connect(server_conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def database(server_conninfo: str) -> Iterator[Database]:
+    """A migrated database shared by the session; tests keep apart by tenant."""
+    name, database = _create_database(server_conninfo)
+    yield database
+    _drop_database(server_conninfo, name)
+
+
+@pytest.fixture
+def fresh_database(server_conninfo: str) -> Iterator[Database]:
+    """A migrated database of this test's own, for tests that read the whole log."""
+    name, database = _create_database(server_conninfo)
+    yield database
+    _drop_database(server_conninfo, name)
+
+
+def _pool(database: Database) -> ConnectionPool[Any]:
+    return ConnectionPool(database.app_conninfo, min_size=1, max_size=12, open=True)
+
+
+@pytest.fixture(scope="session")
+def session_pool(database: Database) -> Iterator[ConnectionPool[Any]]:
+    pool = _pool(database)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def store(session_pool: ConnectionPool[Any]) -> PostgresEventStore:
+    return PostgresEventStore(session_pool)
+
+
+@pytest.fixture
+def fresh_pool(fresh_database: Database) -> Iterator[ConnectionPool[Any]]:
+    pool = _pool(fresh_database)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def fresh_store(fresh_pool: ConnectionPool[Any]) -> PostgresEventStore:
+    return PostgresEventStore(fresh_pool)
+
+
+@pytest.fixture
+def tenant_id(store: PostgresEventStore) -> str:
+    """A new tenant (America/New_York, 72-hour resolution target) for this test."""
+    tenant = f"t-{uuid.uuid4().hex[:10]}"
+    create_tenant(
+        store, tenant, name="Test City", time_zone="America/New_York",
+        occurred_at=datetime(2015, 1, 1, tzinfo=UTC),
+    )
+    return tenant

@@ -98,7 +98,7 @@ def import_boston_command(
     time_zone: Annotated[
         str, typer.Option(help="Time zone of the naive times; used when creating the tenant")
     ] = "America/New_York",
-    workers: Annotated[int, typer.Option(min=1, help="Parser processes")] = 0,
+    workers: Annotated[int, typer.Option(min=0, help="Parser processes (0: one per CPU)")] = 0,
     rejects: Annotated[
         Path | None, typer.Option(help="Where to write rejected rows (default: FILE.rejects.csv)")
     ] = None,

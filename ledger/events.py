@@ -120,19 +120,49 @@ def event_hash(
     Position, transaction id and `recorded_at` are assigned by the database and are not
     covered; ledger seals cover positions.
     """
+    return event_hash_serialized(
+        previous_hash,
+        tenant_id=tenant_id,
+        stream_id=stream_id,
+        stream_version=stream_version,
+        event_type=event_type,
+        schema_version=schema_version,
+        event_id=str(event_id),
+        occurred_at_utc=utc_text(occurred_at),
+        payload_json=canonical_json(payload),
+        metadata_json=canonical_json(metadata),
+    )
+
+
+def utc_text(moment: datetime) -> str:
+    """The form of a time that the hash covers: UTC, ISO 8601, microseconds."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def event_hash_serialized(
+    previous_hash: bytes | None,
+    *,
+    tenant_id: str,
+    stream_id: str,
+    stream_version: int,
+    event_type: str,
+    schema_version: int,
+    event_id: str,
+    occurred_at_utc: str,
+    payload_json: bytes,
+    metadata_json: bytes,
+) -> bytes:
+    """`event_hash` over values already serialized, for bulk imports.
+
+    `occurred_at_utc` is the time as `utc_text` writes it; payload and metadata are in
+    canonical JSON.
+    """
     header = orjson.dumps(
-        [
-            tenant_id,
-            stream_id,
-            stream_version,
-            event_type,
-            schema_version,
-            str(event_id),
-            occurred_at.astimezone(UTC).isoformat(timespec="microseconds"),
-        ]
+        [tenant_id, stream_id, stream_version, event_type, schema_version, event_id,
+         occurred_at_utc]
     )
     digest = hashlib.sha256(previous_hash or GENESIS_HASH)
-    for part in (header, canonical_json(payload), canonical_json(metadata)):
+    for part in (header, payload_json, metadata_json):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.digest()

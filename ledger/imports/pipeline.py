@@ -14,28 +14,26 @@ import io
 import logging
 import multiprocessing
 import os
-from collections import deque
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
 import psycopg
 from psycopg import errors as pg_errors
 
-from ledger.events import canonical_json, event_hash
+from ledger.events import event_hash_serialized, utc_text
 from ledger.imports import boston
-from ledger.imports.boston import EventRow, ParsedCase
+from ledger.imports.boston import ParsedCase, ParsedChunk
+from ledger.imports.copytext import EVENT_COPY_COLUMNS, EventLine
+from ledger.tenants import validate_tenant_id
 
 logger = logging.getLogger(__name__)
 
 CHUNK_ROWS = 4000
-COPY_COLUMNS = (
-    "tenant_id, stream_id, stream_version, event_type, schema_version, payload, metadata, "
-    "occurred_at, event_id, hash"
-)
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -125,23 +123,43 @@ def import_boston(
     Bad rows are collected in the report with their row number and reason; good rows are
     imported. Raises ImportFileError when the file itself cannot be read.
     """
+    validate_tenant_id(tenant_id)
     report = ImportReport()
     workers = workers or os.cpu_count() or 1
     source_file = path.name
     context = multiprocessing.get_context("spawn")
-    in_flight: deque[Future[tuple[list[ParsedCase], list[tuple[int, str]]]]] = deque()
+    # Two chunks per worker keep the pool busy while the writer copies; more would only
+    # hold rows in memory. The writer runs in its own thread so that reading goes on while
+    # a COPY waits on the server.
+    in_flight: queue.Queue[Future[ParsedChunk] | None] = queue.Queue(maxsize=2 * workers)
     writer = CopyWriter(conn, tenant_id)
+    failure: list[BaseException] = []
+
+    def write_all() -> None:
+        try:
+            while (future := in_flight.get()) is not None:
+                writer.write(future.result(), report)
+        except BaseException as error:  # noqa: BLE001 - handed to the reading thread
+            failure.append(error)
+            # Drain so the reader never blocks on a full queue after a failure.
+            while in_flight.get() is not None:
+                pass
+
+    writer_thread = threading.Thread(target=write_all, name="import-writer")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        for chunk in _read_chunks(path, report, progress):
-            in_flight.append(
-                pool.submit(boston.parse_chunk, tenant_id, time_zone, source_file, chunk)
-            )
-            # Two chunks per worker keep the pool busy while the writer copies; more would
-            # only hold rows in memory.
-            if len(in_flight) >= 2 * workers:
-                writer.write(in_flight.popleft().result(), report)
-        while in_flight:
-            writer.write(in_flight.popleft().result(), report)
+        writer_thread.start()
+        try:
+            for chunk in _read_chunks(path, report, progress):
+                if failure:
+                    break
+                in_flight.put(
+                    pool.submit(boston.parse_chunk, tenant_id, time_zone, source_file, chunk)
+                )
+        finally:
+            in_flight.put(None)
+            writer_thread.join()
+    if failure:
+        raise failure[0]
     report.rejected.sort()
     logger.info(
         "imported %s into tenant %s: %d rows, %d events appended, %d already present, "
@@ -153,161 +171,144 @@ def import_boston(
 
 
 class CopyWriter:
-    """Appends parsed cases in batches with COPY, one transaction per batch."""
+    """Appends parsed chunks with COPY, one transaction per chunk.
+
+    The fast path streams a worker's COPY text unchanged. Cases whose stream exists already
+    (a re-import, or the same case twice) take the slow path: events already stored are
+    dropped and the rest are renumbered and rehashed after the stream's head.
+    """
 
     def __init__(self, conn: psycopg.Connection[Any], tenant_id: str) -> None:
         self.conn = conn
         self.tenant_id = tenant_id
 
-    def write(
-        self,
-        parsed: tuple[list[ParsedCase], list[tuple[int, str]]],
-        report: ImportReport,
-    ) -> None:
-        cases, rejects = parsed
-        report.rejected.extend(rejects)
-        report.cases += len(cases)
-        if not cases:
+    def write(self, chunk: ParsedChunk, report: ImportReport) -> None:
+        report.rejected.extend(chunk.rejects)
+        report.cases += len(chunk.cases)
+        if not chunk.cases:
             return
         # A concurrent import of the same cases can create one of these streams between our
-        # check and our COPY; the unique index stops it and the batch is retried.
-        for attempt in range(3):
+        # check and our COPY; the unique index stops it and the chunk is retried.
+        for attempt in range(1, 4):
             try:
                 with self.conn.transaction():
-                    appended, present = self._write_batch(cases, report)
-                report.events_appended += appended
-                report.events_already_present += present
-                return
+                    appended, present, rejected = self._write_chunk(chunk)
             except pg_errors.UniqueViolation as error:
                 logger.warning(
-                    "import batch for tenant %s collided with a concurrent append "
-                    "(attempt %d): %s", self.tenant_id, attempt + 1, error,
+                    "import chunk for tenant %s collided with a concurrent append "
+                    "(attempt %d of 3): %s", self.tenant_id, attempt, error,
                 )
-        raise RuntimeError(f"import batch for tenant {self.tenant_id} kept colliding; retry")
+                continue
+            report.events_appended += appended
+            report.events_already_present += present
+            report.rejected.extend(rejected)
+            return
+        raise ImportFileError(
+            f"import into tenant {self.tenant_id} collided with concurrent appends three "
+            "times; run it again"
+        )
 
-    def _write_batch(
-        self, cases: list[ParsedCase], report: ImportReport
-    ) -> tuple[int, int]:
-        # The same case twice in one chunk: its events chain onto the first occurrence.
-        by_stream: dict[str, list[EventRow]] = {}
-        rows_of: dict[str, int] = {}
-        for case in cases:
-            events = list(case.events)
-            stream_id = events[0].stream_id
-            by_stream.setdefault(stream_id, []).extend(events)
-            rows_of.setdefault(stream_id, case.row_number)
-
+    def _write_chunk(self, chunk: ParsedChunk) -> tuple[int, int, list[tuple[int, str]]]:
+        stream_ids = [case.stream_id for case in chunk.cases]
         heads = {
             row[0]: (row[1], row[2], bytes(row[3]) if row[3] is not None else None)
             for row in self.conn.execute(
                 "SELECT stream_id, tenant_id, version, head_hash FROM streams "
                 "WHERE stream_id = ANY(%s) FOR UPDATE",
-                (list(by_stream),),
+                (stream_ids,),
             )
         }
-        known_ids: set[Any] = set()
+        if not heads and len(set(stream_ids)) == len(stream_ids):
+            return self._copy(chunk.events_copy, chunk.streams_copy), 0, []
+        return self._write_slow(chunk, heads)
+
+    def _copy(self, events_copy: bytes, streams_copy: bytes) -> int:
+        with self.conn.cursor() as cur:
+            with cur.copy(f"COPY events ({EVENT_COPY_COLUMNS}) FROM STDIN") as copy:
+                copy.write(events_copy)
+            appended = cur.rowcount
+            with cur.copy(
+                "COPY streams (stream_id, tenant_id, version, head_hash) FROM STDIN"
+            ) as copy:
+                copy.write(streams_copy)
+        return appended
+
+    def _write_slow(
+        self, chunk: ParsedChunk, heads: dict[str, tuple[str, int, bytes | None]]
+    ) -> tuple[int, int, list[tuple[int, str]]]:
+        known_ids: set[str] = set()
         if heads:
             known_ids = {
-                row[0]
+                str(row[0])
                 for row in self.conn.execute(
                     "SELECT event_id FROM events WHERE tenant_id = %s AND stream_id = ANY(%s)",
                     (self.tenant_id, list(heads)),
                 )
             }
-
-        to_copy: list[tuple[Any, ...]] = []
-        new_heads: list[tuple[str, int, bytes]] = []
-        moved_heads: list[tuple[int, bytes, str]] = []
+        rejected: list[tuple[int, str]] = []
+        fast_parts: list[bytes] = []
+        fast_heads: list[ParsedCase] = []
+        slow_lines: list[str] = []
+        moved: dict[str, tuple[int, bytes]] = {}
         present = 0
-        for stream_id, events in by_stream.items():
-            head = heads.get(stream_id)
-            duplicated = len({e.event_id for e in events}) != len(events)
-            if head is None and not duplicated:
-                chained = events
-            else:
-                if head is not None and head[0] != self.tenant_id:
-                    report.rejected.append(
-                        (rows_of[stream_id], f"stream {stream_id} belongs to another tenant")
-                    )
-                    continue
-                fresh = []
-                for event in events:
-                    if event.event_id in known_ids:
-                        present += 1
-                    else:
-                        known_ids.add(event.event_id)
-                        fresh.append(event)
-                version, head_hash = (head[1], head[2]) if head else (0, None)
-                chained = self._rechain(stream_id, fresh, version, head_hash)
-                if not chained:
-                    continue
-            for event in chained:
-                to_copy.append(
-                    (
-                        self.tenant_id,
-                        event.stream_id,
-                        event.stream_version,
-                        event.event_type,
-                        1,
-                        event.payload_json.decode(),
-                        event.metadata_json.decode(),
-                        event.occurred_at,
-                        event.event_id,
-                        event.hash,
-                    )
+        for case in chunk.cases:
+            raw = chunk.events_copy[case.start:case.end]
+            if case.stream_id not in heads and case.stream_id not in moved:
+                fast_parts.append(raw)
+                fast_heads.append(case)
+                known_ids.update(EventLine.decode(line).event_id
+                                 for line in raw.decode().splitlines())
+                moved[case.stream_id] = (case.version, case.head_hash)
+                continue
+            owner = heads[case.stream_id][0] if case.stream_id in heads else self.tenant_id
+            if owner != self.tenant_id:
+                rejected.append(
+                    (case.row_number, f"stream {case.stream_id} belongs to another tenant")
                 )
-            last = chained[-1]
-            if head is None:
-                new_heads.append((stream_id, last.stream_version, last.hash))
-            else:
-                moved_heads.append((last.stream_version, last.hash, stream_id))
+                continue
+            version, head_hash = moved.get(case.stream_id) or heads[case.stream_id][1:]
+            for line in raw.decode().splitlines():
+                event = EventLine.decode(line)
+                if event.event_id in known_ids:
+                    present += 1
+                    continue
+                known_ids.add(event.event_id)
+                version += 1
+                head_hash = event_hash_serialized(
+                    head_hash,
+                    tenant_id=self.tenant_id,
+                    stream_id=case.stream_id,
+                    stream_version=version,
+                    event_type=event.event_type,
+                    schema_version=event.schema_version,
+                    event_id=event.event_id,
+                    occurred_at_utc=utc_text(event.occurred_at),
+                    payload_json=event.payload_json.encode(),
+                    metadata_json=event.metadata_json.encode(),
+                )
+                slow_lines.append(
+                    replace(event, stream_version=version, hash=head_hash).encode()
+                )
+            if head_hash is not None:
+                moved[case.stream_id] = (version, head_hash)
 
-        with self.conn.cursor() as cur:
-            with cur.copy(f"COPY events ({COPY_COLUMNS}) FROM STDIN") as copy:
-                for row in to_copy:
-                    copy.write_row(row)
-            with cur.copy("COPY streams (stream_id, tenant_id, version, head_hash) FROM STDIN") as copy:
-                for stream_id, version, digest in new_heads:
-                    copy.write_row((stream_id, self.tenant_id, version, digest))
-            if moved_heads:
+        # Streams first created in this chunk get their final head, after any repeats.
+        streams_copy = "".join(
+            f"{case.stream_id}\t{self.tenant_id}\t{moved[case.stream_id][0]}\t"
+            f"\\\\x{moved[case.stream_id][1].hex()}\n"
+            for case in fast_heads
+        ).encode()
+        events_copy = b"".join(fast_parts) + "".join(slow_lines).encode()
+        appended = self._copy(events_copy, streams_copy) if events_copy else 0
+        updates = [
+            (version, head_hash, stream_id)
+            for stream_id, (version, head_hash) in moved.items()
+            if stream_id in heads
+        ]
+        if updates:
+            with self.conn.cursor() as cur:
                 cur.executemany(
                     "UPDATE streams SET version = %s, head_hash = %s WHERE stream_id = %s",
-                    moved_heads,
+                    updates,
                 )
-        return len(to_copy), present
-
-    def _rechain(
-        self, stream_id: str, events: list[EventRow], version: int, head_hash: bytes | None
-    ) -> list[EventRow]:
-        """Renumber and rehash events that follow an existing stream head."""
-        chained = []
-        previous = head_hash
-        for offset, event in enumerate(events, start=1):
-            payload = orjson.loads(event.payload_json)
-            metadata = orjson.loads(event.metadata_json)
-            digest = event_hash(
-                previous,
-                tenant_id=self.tenant_id,
-                stream_id=stream_id,
-                stream_version=version + offset,
-                event_type=event.event_type,
-                schema_version=1,
-                event_id=event.event_id,
-                occurred_at=event.occurred_at,
-                payload=payload,
-                metadata=metadata,
-            )
-            chained.append(
-                EventRow(
-                    stream_id=stream_id,
-                    stream_version=version + offset,
-                    event_type=event.event_type,
-                    payload_json=canonical_json(payload),
-                    metadata_json=canonical_json(metadata),
-                    occurred_at=event.occurred_at,
-                    event_id=event.event_id,
-                    hash=digest,
-                )
-            )
-            previous = digest
-        return chained
+        return appended, present, rejected

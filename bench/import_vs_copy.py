@@ -1,0 +1,161 @@
+"""Import benchmark: the Boston export through the import pipeline against a raw COPY.
+
+Both runs happen in one process on the same server, one after the other, each into a
+fresh database:
+
+- raw COPY: the same events, already formatted as COPY text, into a bare table with the
+  events table's columns and no keys, indexes, defaults or triggers;
+- import: the whole pipeline from the .csv.gz file (reading, parsing in a process pool,
+  hashing, COPY into the real events table with its indexes, stream heads).
+
+It prints events per second for both and their ratio (import / raw COPY).
+
+    python bench/import_vs_copy.py [--file PATH] [--workers N] [--rounds N]
+
+DATABASE_URL selects the server; without it an embedded server is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import io
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ledger.database import Database, app_conninfo_for  # noqa: E402
+from ledger.imports import boston  # noqa: E402
+from ledger.imports.pipeline import import_boston  # noqa: E402
+from ledger.schema import migrate  # noqa: E402
+from ledger.settings import Settings  # noqa: E402
+
+DEFAULT_FILE = ROOT.parent / "shared" / "data" / "boston311_2015.csv.gz"
+TIME_ZONE = "America/New_York"
+
+BARE_TABLE = """
+CREATE TABLE bare_events (
+    tenant_id text, stream_id text, stream_version integer, event_type text,
+    schema_version smallint, payload jsonb, metadata jsonb, occurred_at timestamptz,
+    event_id uuid, hash bytea
+)
+"""
+
+
+def server() -> str:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    import pgserver
+
+    data_dir = Path(os.environ.get("CIVICPULSE_BENCH_PGDATA", "/tmp/civicpulse-bench-pg"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return str(pgserver.get_server(data_dir).get_uri())
+
+
+def fresh_database(server_conninfo: str) -> tuple[str, Database]:
+    name = f"civicpulse_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    owner = make_conninfo(server_conninfo, dbname=name)
+    settings = Settings(database_url=owner)
+    database = Database(owner, app_conninfo_for(owner, settings.app_role, None), settings.app_role)
+    migrate(database, settings)
+    return name, database
+
+
+def drop(server_conninfo: str, name: str) -> None:
+    with psycopg.connect(server_conninfo, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def copy_text_of(path: Path) -> bytes:
+    """The file's events as COPY text, formatted before any timing starts."""
+    text = io.TextIOWrapper(gzip.open(path), encoding="utf-8-sig", newline="")
+    reader = csv.reader(text)
+    indexes = boston.column_indexes(next(reader))
+    rows = [(n, [v[i] if i >= 0 else "" for i in indexes]) for n, v in enumerate(reader, 2)]
+    return boston.parse_chunk("bench", TIME_ZONE, path.name, rows).events_copy
+
+
+def raw_copy(database: Database, events_copy: bytes) -> tuple[int, float]:
+    with database.connect_owner() as conn:
+        conn.execute(BARE_TABLE)
+        conn.commit()
+        started = time.perf_counter()
+        with conn.cursor() as cur:
+            with cur.copy(
+                "COPY bare_events (tenant_id, stream_id, stream_version, event_type, "
+                "schema_version, payload, metadata, occurred_at, event_id, hash) FROM STDIN"
+            ) as copy:
+                copy.write(events_copy)
+            rows = cur.rowcount
+        conn.commit()
+        return rows, time.perf_counter() - started
+
+
+def pipeline_import(database: Database, path: Path, workers: int | None) -> tuple[int, float]:
+    from ledger.store import PostgresEventStore  # noqa: F401 - imported for its JSON set-up
+
+    with database.connect() as conn:
+        started = time.perf_counter()
+        report = import_boston(conn, path, tenant_id="bench", time_zone=TIME_ZONE,
+                               workers=workers)
+        elapsed = time.perf_counter() - started
+    if report.rejected:
+        print(f"  {len(report.rejected)} rows rejected", file=sys.stderr)
+    return report.events_appended, elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--file", type=Path, default=DEFAULT_FILE)
+    parser.add_argument("--workers", type=int, default=None, help="parser processes")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each, alternating")
+    args = parser.parse_args()
+
+    conninfo = server()
+    print(f"file: {args.file}")
+    print(f"cpus: {os.cpu_count()}, workers: {args.workers or os.cpu_count()}")
+    events_copy = copy_text_of(args.file)
+
+    raw_rates, import_rates = [], []
+    for round_number in range(1, args.rounds + 1):
+        name, database = fresh_database(conninfo)
+        try:
+            rows, seconds = raw_copy(database, events_copy)
+        finally:
+            drop(conninfo, name)
+        raw_rates.append(rows / seconds)
+        print(f"round {round_number} raw COPY: {rows} rows in {seconds:.2f} s, "
+              f"{rows / seconds:,.0f} rows/s")
+
+        name, database = fresh_database(conninfo)
+        try:
+            events, seconds = pipeline_import(database, args.file, args.workers)
+        finally:
+            drop(conninfo, name)
+        import_rates.append(events / seconds)
+        print(f"round {round_number} import:   {events} events in {seconds:.2f} s, "
+              f"{events / seconds:,.0f} events/s")
+
+    raw = statistics.median(raw_rates)
+    imported = statistics.median(import_rates)
+    print(f"median raw COPY: {raw:,.0f} rows/s")
+    print(f"median import:   {imported:,.0f} events/s")
+    print(f"ratio import / raw COPY: {imported / raw:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -171,4 +171,4 @@ class IncidentCommands:
 
     def _replay(self, tenant_id: str, stream_id: str, probe: NewEvent) -> AppendResult | None:
         with self.store.pool.connection() as conn:
-            return find_stored(conn, tenant_id, stream_id, probe)
+            return find_stored(conn, tenant_id, stream_id, [probe])

@@ -44,7 +44,10 @@ class Database:
         return psycopg.connect(self.owner_conninfo, **kwargs)
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
-        """Open a connection as the application role."""
+        """Open a connection as the application role.
+
+        Pass `application_name` to tell the connection apart in pg_stat_activity.
+        """
         return psycopg.connect(self.app_conninfo, **kwargs)
 
 

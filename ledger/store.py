@@ -116,15 +116,21 @@ class PostgresEventStore:
         events: Sequence[NewEvent],
         *,
         expected_version: int | None,
+        conn: psycopg.Connection[Any] | None = None,
     ) -> AppendResult:
         """Append `events` to a stream in one transaction.
 
         Raises ConcurrencyError, StreamTenantMismatch, IdempotencyKeyReused or
-        InvalidEventData; nothing is stored when any of them is raised.
+        InvalidEventData; nothing is stored when any of them is raised. With `conn` inside an
+        open transaction, the append runs in a savepoint of it and is durable only when the
+        caller commits; a retry that lost a race is then raised as a conflict, not replayed.
         """
         if not events:
             raise ValueError("append needs at least one event")
         prepared = [_prepare(event) for event in events]
+        if conn is not None:
+            with conn.transaction():
+                return self._append_locked(conn, tenant_id, stream_id, prepared, expected_version)
         try:
             with self.pool.connection() as conn, conn.transaction():
                 return self._append_locked(conn, tenant_id, stream_id, prepared, expected_version)

@@ -121,7 +121,8 @@ class ProjectionWorker(threading.Thread):
                     self.applied)
 
     def _own_and_project(self) -> None:
-        with self.database.connect(autocommit=True) as lock_conn:
+        name = f"civicpulse-projector-{self.projection.name}"
+        with self.database.connect(autocommit=True, application_name=name) as lock_conn:
             # Wait for ownership: the lock is held by this connection's session and released
             # by the server when the owning process dies.
             while not self.stop_event.is_set():
@@ -135,8 +136,8 @@ class ProjectionWorker(threading.Thread):
             else:
                 return
             logger.info("projection worker %s owns its projection", self.projection.name)
-            with self.database.connect() as work_conn, self.database.connect(
-                autocommit=True
+            with self.database.connect(application_name=name) as work_conn, self.database.connect(
+                autocommit=True, application_name=name
             ) as listen_conn:
                 listen_conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                 self._loop(work_conn, listen_conn)

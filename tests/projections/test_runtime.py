@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from ledger.database import Database
+from ledger.demo import seed_demo
+from ledger.events import NewEvent, RecordedEvent
+from ledger.ids import incident_stream_id
+from ledger.lifecycle import INCIDENT_ACKNOWLEDGED, REPORT_SUBMITTED
+from ledger.store import Checkpoint, PostgresEventStore, read_after
+from projections.base import Projection
+from projections.runtime import catch_up, default_projections, load_checkpoint, project_batch
+
+T0 = datetime(2026, 2, 1, 9, 0, tzinfo=UTC)
+
+
+class RecordingProjection(Projection):
+    """Remembers every event it was given, to check exactly-once delivery."""
+
+    name = "recording"
+    tables = ()
+
+    def __init__(self) -> None:
+        self.seen: list[RecordedEvent] = []
+
+    def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        self.seen.extend(events)
+
+
+def submitted(incident_id: uuid.UUID, minutes: int = 0) -> NewEvent:
+    return NewEvent(
+        REPORT_SUBMITTED,
+        {"incident_id": str(incident_id), "category": "Pothole", "description": "hole",
+         "resolution_due_at": (T0 + timedelta(days=3)).isoformat()},
+        T0 + timedelta(minutes=minutes),
+    )
+
+
+def test_projector_waits_for_earlier_open_transaction(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    early_id, late_id = uuid.uuid4(), uuid.uuid4()
+    recording = RecordingProjection()
+    incidents = default_projections()[0]
+
+    early = fresh_database.connect()
+    early.execute("SELECT 1")  # open the transaction before taking a position
+    fresh_store.append("acme", incident_stream_id(early_id), [submitted(early_id)],
+                       expected_version=0, conn=early)
+    fresh_store.append("acme", incident_stream_id(late_id), [submitted(late_id, 5)],
+                       expected_version=0)
+
+    with fresh_database.connect() as conn:
+        applied_while_open = project_batch(conn, recording, 100)
+        project_batch(conn, incidents, 100)
+        early.commit()
+        early.close()
+        applied_after_commit = project_batch(conn, recording, 100)
+        project_batch(conn, incidents, 100)
+        applied_again = project_batch(conn, recording, 100)
+        rows = conn.execute("SELECT incident_id FROM incidents ORDER BY submitted_at").fetchall()
+
+    assert applied_while_open == 0
+    assert applied_after_commit == 2
+    assert applied_again == 0
+    assert [e.stream_id for e in recording.seen] == [
+        incident_stream_id(early_id), incident_stream_id(late_id)
+    ]
+    assert [row[0] for row in rows] == [early_id, late_id]
+
+
+def test_checkpoint_stops_a_second_owner(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    incident = uuid.uuid4()
+    fresh_store.append("acme", incident_stream_id(incident), [submitted(incident)],
+                       expected_version=0)
+    recording = RecordingProjection()
+
+    # Two connections both read from the same checkpoint; only the first commit may move it.
+    with fresh_database.connect() as first, fresh_database.connect() as second:
+        assert project_batch(first, recording, 10) == 1
+        assert project_batch(second, recording, 10) == 0
+        with first.transaction():
+            checkpoint = load_checkpoint(first, "recording")
+
+    assert len(recording.seen) == 1
+    assert checkpoint.position == recording.seen[0].position
+
+
+def test_streaming_equals_fresh_fold(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=60, seed=7, end=T0)
+    projections = default_projections()
+
+    # Small batches: many checkpoints, incidents split across batches.
+    catch_up(fresh_database, projections, batch_size=7)
+
+    with fresh_database.connect() as conn:
+        events = read_after(conn, Checkpoint(), 100_000)
+        for projection in projections:
+            assert projection.read_all(conn) == projection.fold(events)  # type: ignore[attr-defined]
+
+
+def _wait_for(condition: Any, timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(message)
+
+
+def _projector(database: Database, batch_size: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": database.owner_conninfo,
+        "CIVICPULSE_PROJECTOR_BATCH_SIZE": str(batch_size),
+        "CIVICPULSE_PROJECTOR_POLL_SECONDS": "0.2",
+        "CIVICPULSE_LOG_LEVEL": "WARNING",
+    }
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "project"], env=env,
+            stdout=subprocess.DEVNULL, stderr=output,
+        )
+
+
+@pytest.mark.slow
+def test_projector_killed_mid_batch_recovers(
+    fresh_database: Database, fresh_store: PostgresEventStore, tmp_path: Path
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=400, seed=11, end=T0)
+    with fresh_database.connect() as conn:
+        events = read_after(conn, Checkpoint(), 1_000_000)
+    last = (events[-1].tx_id, events[-1].position)
+
+    def checkpoints() -> dict[str, tuple[int, int]]:
+        with fresh_database.connect() as conn:
+            return {
+                row[0]: (int(row[1]), int(row[2]))
+                for row in conn.execute(
+                    "SELECT projection, tx_id::text::bigint, position FROM projection_checkpoints"
+                )
+            }
+
+    def in_batch() -> bool:
+        with fresh_database.connect() as conn:
+            busy = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                "'civicpulse-projector-%%' AND state IN ('active', 'idle in transaction')"
+            ).fetchone()
+        moved = [value for value in checkpoints().values() if (0, 0) < value < last]
+        return bool(busy and busy[0]) and bool(moved)
+
+    log = tmp_path / "projector.log"
+    projector = _projector(fresh_database, batch_size=20, log=log)
+    try:
+        _wait_for(in_batch, 60, "the projector never started a batch")
+        projector.send_signal(signal.SIGKILL)
+        projector.wait(10)
+    finally:
+        if projector.poll() is None:
+            projector.kill()
+    partial = checkpoints()
+    assert any(value < last for value in partial.values())
+
+    restarted = _projector(fresh_database, batch_size=500, log=log)
+    try:
+        _wait_for(
+            lambda: len(checkpoints()) == 2 and all(v == last for v in checkpoints().values()),
+            120, "the restarted projector did not catch up",
+        )
+        restarted.send_signal(signal.SIGTERM)
+        assert restarted.wait(15) == 0, log.read_text()
+    finally:
+        if restarted.poll() is None:
+            restarted.kill()
+
+    with fresh_database.connect() as conn:
+        for projection in default_projections():
+            assert projection.read_all(conn) == projection.fold(events)  # type: ignore[attr-defined]

@@ -1,6 +1,7 @@
 """The FastAPI application: command, query and SLA endpoints."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at run
+# time, including the body types chosen per command in a loop.
 
 import logging
 import re
@@ -138,6 +139,13 @@ def _counts_out(key: str | None, counts: SlaCounts) -> SlaCountsOut:
     )
 
 
+def get_commands(request: Request) -> IncidentCommands:
+    commands: IncidentCommands = request.app.state.commands
+    return commands
+
+
+Commands = Annotated[IncidentCommands, Depends(get_commands)]
+
 _ETAG = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
 
 
@@ -206,12 +214,8 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    app.state.commands = commands
     router = APIRouter(prefix="/tenants/{tenant_id}")
-
-    def get_commands() -> IncidentCommands:
-        return commands
-
-    Commands = Annotated[IncidentCommands, Depends(get_commands)]
 
     @app.get("/health", tags=["operations"])
     def health() -> dict[str, str]:

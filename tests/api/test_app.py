@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from psycopg_pool import ConnectionPool
+
+from api.app import create_app
+from ledger.database import Database
+from projections.runtime import catch_up, default_projections
+
+PROBLEM = "application/problem+json"
+REPORT = {"description": "Water bubbling up through the sidewalk", "category": "Water leak",
+          "latitude": 42.35, "longitude": -71.06}
+
+
+@pytest.fixture
+def client(database: Database, session_pool: ConnectionPool[Any]) -> Iterator[TestClient]:
+    with TestClient(create_app(database, pool=session_pool)) as test_client:
+        yield test_client
+
+
+def submit(client: TestClient, tenant_id: str, **headers: str) -> Any:
+    response = client.post(f"/tenants/{tenant_id}/incidents", json=REPORT, headers=headers)
+    assert response.status_code == 201, response.text
+    return response
+
+
+def assert_problem(response: Any, status: int, *words: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["type"].startswith("https://")
+    for word in words:
+        assert word in body["detail"]
+    return body
+
+
+def test_submit_then_get(client: TestClient, tenant_id: str) -> None:
+    created = submit(client, tenant_id)
+    incident = created.json()["incident_id"]
+
+    fetched = client.get(f"/tenants/{tenant_id}/incidents/{incident}")
+    assert created.headers["location"] == f"/tenants/{tenant_id}/incidents/{incident}"
+    assert created.headers["etag"] == '"1"'
+    assert fetched.status_code == 200
+    assert fetched.headers["etag"] == '"1"'
+    assert fetched.json()["status"] == "submitted"
+    assert fetched.json()["category"] == "Water leak"
+
+
+def test_repeated_idempotency_key_returns_first(client: TestClient, tenant_id: str) -> None:
+    first = submit(client, tenant_id, **{"Idempotency-Key": "abc-1"})
+    again = submit(client, tenant_id, **{"Idempotency-Key": "abc-1"})
+    incident = first.json()["incident_id"]
+    history = client.get(f"/tenants/{tenant_id}/incidents/{incident}/events").json()
+
+    assert again.json()["incident_id"] == incident
+    assert again.json()["version"] == first.json()["version"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert len(history) == 1
+
+
+def test_idempotency_key_with_other_body_rejected(client: TestClient, tenant_id: str) -> None:
+    submit(client, tenant_id, **{"Idempotency-Key": "abc-2"})
+    response = client.post(f"/tenants/{tenant_id}/incidents",
+                           json={**REPORT, "description": "something else"},
+                           headers={"Idempotency-Key": "abc-2"})
+    assert_problem(response, 422, "abc-2")
+
+
+def test_lifecycle_through_api(client: TestClient, tenant_id: str) -> None:
+    incident = submit(client, tenant_id).json()["incident_id"]
+    base = f"/tenants/{tenant_id}/incidents/{incident}"
+
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("acknowledge", {}),
+        ("assign", {"assignee": "crew-2"}),
+        ("request-information", {"question": "Is it still flowing?"}),
+        ("reporter-responded", {"response": "Yes"}),
+        ("start-work", {}),
+        ("resolve", {"note": "Valve replaced"}),
+        ("close", {}),
+    ]
+    for version, (command, body) in enumerate(steps, start=1):
+        response = client.post(f"{base}/{command}", json=body, headers={"If-Match": f'"{version}"'})
+        assert response.status_code == 200, response.text
+        assert response.json()["version"] == version + 1
+
+    history = client.get(f"{base}/events").json()
+    assert [event["event_type"] for event in history] == [
+        "ReportSubmitted", "IncidentAcknowledged", "IncidentAssigned", "InformationRequested",
+        "ReporterResponded", "WorkStarted", "IncidentResolved", "IncidentClosed",
+    ]
+    assert client.get(base).json()["status"] == "closed"
+
+
+def test_stale_if_match_is_409(client: TestClient, tenant_id: str) -> None:
+    incident = submit(client, tenant_id).json()["incident_id"]
+    base = f"/tenants/{tenant_id}/incidents/{incident}"
+    client.post(f"{base}/acknowledge", json={}, headers={"If-Match": '"1"'})
+
+    response = client.post(f"{base}/assign", json={"assignee": "x"}, headers={"If-Match": '"1"'})
+    body = assert_problem(response, 409, "version 2")
+    assert body["current_version"] == 2
+
+
+def test_command_out_of_state_names_both(client: TestClient, tenant_id: str) -> None:
+    incident = submit(client, tenant_id).json()["incident_id"]
+    response = client.post(f"/tenants/{tenant_id}/incidents/{incident}/close", json={})
+
+    body = assert_problem(response, 409, "'close'", "'submitted'")
+    assert body["state"] == "submitted"
+    assert body["command"] == "close"
+    assert "acknowledge" in body["allowed_commands"]
+
+
+@pytest.mark.parametrize(
+    ("body", "location"),
+    [
+        ({**REPORT, "latitude": 91}, "body.latitude"),
+        ({**REPORT, "description": ""}, "body.description"),
+        ({**REPORT, "reporter_ssn": "123"}, "body.reporter_ssn"),
+        ({"category": "Pothole"}, "body.description"),
+    ],
+)
+def test_invalid_report_is_422(
+    client: TestClient, tenant_id: str, body: dict[str, Any], location: str
+) -> None:
+    response = client.post(f"/tenants/{tenant_id}/incidents", json=body)
+    problem = assert_problem(response, 422, location)
+    assert problem["errors"][0]["location"] == location
+
+
+def test_malformed_json_is_422(client: TestClient, tenant_id: str) -> None:
+    response = client.post(f"/tenants/{tenant_id}/incidents", content=b"{not json",
+                           headers={"content-type": "application/json"})
+    assert_problem(response, 422)
+
+
+def test_invalid_if_match_is_422(client: TestClient, tenant_id: str) -> None:
+    incident = submit(client, tenant_id).json()["incident_id"]
+    response = client.post(f"/tenants/{tenant_id}/incidents/{incident}/acknowledge", json={},
+                           headers={"If-Match": "yesterday"})
+    assert_problem(response, 422, "'yesterday'")
+
+
+def test_unknown_ids_are_404(client: TestClient, tenant_id: str) -> None:
+    incident = submit(client, tenant_id).json()["incident_id"]
+    other = f"t-{uuid.uuid4().hex[:10]}"
+
+    assert_problem(client.get(f"/tenants/{tenant_id}/incidents/{uuid.uuid4()}"), 404)
+    assert_problem(client.post(f"/tenants/{other}/incidents", json=REPORT), 404, other)
+    # Another tenant's incident answers exactly like one that does not exist.
+    assert_problem(client.get(f"/tenants/{other}/incidents/{incident}"), 404)
+    assert_problem(client.get(f"/tenants/{other}/incidents/{incident}/events"), 404)
+    assert_problem(client.get(f"/tenants/{tenant_id}/incidents/not-a-uuid"), 422)
+
+
+def test_sla_summary_as_of(client: TestClient, tenant_id: str, database: Database) -> None:
+    incident = submit(client, tenant_id).json()["incident_id"]
+    client.post(f"/tenants/{tenant_id}/incidents/{incident}/resolve", json={})
+    submit(client, tenant_id)
+    catch_up(database, default_projections())
+
+    now = client.get(f"/tenants/{tenant_id}/sla/summary").json()
+    far = client.get(f"/tenants/{tenant_id}/sla/summary",
+                     params={"as_of": "2999-01-01T00:00"}).json()
+    before = client.get(f"/tenants/{tenant_id}/sla/summary",
+                        params={"as_of": "2000-01-01T00:00Z"}).json()
+
+    assert now["totals"]["total"] == 2
+    assert now["totals"]["open"] == 1
+    assert now["totals"]["breached"] == 0
+    assert now["by_category"][0]["key"] == "Water leak"
+    assert far["totals"]["breached"] == 1
+    assert far["totals"]["on_time_rate"] == 0.5
+    assert far["as_of"].startswith("2999-01-01T00:00:00-05:00")
+    assert before["totals"]["total"] == 0
+
+
+def test_invalid_as_of_is_422(client: TestClient, tenant_id: str) -> None:
+    response = client.get(f"/tenants/{tenant_id}/sla/summary", params={"as_of": "last week"})
+    assert_problem(response, 422, "'last week'")
+
+
+def test_openapi_lists_commands(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/tenants/{tenant_id}/incidents/{incident_id}/mark-duplicate" in paths
+    assert "/tenants/{tenant_id}/sla/summary" in paths

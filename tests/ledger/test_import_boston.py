@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from ledger.database import Database
+from ledger.events import recorded_event_hash
+from ledger.ids import derived_id, incident_stream_id
+from ledger.imports.boston import SOURCE
+from ledger.imports.pipeline import ImportFileError, import_boston
+from ledger.store import PostgresEventStore
+from tests.conftest import BOSTON_FILE
+
+NEW_YORK = "America/New_York"
+
+
+def boston_header() -> list[str]:
+    with gzip.open(BOSTON_FILE, "rt", encoding="utf-8", newline="") as source:
+        return next(csv.reader(source))
+
+
+def make_row(header: list[str], **values: str) -> list[str]:
+    row = dict.fromkeys(header, "")
+    row.update(values)
+    return [row[name] for name in header]
+
+
+def write_export(path: Path, rows: list[list[str]], *, bom: bool = False) -> Path:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(boston_header())
+    writer.writerows(rows)
+    data = ("\ufeff" if bom else "") + buffer.getvalue()
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(data.encode()))
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+def case(case_id: str, opened: str, closed: str = "", target: str = "", **extra: str) -> dict[str, str]:
+    return {
+        "CASE_ENQUIRY_ID": case_id, "OPEN_DT": opened, "CLOSED_DT": closed, "TARGET_DT": target,
+        "TYPE": "Street Light Outages", "Department": "PWDx", "LATITUDE": "42.3474",
+        "LONGITUDE": "-71.0944", "CASE_STATUS": "Closed" if closed else "Open", **extra,
+    }
+
+
+def stream_of(tenant: str, case_id: str) -> str:
+    return incident_stream_id(derived_id(tenant, SOURCE, case_id))
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"b-{uuid.uuid4().hex[:10]}"
+
+
+def run_import(database: Database, path: Path, tenant: str, workers: int = 2):  # type: ignore[no-untyped-def]
+    with database.connect() as conn:
+        return import_boston(conn, path, tenant_id=tenant, time_zone=NEW_YORK, workers=workers)
+
+
+def test_import_reports_bad_rows_and_keeps_good(
+    database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
+) -> None:
+    header = boston_header()
+    rows = [
+        make_row(header, **case("1001", "01/01/2015 12:20:09 AM", "01/02/2015 09:08:42 AM",
+                                "01/03/2015 08:30:00 AM",
+                                CLOSURE_REASON="Case Closed\nline two, \"quoted\"")),
+        make_row(header, **case("1002", "13/45/2015 10:00:00 AM")),
+        make_row(header, **case("", "01/01/2015 10:00:00 AM")),
+        make_row(header, **case("1004", "01/01/2015 10:00:00 AM", LATITUDE="142.1")),
+        make_row(header, **case("10O5", "01/01/2015 10:00:00 AM")),
+        make_row(header, **case("1006", "")),
+        make_row(header, **case("1007", "02/01/2015 03:04:05 PM")),
+        ["too", "few", "fields"],
+    ]
+    path = write_export(tmp_path / "export.csv", rows, bom=True)
+
+    report = run_import(database, path, tenant)
+
+    assert report.rows == 8
+    assert report.cases == 2
+    assert report.events_appended == 3
+    assert [number for number, _ in report.rejected] == [3, 4, 5, 6, 7, 9]
+    reasons = dict(report.rejected)
+    assert "OPEN_DT '13/45/2015 10:00:00 AM'" in reasons[3]
+    assert "missing CASE_ENQUIRY_ID" in reasons[4]
+    assert "LATITUDE '142.1'" in reasons[5]
+    assert "CASE_ENQUIRY_ID '10O5'" in reasons[6]
+    assert "missing OPEN_DT" in reasons[7]
+    assert "3 fields" in reasons[9]
+
+    closed = store.read_stream(tenant, stream_of(tenant, "1001"))
+    assert [event.event_type for event in closed] == ["ReportSubmitted", "IncidentClosed"]
+    assert closed[0].occurred_at == datetime(2015, 1, 1, 5, 20, 9, tzinfo=UTC)
+    assert closed[0].payload["resolution_due_at"].startswith("2015-01-03T13:30:00")
+    assert closed[1].payload["reason"] == 'Case Closed\nline two, "quoted"'
+    afternoon = store.read_stream(tenant, stream_of(tenant, "1007"))
+    assert afternoon[0].occurred_at == datetime(2015, 2, 1, 20, 4, 5, tzinfo=UTC)
+
+
+def test_reimport_adds_nothing(
+    database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
+) -> None:
+    header = boston_header()
+    rows = [make_row(header, **case(str(2000 + n), "03/08/2015 01:30:00 AM",
+                                    "03/09/2015 02:00:00 PM" if n % 2 else "")) for n in range(50)]
+    path = write_export(tmp_path / "export.csv.gz", rows)
+
+    first = run_import(database, path, tenant)
+    again = run_import(database, path, tenant, workers=1)
+
+    assert first.events_appended == 75
+    assert again.events_appended == 0
+    assert again.events_already_present == 75
+    with store.pool.connection() as conn:
+        count = conn.execute("SELECT count(*) FROM events WHERE tenant_id = %s",
+                             (tenant,)).fetchone()
+    assert count == (75,)
+
+
+def test_later_export_extends_streams(
+    database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
+) -> None:
+    header = boston_header()
+    opened = make_row(header, **case("3001", "05/01/2015 09:00:00 AM"))
+    closed = make_row(header, **case("3001", "05/01/2015 09:00:00 AM", "05/02/2015 10:00:00 AM"))
+    run_import(database, write_export(tmp_path / "january.csv", [opened]), tenant)
+
+    # The later export has the same case, now closed; and a case listed twice.
+    report = run_import(
+        database,
+        write_export(tmp_path / "february.csv", [closed, make_row(header, **case("3002",
+                     "05/03/2015 09:00:00 AM")), make_row(header, **case("3002",
+                     "05/03/2015 09:00:00 AM", "05/04/2015 09:00:00 AM"))]),
+        tenant,
+    )
+
+    assert report.events_appended == 3
+    assert report.events_already_present == 2
+    for case_id in ("3001", "3002"):
+        events = store.read_stream(tenant, stream_of(tenant, case_id))
+        assert [e.stream_version for e in events] == [1, 2]
+        assert [e.event_type for e in events] == ["ReportSubmitted", "IncidentClosed"]
+        previous = None
+        for event in events:
+            assert event.hash == recorded_event_hash(event, previous)
+            previous = event.hash
+    assert store.stream_version(tenant, stream_of(tenant, "3001")) == 2
+
+
+def test_imported_chains_verify(
+    database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
+) -> None:
+    header = boston_header()
+    rows = [make_row(header, **case("4001", "11/01/2015 01:30:00 AM", "11/01/2015 01:45:00 AM",
+                                    "11/02/2015 08:30:00 AM", CASE_TITLE="Tab\there \\ slash"))]
+    run_import(database, write_export(tmp_path / "export.csv", rows), tenant)
+
+    events = store.read_stream(tenant, stream_of(tenant, "4001"))
+    assert events[0].payload["title"] == "Tab\there \\ slash"
+    # 01:30 on the night clocks fall back is read as the first (daylight) 01:30.
+    assert events[0].occurred_at == datetime(2015, 11, 1, 5, 30, tzinfo=UTC)
+    previous = None
+    for event in events:
+        assert event.hash == recorded_event_hash(event, previous)
+        previous = event.hash
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b"id,opened\n1,2\n", r"missing column\(s\) CASE_ENQUIRY_ID, OPEN_DT"),
+    ],
+)
+def test_unusable_file_rejected(
+    database: Database, tenant: str, tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "export.csv"
+    path.write_bytes(content)
+    with pytest.raises(ImportFileError, match=message):
+        run_import(database, path, tenant)
+
+
+def test_real_export_sample_imports(
+    database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
+) -> None:
+    with gzip.open(BOSTON_FILE, "rt", encoding="utf-8", newline="") as source:
+        lines = [next(source) for _ in range(2001)]
+    path = tmp_path / "sample.csv"
+    path.write_text("".join(lines), encoding="utf-8")
+    expected = sum(1 + bool(row["CLOSED_DT"]) for row in csv.DictReader(io.StringIO("".join(lines))))
+
+    report = run_import(database, path, tenant)
+
+    assert report.rejected == []
+    assert report.cases == 2000
+    assert report.events_appended == expected

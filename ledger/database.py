@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg import sql
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import set_json_dumps, set_json_loads
 
@@ -25,6 +27,23 @@ logger = logging.getLogger(__name__)
 # the hash chain uses, so a payload hashes the same before and after a round trip.
 set_json_dumps(orjson.dumps)
 set_json_loads(orjson.loads)
+
+XID8_OID = 5069  # fixed in pg_type since PostgreSQL 13
+
+
+class Xid8Loader(Loader):
+    """Reads xid8 (64-bit transaction ids) as int, so queries can select tx_id unchanged.
+
+    NOTE: selecting `tx_id::text::bigint AS tx_id` instead makes `ORDER BY tx_id` sort by
+    that expression, and the log reader then sorts the whole table rather than walk the
+    (tx_id, position) index.
+    """
+
+    def load(self, data: Buffer) -> int:
+        return int(bytes(data))
+
+
+psycopg.adapters.register_loader(XID8_OID, Xid8Loader)
 
 # Keeps the embedded server object alive for the life of the process; pgserver stops the
 # server when the last object referring to it is collected.

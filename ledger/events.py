@@ -75,6 +75,8 @@ def normalize_json(value: Any, path: str = "$") -> Any:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidEventData(f"{path} = {value} is not a finite number")
+        if value == 0:
+            return 0.0  # numeric has no negative zero: -0.0 would come back as 0.0
         if abs(value) >= _EXPONENT_THRESHOLD and value.is_integer():
             as_int = int(value)
             # orjson reads integers past 64 bits back as floats, so those stay floats.

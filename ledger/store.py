@@ -11,7 +11,6 @@ from uuid import UUID
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from ledger.errors import (
@@ -30,7 +29,7 @@ from ledger.events import (
 logger = logging.getLogger(__name__)
 
 EVENT_COLUMNS = """
-    position, tx_id::text::bigint AS tx_id, tenant_id, stream_id, stream_version, event_type,
+    position, tx_id, tenant_id, stream_id, stream_version, event_type,
     schema_version, payload, metadata, occurred_at, recorded_at, event_id, hash
 """
 
@@ -53,22 +52,10 @@ class AppendResult:
     replayed: bool = False
 
 
-def row_to_event(row: dict[str, Any]) -> RecordedEvent:
-    return RecordedEvent(
-        position=row["position"],
-        tx_id=row["tx_id"],
-        tenant_id=row["tenant_id"],
-        stream_id=row["stream_id"],
-        stream_version=row["stream_version"],
-        event_type=row["event_type"],
-        schema_version=row["schema_version"],
-        payload=row["payload"],
-        metadata=row["metadata"],
-        occurred_at=row["occurred_at"],
-        recorded_at=row["recorded_at"],
-        event_id=row["event_id"],
-        hash=bytes(row["hash"]),
-    )
+def row_to_event(row: tuple[Any, ...]) -> RecordedEvent:
+    """Build an event from a row of EVENT_COLUMNS, which are in RecordedEvent's field order."""
+    *fields, digest = row
+    return RecordedEvent(*fields, bytes(digest))
 
 
 def read_after(
@@ -82,7 +69,7 @@ def read_after(
     would step past an event whose transaction commits late. No event below the horizon
     can appear later, so the returned order never changes.
     """
-    with conn.cursor(row_factory=dict_row) as cur:
+    with conn.cursor() as cur:
         cur.execute(
             f"""
             SELECT {EVENT_COLUMNS}
@@ -274,7 +261,7 @@ def read_stream(
         query += " AND occurred_at <= %s"
         params.append(occurred_until)
     query += " ORDER BY stream_version"
-    with conn.cursor(row_factory=dict_row) as cur:
+    with conn.cursor() as cur:
         cur.execute(query, params)
         return [row_to_event(row) for row in cur.fetchall()]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from ledger import lifecycle as lc
@@ -63,11 +64,12 @@ def _parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def _end_pause(state: SlaState, at: datetime) -> SlaState:
-    if state.paused_since is None:
-        return state
-    paused = max(0.0, (at - state.paused_since).total_seconds())
-    return replace(state, paused_since=None, paused_seconds=state.paused_seconds + paused)
+def _pause_ended(state: SlaState, at: datetime, changes: dict[str, Any]) -> None:
+    """Add to `changes` what ending a running pause at `at` changes."""
+    if state.paused_since is not None:
+        paused = max(0.0, (at - state.paused_since).total_seconds())
+        changes["paused_since"] = None
+        changes["paused_seconds"] = state.paused_seconds + paused
 
 
 def evolve_sla(state: SlaState | None, event: RecordedEvent) -> SlaState | None:
@@ -95,43 +97,49 @@ def evolve_sla(state: SlaState | None, event: RecordedEvent) -> SlaState | None:
     if state is None:
         return None
 
-    state = replace(
-        state,
-        earliest_occurred_at=min(state.earliest_occurred_at, at),
-        latest_occurred_at=max(state.latest_occurred_at, at),
-    )
+    # Changes are collected and applied with one replace: replace() on a frozen dataclass
+    # is the most expensive step of a rebuild.
+    changes: dict[str, Any] = {}
+    if at < state.earliest_occurred_at:
+        changes["earliest_occurred_at"] = at
+    if at > state.latest_occurred_at:
+        changes["latest_occurred_at"] = at
     if kind in _FIRST_RESPONSES and state.first_response_at is None:
-        state = replace(state, first_response_at=at)
+        changes["first_response_at"] = at
 
-    if kind == lc.INCIDENT_ASSIGNED and event.payload.get("department"):
-        return replace(state, department=event.payload["department"])
-    if kind == lc.INFORMATION_REQUESTED:
+    if kind == lc.INCIDENT_ASSIGNED:
+        if event.payload.get("department"):
+            changes["department"] = event.payload["department"]
+    elif kind == lc.INFORMATION_REQUESTED:
         if state.paused_since is None and state.resolved_at is None:
-            return replace(state, status=PAUSED, paused_since=at)
-        return state
-    if kind == lc.REPORTER_RESPONDED:
-        return replace(_end_pause(state, at), status=OPEN)
-    if kind == lc.INCIDENT_RESOLVED:
-        return replace(_end_pause(state, at), status=RESOLVED, resolved_at=at)
-    if kind == lc.INCIDENT_CLOSED:
-        state = _end_pause(state, at)
-        return replace(state, status=CLOSED, resolved_at=state.resolved_at or at, closed_at=at)
-    if kind == lc.INCIDENT_REOPENED:
+            changes["status"] = PAUSED
+            changes["paused_since"] = at
+    elif kind == lc.REPORTER_RESPONDED:
+        _pause_ended(state, at, changes)
+        changes["status"] = OPEN
+    elif kind == lc.INCIDENT_RESOLVED:
+        _pause_ended(state, at, changes)
+        changes["status"] = RESOLVED
+        changes["resolved_at"] = at
+    elif kind == lc.INCIDENT_CLOSED:
+        _pause_ended(state, at, changes)
+        changes["status"] = CLOSED
+        changes["resolved_at"] = state.resolved_at or at
+        changes["closed_at"] = at
+    elif kind == lc.INCIDENT_REOPENED:
         # The clock resumes where it stopped: time spent resolved does not count.
         stopped = state.resolved_at
         extra = max(0.0, (at - stopped).total_seconds()) if stopped else 0.0
-        return replace(
-            state,
-            status=OPEN,
-            resolved_at=None,
-            closed_at=None,
-            paused_seconds=state.paused_seconds + extra,
-        )
-    if kind == lc.INCIDENT_REJECTED:
-        return replace(_end_pause(state, at), status=REJECTED, resolved_at=at, closed_at=at)
-    if kind == lc.INCIDENT_MARKED_DUPLICATE:
-        return replace(_end_pause(state, at), status=DUPLICATE, resolved_at=at, closed_at=at)
-    return state
+        changes["status"] = OPEN
+        changes["resolved_at"] = None
+        changes["closed_at"] = None
+        changes["paused_seconds"] = state.paused_seconds + extra
+    elif kind in (lc.INCIDENT_REJECTED, lc.INCIDENT_MARKED_DUPLICATE):
+        _pause_ended(state, at, changes)
+        changes["status"] = REJECTED if kind == lc.INCIDENT_REJECTED else DUPLICATE
+        changes["resolved_at"] = at
+        changes["closed_at"] = at
+    return replace(state, **changes) if changes else state
 
 
 def effective_resolution_due(state: SlaState) -> datetime | None:

@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from ledger.events import RecordedEvent
 from ledger.ids import incident_stream_id
@@ -38,7 +37,7 @@ def straddling_sla_states(
         return []
     streams = [incident_stream_id(incident_id) for incident_id in ids]
     events: dict[str, list[RecordedEvent]] = defaultdict(list)
-    with conn.cursor(row_factory=dict_row) as cur:
+    with conn.cursor() as cur:
         cur.execute(
             f"""
             SELECT {EVENT_COLUMNS} FROM events

@@ -223,6 +223,28 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
             conn.execute("SELECT 1")
         return {"status": "ok"}
 
+    @app.get("/status", tags=["operations"])
+    def status() -> dict[str, Any]:
+        """Report each projection's checkpoint and whether it has read the whole log."""
+        with pool.connection() as conn:
+            rows = conn.execute(
+                """
+                SELECT c.projection, c.tx_id, c.position, c.updated_at,
+                       NOT EXISTS (
+                           SELECT 1 FROM events e
+                           WHERE (e.tx_id, e.position) > (c.tx_id, c.position)
+                       ) AS caught_up
+                FROM projection_checkpoints c ORDER BY c.projection
+                """
+            ).fetchall()
+        return {
+            "projections": [
+                {"name": name, "tx_id": tx_id, "position": position, "updated_at": updated_at,
+                 "caught_up": caught_up}
+                for name, tx_id, position, updated_at, caught_up in rows
+            ]
+        }
+
     @router.post("/incidents", status_code=201, response_model=AppendOut, tags=["commands"])
     def submit_report(
         tenant_id: TenantPath,

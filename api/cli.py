@@ -31,7 +31,7 @@ app.add_typer(tenant_app, name="tenant")
 app.add_typer(import_app, name="import")
 app.add_typer(sla_app, name="sla")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 logger = logging.getLogger("civicpulse")
 
 
@@ -233,6 +233,9 @@ def serve(
     from api.app import create_app
 
     settings, database = _migrated()
+    # uvicorn raises the signal that stopped it again once it is done; without a handler of
+    # our own, that would end the process with the signal instead of a normal exit.
+    _stop_on_signals(threading.Event())
     uvicorn.run(create_app(database), host=host or settings.api_host,
                 port=port or settings.api_port, log_config=None)
 
@@ -261,6 +264,9 @@ def run(
         database, batch_size=settings.projector_batch_size,
         poll_seconds=settings.projector_poll_seconds,
     )
+    # uvicorn handles SIGTERM and SIGINT itself while it runs, then restores these handlers
+    # and raises the signal again: ours stop the projector, so the process exits normally.
+    _stop_on_signals(projector.stop_event)
     projector.start()
     try:
         uvicorn.run(create_app(database), host=host or settings.api_host,

@@ -1,0 +1,110 @@
+"""The command line as a user runs it: real processes, the embedded server, loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def cli_env(data_dir: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    env["CIVICPULSE_DATA_DIR"] = str(data_dir)
+    env["CIVICPULSE_LOG_LEVEL"] = "WARNING"
+    return env
+
+
+def civicpulse(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args], env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_embedded_database_keeps_data_between_runs(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "pgdata")
+
+    created = civicpulse("tenant", "create", "springfield", "--time-zone", "America/Chicago",
+                         env=env)
+    again = civicpulse("tenant", "create", "springfield", env=env)
+    summary = civicpulse("sla", "summary", "--tenant", "springfield", env=env)
+
+    assert created.returncode == 0, created.stderr
+    assert "created tenant springfield (America/Chicago)" in created.stderr
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
+    assert summary.returncode == 0, summary.stderr
+    assert "springfield as of" in summary.stdout
+
+
+def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "pgdata")
+    missing = civicpulse("import", "boston", str(tmp_path / "nope.csv"), env=env)
+    bad_zone = civicpulse("tenant", "create", "x1", "--time-zone", "Mars/Olympus", env=env)
+
+    assert missing.returncode == 2
+    assert "nope.csv not found" in missing.stderr
+    assert bad_zone.returncode == 2
+    assert "unknown time zone 'Mars/Olympus'" in bad_zone.stderr
+
+
+@pytest.mark.slow
+def test_run_serves_demo_sla_summary(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "pgdata")
+    port = free_port()
+    log = tmp_path / "run.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "run", "--port", str(port)],
+            env=env, stdout=output, stderr=output,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        status = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                status = get_json(f"{base}/status")
+                projections = status["projections"]
+                if len(projections) == 2 and all(p["caught_up"] for p in projections):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.5)
+        assert status is not None, log.read_text()
+        summary = get_json(f"{base}/tenants/demo/sla/summary")
+
+        # About 6% of demo reports are rejected, and rejected reports are not judged.
+        assert 250 <= summary["totals"]["total"] < 300, summary
+        assert summary["totals"]["breached"] > 0
+        assert {row["key"] for row in summary["by_department"]} >= {"Public Works", "Housing"}
+
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0, log.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -27,7 +27,20 @@ def alembic_config(database: Database, settings: Settings) -> Config:
     return config
 
 
+# Key of the advisory lock that serializes migrations when several processes start at once.
+MIGRATION_LOCK = 0x43504D47  # "CPMG"
+
+
 def migrate(database: Database, settings: Settings) -> None:
-    """Upgrade the schema to the latest revision."""
-    logger.info("running migrations")
-    command.upgrade(alembic_config(database, settings), "head")
+    """Upgrade the schema to the latest revision.
+
+    Safe to call from several processes at once: they take turns, and the later ones find
+    nothing left to do.
+    """
+    with database.connect_owner(autocommit=True) as lock_conn:
+        lock_conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        try:
+            logger.info("running migrations")
+            command.upgrade(alembic_config(database, settings), "head")
+        finally:
+            lock_conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))

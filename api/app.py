@@ -79,7 +79,8 @@ class RejectIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(min_length=1, max_length=2000)
     redirect_to: str = Field(
-        min_length=1, max_length=500,
+        min_length=1,
+        max_length=500,
         description="Where the reporter should go instead: an agency, a phone number or a URL.",
     )
 
@@ -134,8 +135,13 @@ class SlaSummaryOut(BaseModel):
 
 def _counts_out(key: str | None, counts: SlaCounts) -> SlaCountsOut:
     return SlaCountsOut(
-        key=key, total=counts.total, with_target=counts.with_target, open=counts.open,
-        breached=counts.breached, on_time=counts.on_time, on_time_rate=counts.on_time_rate,
+        key=key,
+        total=counts.total,
+        with_target=counts.with_target,
+        open=counts.open,
+        breached=counts.breached,
+        on_time=counts.on_time,
+        on_time_rate=counts.on_time_rate,
     )
 
 
@@ -156,7 +162,7 @@ def parse_if_match(value: str | None) -> int | None:
     match = _ETAG.fullmatch(value)
     if not match:
         raise CommandInvalid(
-            f"invalid If-Match header {value!r}: send the incident's ETag, such as \"3\""
+            f'invalid If-Match header {value!r}: send the incident\'s ETag, such as "3"'
         )
     return int(match.group(1))
 
@@ -239,8 +245,13 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
             ).fetchall()
         return {
             "projections": [
-                {"name": name, "tx_id": tx_id, "position": position, "updated_at": updated_at,
-                 "caught_up": caught_up}
+                {
+                    "name": name,
+                    "tx_id": tx_id,
+                    "position": position,
+                    "updated_at": updated_at,
+                    "caught_up": caught_up,
+                }
                 for name, tx_id, position, updated_at, caught_up in rows
             ]
         }
@@ -283,7 +294,7 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
             if_match: Annotated[str | None, Header()] = None,
             idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
         ) -> AppendOut:
-            args = body.model_dump(mode="json", exclude_none=True)
+            args = body.model_dump(mode="json", exclude_none=True)  # type: ignore[attr-defined]
             result = service.execute(
                 tenant_id,
                 incident_id,
@@ -356,8 +367,10 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
         tenant_id: TenantPath,
         as_of: Annotated[
             str | None,
-            Query(description="Valid time to judge at (ISO 8601); without an offset it is read "
-                  "in the tenant's time zone. Defaults to now."),
+            Query(
+                description="Valid time to judge at (ISO 8601); without an offset it is read "
+                "in the tenant's time zone. Defaults to now."
+            ),
         ] = None,
     ) -> SlaSummaryOut:
         """Count incidents and breaches of their resolution targets, by type and department."""

@@ -82,8 +82,12 @@ def tenant_create(
     with pool:
         try:
             config = create_tenant(
-                store, tenant_id, name=name or tenant_id, time_zone=time_zone,
-                occurred_at=datetime.now(UTC), resolution_hours=resolution_hours,
+                store,
+                tenant_id,
+                name=name or tenant_id,
+                time_zone=time_zone,
+                occurred_at=datetime.now(UTC),
+                resolution_hours=resolution_hours,
                 first_response_hours=first_response_hours,
             )
         except LedgerError as error:
@@ -117,14 +121,20 @@ def import_boston_command(
         if config is None:
             try:
                 config = create_tenant(
-                    store, tenant, name=tenant, time_zone=time_zone,
+                    store,
+                    tenant,
+                    name=tenant,
+                    time_zone=time_zone,
                     occurred_at=datetime.now(UTC),
                 )
             except LedgerError as error:
                 raise _fail(str(error)) from error
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-        TimeElapsedColumn(), console=console,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        console=console,
     ) as progress:
         task = progress.add_task(f"importing {path.name}", total=None)
 
@@ -134,8 +144,12 @@ def import_boston_command(
         with database.connect() as conn:
             try:
                 report = import_boston(
-                    conn, path, tenant_id=tenant, time_zone=config.time_zone,
-                    workers=workers or None, progress=advance,
+                    conn,
+                    path,
+                    tenant_id=tenant,
+                    time_zone=config.time_zone,
+                    workers=workers or None,
+                    progress=advance,
                 )
             except ImportFileError as error:
                 raise _fail(str(error)) from error
@@ -148,8 +162,7 @@ def import_boston_command(
     console.print(
         f"{report.rows} rows read, {report.cases} cases, {report.events_appended} events "
         f"appended, {report.events_already_present} already present, "
-        f"{len(report.rejected)} rejected"
-        + (f" (see {rejects_path})" if report.rejected else "")
+        f"{len(report.rejected)} rejected" + (f" (see {rejects_path})" if report.rejected else "")
     )
     if project:
         from projections.runtime import catch_up, default_projections
@@ -188,8 +201,9 @@ def sla_summary_command(
         table.add_column(column, justify="left" if column == by else "right")
     for key, counts in sorted(summary.items(), key=lambda item: -item[1].total):
         rate = f"{counts.on_time_rate:.1%}" if counts.on_time_rate is not None else "-"
-        table.add_row(key or "(none)", str(counts.total), str(counts.open),
-                      str(counts.breached), rate)
+        table.add_row(
+            key or "(none)", str(counts.total), str(counts.open), str(counts.breached), rate
+        )
     Console().print(table)
 
 
@@ -206,7 +220,8 @@ def project(
         console.print(f"applied {applied} events")
         return
     projector = Projector(
-        database, batch_size=settings.projector_batch_size,
+        database,
+        batch_size=settings.projector_batch_size,
         poll_seconds=settings.projector_poll_seconds,
     )
     _stop_on_signals(projector.stop_event)
@@ -236,8 +251,12 @@ def serve(
     # uvicorn raises the signal that stopped it again once it is done; without a handler of
     # our own, that would end the process with the signal instead of a normal exit.
     _stop_on_signals(threading.Event())
-    uvicorn.run(create_app(database), host=host or settings.api_host,
-                port=port or settings.api_port, log_config=None)
+    uvicorn.run(
+        create_app(database),
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_config=None,
+    )
 
 
 @app.command()
@@ -261,7 +280,8 @@ def run(
         if appended:
             console.print(f"demo tenant 'demo' seeded with {appended} events")
     projector = Projector(
-        database, batch_size=settings.projector_batch_size,
+        database,
+        batch_size=settings.projector_batch_size,
         poll_seconds=settings.projector_poll_seconds,
     )
     # uvicorn handles SIGTERM and SIGINT itself while it runs, then restores these handlers
@@ -269,8 +289,12 @@ def run(
     _stop_on_signals(projector.stop_event)
     projector.start()
     try:
-        uvicorn.run(create_app(database), host=host or settings.api_host,
-                    port=port or settings.api_port, log_config=None)
+        uvicorn.run(
+            create_app(database),
+            host=host or settings.api_host,
+            port=port or settings.api_port,
+            log_config=None,
+        )
     finally:
         projector.stop()
 

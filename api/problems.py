@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-import orjson
-from starlette.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from ledger import errors
 
@@ -20,7 +20,12 @@ PROBLEM_TYPE_BASE = "https://civicpulse.example/problems/"
 # Ledger error -> (HTTP status, problem type slug, title)
 _LEDGER_ERRORS: list[tuple[type[errors.LedgerError], int, str, str]] = [
     (errors.ConcurrencyError, 409, "version-conflict", "Stream version conflict"),
-    (errors.StreamTenantMismatch, 409, "stream-tenant-mismatch", "Stream belongs to another tenant"),
+    (
+        errors.StreamTenantMismatch,
+        409,
+        "stream-tenant-mismatch",
+        "Stream belongs to another tenant",
+    ),
     (errors.IdempotencyKeyReused, 422, "idempotency-key-reused", "Idempotency key reused"),
     (errors.CommandRejected, 409, "command-not-allowed", "Command not allowed in this state"),
     (errors.CommandInvalid, 422, "invalid-command", "Invalid command"),
@@ -79,21 +84,25 @@ def install_problem_handlers(app: FastAPI) -> None:
             for item in error.errors()
         ]
         detail = "; ".join(f"{item['location']}: {item['message']}" for item in invalid)
-        return problem(
-            request, 422, "invalid-request", "Invalid request", detail, errors=invalid
-        )
+        return problem(request, 422, "invalid-request", "Invalid request", detail, errors=invalid)
 
     async def http_error(request: Request, error: Exception) -> ProblemResponse:
         assert isinstance(error, StarletteHTTPException)
         return problem(
-            request, error.status_code, f"http-{error.status_code}", str(error.detail),
+            request,
+            error.status_code,
+            f"http-{error.status_code}",
+            str(error.detail),
             str(error.detail),
         )
 
     async def unexpected_error(request: Request, error: Exception) -> ProblemResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem(
-            request, 500, "internal-error", "Internal server error",
+            request,
+            500,
+            "internal-error",
+            "Internal server error",
             "the server failed to handle this request; it has been logged",
         )
 

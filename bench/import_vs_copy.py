@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import io
 import os
 import statistics
 import sys
@@ -82,10 +81,10 @@ def drop(server_conninfo: str, name: str) -> None:
 
 def copy_text_of(path: Path) -> bytes:
     """The file's events as COPY text, formatted before any timing starts."""
-    text = io.TextIOWrapper(gzip.open(path), encoding="utf-8-sig", newline="")
-    reader = csv.reader(text)
-    indexes = boston.column_indexes(next(reader))
-    rows = [(n, [v[i] if i >= 0 else "" for i in indexes]) for n, v in enumerate(reader, 2)]
+    with gzip.open(path, "rt", encoding="utf-8-sig", newline="") as text:
+        reader = csv.reader(text)
+        indexes = boston.column_indexes(next(reader))
+        rows = [(n, [v[i] if i >= 0 else "" for i in indexes]) for n, v in enumerate(reader, 2)]
     return boston.parse_chunk("bench", TIME_ZONE, path.name, rows).events_copy
 
 
@@ -110,8 +109,7 @@ def pipeline_import(database: Database, path: Path, workers: int | None) -> tupl
 
     with database.connect() as conn:
         started = time.perf_counter()
-        report = import_boston(conn, path, tenant_id="bench", time_zone=TIME_ZONE,
-                               workers=workers)
+        report = import_boston(conn, path, tenant_id="bench", time_zone=TIME_ZONE, workers=workers)
         elapsed = time.perf_counter() - started
     if report.rejected:
         print(f"  {len(report.rejected)} rows rejected", file=sys.stderr)
@@ -138,8 +136,10 @@ def main() -> None:
         finally:
             drop(conninfo, name)
         raw_rates.append(rows / seconds)
-        print(f"round {round_number} raw COPY: {rows} rows in {seconds:.2f} s, "
-              f"{rows / seconds:,.0f} rows/s")
+        print(
+            f"round {round_number} raw COPY: {rows} rows in {seconds:.2f} s, "
+            f"{rows / seconds:,.0f} rows/s"
+        )
 
         name, database = fresh_database(conninfo)
         try:
@@ -147,8 +147,10 @@ def main() -> None:
         finally:
             drop(conninfo, name)
         import_rates.append(events / seconds)
-        print(f"round {round_number} import:   {events} events in {seconds:.2f} s, "
-              f"{events / seconds:,.0f} events/s")
+        print(
+            f"round {round_number} import:   {events} events in {seconds:.2f} s, "
+            f"{events / seconds:,.0f} events/s"
+        )
 
     raw = statistics.median(raw_rates)
     imported = statistics.median(import_rates)

@@ -45,8 +45,9 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
-def _metadata(actor: Actor, idempotency_key: str | None, body: dict[str, Any],
-              correlation_id: str | None) -> dict[str, Any]:
+def _metadata(
+    actor: Actor, idempotency_key: str | None, body: dict[str, Any], correlation_id: str | None
+) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "actor": actor.name,
         "role": actor.role,

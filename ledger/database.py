@@ -92,7 +92,9 @@ def start_embedded_server(settings: Settings) -> str:
     if key not in _embedded_servers:
         data_dir.mkdir(parents=True, exist_ok=True)
         logger.info("starting embedded PostgreSQL in %s", data_dir)
-        _embedded_servers[key] = pgserver.get_server(data_dir, cleanup_mode="stop")
+        _embedded_servers[key] = pgserver.get_server(  # type: ignore[attr-defined]
+            data_dir, cleanup_mode="stop"
+        )
     server = _embedded_servers[key]
     maintenance = server.get_uri()
     with psycopg.connect(maintenance, autocommit=True) as conn:

@@ -20,30 +20,60 @@ logger = logging.getLogger(__name__)
 
 # (category, department, resolution target in hours, typical descriptions)
 CATEGORIES: list[tuple[str, str, float, list[str]]] = [
-    ("Pothole", "Public Works", 72, [
-        "Deep pothole in the right lane, cars swerving around it",
-        "Pothole opened up again after last week's patch",
-    ]),
-    ("Streetlight outage", "Public Works", 120, [
-        "Streetlight out at the corner, the block is completely dark",
-        "Light flickers on and off all night",
-    ]),
-    ("Graffiti", "Parks", 168, [
-        "Graffiti sprayed on the playground wall",
-        "Tags on the bus shelter glass",
-    ]),
-    ("Missed trash pickup", "Sanitation", 48, [
-        "Trash was not collected on our scheduled day",
-        "Recycling bins left full for the second week",
-    ]),
-    ("No heat", "Housing", 24, [
-        "Radiators cold since yesterday evening in apartment 4B",
-        "Building has no heat and there are children and elderly tenants",
-    ]),
-    ("Water leak", "Water and Sewer", 12, [
-        "Water bubbling up through the sidewalk",
-        "Leak from the ceiling in the corridor on the second floor",
-    ]),
+    (
+        "Pothole",
+        "Public Works",
+        72,
+        [
+            "Deep pothole in the right lane, cars swerving around it",
+            "Pothole opened up again after last week's patch",
+        ],
+    ),
+    (
+        "Streetlight outage",
+        "Public Works",
+        120,
+        [
+            "Streetlight out at the corner, the block is completely dark",
+            "Light flickers on and off all night",
+        ],
+    ),
+    (
+        "Graffiti",
+        "Parks",
+        168,
+        [
+            "Graffiti sprayed on the playground wall",
+            "Tags on the bus shelter glass",
+        ],
+    ),
+    (
+        "Missed trash pickup",
+        "Sanitation",
+        48,
+        [
+            "Trash was not collected on our scheduled day",
+            "Recycling bins left full for the second week",
+        ],
+    ),
+    (
+        "No heat",
+        "Housing",
+        24,
+        [
+            "Radiators cold since yesterday evening in apartment 4B",
+            "Building has no heat and there are children and elderly tenants",
+        ],
+    ),
+    (
+        "Water leak",
+        "Water and Sewer",
+        12,
+        [
+            "Water bubbling up through the sidewalk",
+            "Leak from the ceiling in the corridor on the second floor",
+        ],
+    ),
 ]
 STREETS = ["Main St", "Elm St", "Harbor Ave", "Union Sq", "Oak Rd", "Station Pl", "Park Ln"]
 STAFF = ["j.alvarez", "m.chen", "r.okafor", "s.kowalski", "t.nguyen"]
@@ -74,7 +104,11 @@ def seed_demo(
 
     try:
         create_tenant(
-            store, tenant_id, name="Demo City", time_zone="America/New_York", occurred_at=start,
+            store,
+            tenant_id,
+            name="Demo City",
+            time_zone="America/New_York",
+            occurred_at=start,
             resolution_hours=72,
             category_resolution_hours={name: hours for name, _, hours, _ in CATEGORIES},
         )
@@ -102,10 +136,12 @@ def seed_demo(
             idempotency_key=f"demo-{seed}-{number}",
         )
         appended += 1
-        appended += _lifecycle(commands, rng, tenant_id, result.incident_id, hours, end,
-                               clock_value, department)
-    logger.info("seeded demo tenant %s with %d incidents, %d events", tenant_id, incidents,
-                appended)
+        appended += _lifecycle(
+            commands, rng, tenant_id, result.incident_id, hours, end, clock_value, department
+        )
+    logger.info(
+        "seeded demo tenant %s with %d incidents, %d events", tenant_id, incidents, appended
+    )
     return appended
 
 
@@ -125,13 +161,26 @@ def _lifecycle(
     steps: list[tuple[str, dict[str, str], float]] = [("acknowledge", {}, 0.05)]
     roll = rng.random()
     if roll < 0.06:
-        steps.append(("reject", {"reason": "Private property, not a city asset",
-                                 "redirect_to": "the property manager"}, 0.1))
+        steps.append(
+            (
+                "reject",
+                {
+                    "reason": "Private property, not a city asset",
+                    "redirect_to": "the property manager",
+                },
+                0.1,
+            )
+        )
     else:
         steps.append(("assign", {"assignee": staff.name, "department": department}, 0.1))
         if rng.random() < 0.15:
-            steps.append(("request-information",
-                          {"question": "Can you tell us the nearest cross street?"}, 0.1))
+            steps.append(
+                (
+                    "request-information",
+                    {"question": "Can you tell us the nearest cross street?"},
+                    0.1,
+                )
+            )
             steps.append(("reporter-responded", {"response": "It is near the library."}, 0.4))
         steps.append(("start-work", {}, 0.2))
         steps.append(("resolve", {"note": "Repaired by the field crew"}, rng.uniform(0.2, 1.4)))
@@ -146,7 +195,6 @@ def _lifecycle(
         if moment > end:
             break
         clock_value[0] = moment
-        commands.execute(tenant_id, incident_id, command, args, actor=staff,
-                         expected_version=None)
+        commands.execute(tenant_id, incident_id, command, args, actor=staff, expected_version=None)
         appended += 1
     return appended

@@ -160,8 +160,15 @@ def event_hash_serialized(
     canonical JSON.
     """
     header = orjson.dumps(
-        [tenant_id, stream_id, stream_version, event_type, schema_version, event_id,
-         occurred_at_utc]
+        [
+            tenant_id,
+            stream_id,
+            stream_version,
+            event_type,
+            schema_version,
+            event_id,
+            occurred_at_utc,
+        ]
     )
     digest = hashlib.sha256(previous_hash or GENESIS_HASH)
     for part in (header, payload_json, metadata_json):

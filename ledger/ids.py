@@ -20,9 +20,7 @@ def derived_id_text(*parts: str) -> str:
     """
     digest = hashlib.sha1(_NAMESPACE_BYTES + "/".join(parts).encode()).hexdigest()
     variant = "89ab"[int(digest[16], 16) & 0x3]
-    return (
-        f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{variant}{digest[17:20]}-{digest[20:32]}"
-    )
+    return f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-{variant}{digest[17:20]}-{digest[20:32]}"
 
 
 def derived_id(*parts: str) -> UUID:

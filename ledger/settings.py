@@ -52,9 +52,7 @@ class Settings(BaseSettings):
     def _known_level(cls, value: str) -> str:
         upper = value.upper()
         if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ValueError(
-                f"invalid log level {value!r}: use DEBUG, INFO, WARNING or ERROR"
-            )
+            raise ValueError(f"invalid log level {value!r}: use DEBUG, INFO, WARNING or ERROR")
         return upper
 
 

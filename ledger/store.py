@@ -11,6 +11,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from ledger.errors import (
@@ -55,7 +56,7 @@ class AppendResult:
 def row_to_event(row: tuple[Any, ...]) -> RecordedEvent:
     """Build an event from a row of EVENT_COLUMNS, which are in RecordedEvent's field order."""
     *fields, digest = row
-    return RecordedEvent(*fields, bytes(digest))
+    return RecordedEvent(*fields, bytes(digest))  # type: ignore[call-arg]
 
 
 def read_after(
@@ -194,8 +195,8 @@ class PostgresEventStore:
                     stream_version,
                     event.event_type,
                     event.schema_version,
-                    psycopg.types.json.Jsonb(event.payload),
-                    psycopg.types.json.Jsonb(event.metadata),
+                    Jsonb(event.payload),
+                    Jsonb(event.metadata),
                     event.occurred_at,
                     event.event_id,
                     digest,

@@ -93,8 +93,10 @@ def create_tenant(
     """Append the TenantCreated event; raises TenantExists when the tenant has one."""
     validate_tenant_id(tenant_id)
     validate_time_zone(time_zone)
-    for label, hours in [("first_response_hours", first_response_hours),
-                         ("resolution_hours", resolution_hours)]:
+    for label, hours in [
+        ("first_response_hours", first_response_hours),
+        ("resolution_hours", resolution_hours),
+    ]:
         if hours <= 0:
             raise CommandInvalid(f"{label} = {hours} must be a positive number of hours")
     payload = {

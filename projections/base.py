@@ -111,14 +111,13 @@ class IncidentRowProjection(Projection, Generic[State]):
         target = sql.Identifier(self.table)
         conn.execute(
             sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
+                "ON COMMIT DELETE ROWS"
             ).format(staging, target)
         )
         column_list = sql.SQL(", ").join(map(sql.Identifier, columns))
         with conn.cursor() as cur:
-            with cur.copy(
-                sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)
-            ) as copy:
+            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)) as copy:
                 for (tenant_id, _), state in states.items():
                     if state is not None:
                         copy.write_row((tenant_id, *self._values(state)))

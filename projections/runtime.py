@@ -114,11 +114,14 @@ class ProjectionWorker(threading.Thread):
             except psycopg.OperationalError as error:
                 logger.warning(
                     "projection worker %s lost its database connection: %s; retrying in %.1fs",
-                    self.projection.name, error, self.poll_seconds,
+                    self.projection.name,
+                    error,
+                    self.poll_seconds,
                 )
                 self.stop_event.wait(self.poll_seconds)
-        logger.info("projection worker %s stopped after %d events", self.projection.name,
-                    self.applied)
+        logger.info(
+            "projection worker %s stopped after %d events", self.projection.name, self.applied
+        )
 
     def _own_and_project(self) -> None:
         name = f"civicpulse-projector-{self.projection.name}"
@@ -136,26 +139,31 @@ class ProjectionWorker(threading.Thread):
             else:
                 return
             logger.info("projection worker %s owns its projection", self.projection.name)
-            with self.database.connect(application_name=name) as work_conn, self.database.connect(
-                autocommit=True, application_name=name
-            ) as listen_conn:
+            with (
+                self.database.connect(application_name=name) as work_conn,
+                self.database.connect(autocommit=True, application_name=name) as listen_conn,
+            ):
                 listen_conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                 self._loop(work_conn, listen_conn)
 
-    def _loop(self, work_conn: psycopg.Connection[Any],
-              listen_conn: psycopg.Connection[Any]) -> None:
+    def _loop(
+        self, work_conn: psycopg.Connection[Any], listen_conn: psycopg.Connection[Any]
+    ) -> None:
         while not self.stop_event.is_set():
             try:
                 applied = project_batch(work_conn, self.projection, self.batch_size)
             except CheckpointMoved:
-                logger.warning("projection %s checkpoint moved under this worker; re-reading",
-                               self.projection.name)
+                logger.warning(
+                    "projection %s checkpoint moved under this worker; re-reading",
+                    self.projection.name,
+                )
                 continue
             except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as error:
                 # A poison event stops this projection only; its batch is rolled back, so it
                 # is retried after the poll interval and after a fix is deployed.
-                logger.error("projection %s failed to apply a batch: %s",
-                             self.projection.name, error)
+                logger.error(
+                    "projection %s failed to apply a batch: %s", self.projection.name, error
+                )
                 self.stop_event.wait(self.poll_seconds)
                 continue
             self.applied += applied
@@ -182,7 +190,10 @@ class Projector:
         self.stop_event = threading.Event()
         self.workers = [
             ProjectionWorker(
-                database, projection, batch_size=batch_size, poll_seconds=poll_seconds,
+                database,
+                projection,
+                batch_size=batch_size,
+                poll_seconds=poll_seconds,
                 stop=self.stop_event,
             )
             for projection in (projections if projections is not None else default_projections())

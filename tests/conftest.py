@@ -62,7 +62,9 @@ def _create_database(server_conninfo: str) -> tuple[str, Database]:
 
 def _drop_database(server_conninfo: str, name: str) -> None:
     with psycopg.connect(server_conninfo, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +116,10 @@ def tenant_id(store: PostgresEventStore) -> str:
     """A new tenant (America/New_York, 72-hour resolution target) for this test."""
     tenant = f"t-{uuid.uuid4().hex[:10]}"
     create_tenant(
-        store, tenant, name="Test City", time_zone="America/New_York",
+        store,
+        tenant,
+        name="Test City",
+        time_zone="America/New_York",
         occurred_at=datetime(2015, 1, 1, tzinfo=UTC),
     )
     return tenant

@@ -164,9 +164,24 @@ def case_events(
     Returns the stream id, the COPY lines, the stream's version after them and its head hash.
     This runs once per row of files with millions of rows, so it formats text directly.
     """
-    (case_id, open_dt, target_dt, closed_dt, case_status, closure_reason, case_title,
-     subject, reason, case_type, queue, department, location, latitude, longitude,
-     source_channel) = values
+    (
+        case_id,
+        open_dt,
+        target_dt,
+        closed_dt,
+        case_status,
+        closure_reason,
+        case_title,
+        subject,
+        reason,
+        case_type,
+        queue,
+        department,
+        location,
+        latitude,
+        longitude,
+        source_channel,
+    ) = values
     case_id = case_id.strip()
     if not case_id:
         raise RowRejected("missing CASE_ENQUIRY_ID")

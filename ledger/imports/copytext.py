@@ -57,20 +57,23 @@ class EventLine:
     hash: bytes
 
     def encode(self) -> str:
-        return "\t".join(
-            (
-                escape(self.tenant_id),
-                escape(self.stream_id),
-                str(self.stream_version),
-                escape(self.event_type),
-                str(self.schema_version),
-                escape(self.payload_json),
-                escape(self.metadata_json),
-                self.occurred_at.isoformat(),
-                self.event_id,
-                "\\\\x" + self.hash.hex(),
+        return (
+            "\t".join(
+                (
+                    escape(self.tenant_id),
+                    escape(self.stream_id),
+                    str(self.stream_version),
+                    escape(self.event_type),
+                    str(self.schema_version),
+                    escape(self.payload_json),
+                    escape(self.metadata_json),
+                    self.occurred_at.isoformat(),
+                    self.event_id,
+                    "\\\\x" + self.hash.hex(),
+                )
             )
-        ) + "\n"
+            + "\n"
+        )
 
     @classmethod
     def decode(cls, line: str) -> EventLine:

@@ -93,9 +93,7 @@ def _read_chunks(
                         (row_number, f"row has {len(values)} fields, the header has {width}")
                     )
                     continue
-                chunk.append(
-                    (row_number, [values[i] if i >= 0 else "" for i in indexes])
-                )
+                chunk.append((row_number, [values[i] if i >= 0 else "" for i in indexes]))
                 if len(chunk) >= CHUNK_ROWS:
                     yield chunk
                     chunk = []
@@ -162,9 +160,12 @@ def import_boston(
         raise failure[0]
     report.rejected.sort()
     logger.info(
-        "imported %s into tenant %s: %d rows, %d events appended, %d already present, "
-        "%d rejected",
-        path, tenant_id, report.rows, report.events_appended, report.events_already_present,
+        "imported %s into tenant %s: %d rows, %d events appended, %d already present, %d rejected",
+        path,
+        tenant_id,
+        report.rows,
+        report.events_appended,
+        report.events_already_present,
         len(report.rejected),
     )
     return report
@@ -196,7 +197,10 @@ class CopyWriter:
             except pg_errors.UniqueViolation as error:
                 logger.warning(
                     "import chunk for tenant %s collided with a concurrent append "
-                    "(attempt %d of 3): %s", self.tenant_id, attempt, error,
+                    "(attempt %d of 3): %s",
+                    self.tenant_id,
+                    attempt,
+                    error,
                 )
                 continue
             report.events_appended += appended
@@ -252,12 +256,13 @@ class CopyWriter:
         moved: dict[str, tuple[int, bytes]] = {}
         present = 0
         for case in chunk.cases:
-            raw = chunk.events_copy[case.start:case.end]
+            raw = chunk.events_copy[case.start : case.end]
             if case.stream_id not in heads and case.stream_id not in moved:
                 fast_parts.append(raw)
                 fast_heads.append(case)
-                known_ids.update(EventLine.decode(line).event_id
-                                 for line in raw.decode().splitlines())
+                known_ids.update(
+                    EventLine.decode(line).event_id for line in raw.decode().splitlines()
+                )
                 moved[case.stream_id] = (case.version, case.head_hash)
                 continue
             owner = heads[case.stream_id][0] if case.stream_id in heads else self.tenant_id
@@ -286,9 +291,7 @@ class CopyWriter:
                     payload_json=event.payload_json.encode(),
                     metadata_json=event.metadata_json.encode(),
                 )
-                slow_lines.append(
-                    replace(event, stream_version=version, hash=head_hash).encode()
-                )
+                slow_lines.append(replace(event, stream_version=version, hash=head_hash).encode())
             if head_hash is not None:
                 moved[case.stream_id] = (version, head_hash)
 

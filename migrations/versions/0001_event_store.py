@@ -190,7 +190,7 @@ def upgrade() -> None:
         "(tenant_id, earliest_occurred_at, latest_occurred_at)"
     )
 
-    op.execute(f"REVOKE ALL ON events, streams, projection_checkpoints FROM PUBLIC")
+    op.execute("REVOKE ALL ON events, streams, projection_checkpoints FROM PUBLIC")
     op.execute(f"GRANT SELECT, INSERT ON events TO {role}")
     op.execute(f"GRANT SELECT, INSERT, UPDATE ON streams, projection_checkpoints TO {role}")
     op.execute(

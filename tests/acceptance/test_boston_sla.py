@@ -33,8 +33,7 @@ def test_boston_verdicts_match_city(fresh_database: Database) -> None:
     assert len(city) == 120_992
 
     with fresh_database.connect() as conn:
-        report = import_boston(conn, BOSTON_FILE, tenant_id="boston",
-                               time_zone="America/New_York")
+        report = import_boston(conn, BOSTON_FILE, tenant_id="boston", time_zone="America/New_York")
     assert report.rejected == []
     assert report.cases == 121_145
     catch_up(fresh_database, default_projections(), batch_size=5000)
@@ -48,8 +47,7 @@ def test_boston_verdicts_match_city(fresh_database: Database) -> None:
 
     ours = {case_ids[incident]: breached for incident, breached in verdicts.items()}
     agreeing = [
-        case_id for case_id, status in city.items()
-        if ours[case_id] == (status == "OVERDUE")
+        case_id for case_id, status in city.items() if ours[case_id] == (status == "OVERDUE")
     ]
     disagreeing = sorted(set(city) - set(agreeing))
     assert disagreeing == [], f"{len(disagreeing)} cases disagree, first: {disagreeing[:5]}"

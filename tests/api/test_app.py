@@ -13,8 +13,12 @@ from ledger.database import Database
 from projections.runtime import catch_up, default_projections
 
 PROBLEM = "application/problem+json"
-REPORT = {"description": "Water bubbling up through the sidewalk", "category": "Water leak",
-          "latitude": 42.35, "longitude": -71.06}
+REPORT = {
+    "description": "Water bubbling up through the sidewalk",
+    "category": "Water leak",
+    "latitude": 42.35,
+    "longitude": -71.06,
+}
 
 
 @pytest.fixture
@@ -67,9 +71,11 @@ def test_repeated_idempotency_key_returns_first(client: TestClient, tenant_id: s
 
 def test_idempotency_key_with_other_body_rejected(client: TestClient, tenant_id: str) -> None:
     submit(client, tenant_id, **{"Idempotency-Key": "abc-2"})
-    response = client.post(f"/tenants/{tenant_id}/incidents",
-                           json={**REPORT, "description": "something else"},
-                           headers={"Idempotency-Key": "abc-2"})
+    response = client.post(
+        f"/tenants/{tenant_id}/incidents",
+        json={**REPORT, "description": "something else"},
+        headers={"Idempotency-Key": "abc-2"},
+    )
     assert_problem(response, 422, "abc-2")
 
 
@@ -93,8 +99,14 @@ def test_lifecycle_through_api(client: TestClient, tenant_id: str) -> None:
 
     history = client.get(f"{base}/events").json()
     assert [event["event_type"] for event in history] == [
-        "ReportSubmitted", "IncidentAcknowledged", "IncidentAssigned", "InformationRequested",
-        "ReporterResponded", "WorkStarted", "IncidentResolved", "IncidentClosed",
+        "ReportSubmitted",
+        "IncidentAcknowledged",
+        "IncidentAssigned",
+        "InformationRequested",
+        "ReporterResponded",
+        "WorkStarted",
+        "IncidentResolved",
+        "IncidentClosed",
     ]
     assert client.get(base).json()["status"] == "closed"
 
@@ -137,15 +149,21 @@ def test_invalid_report_is_422(
 
 
 def test_malformed_json_is_422(client: TestClient, tenant_id: str) -> None:
-    response = client.post(f"/tenants/{tenant_id}/incidents", content=b"{not json",
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        f"/tenants/{tenant_id}/incidents",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert_problem(response, 422)
 
 
 def test_invalid_if_match_is_422(client: TestClient, tenant_id: str) -> None:
     incident = submit(client, tenant_id).json()["incident_id"]
-    response = client.post(f"/tenants/{tenant_id}/incidents/{incident}/acknowledge", json={},
-                           headers={"If-Match": "yesterday"})
+    response = client.post(
+        f"/tenants/{tenant_id}/incidents/{incident}/acknowledge",
+        json={},
+        headers={"If-Match": "yesterday"},
+    )
     assert_problem(response, 422, "'yesterday'")
 
 
@@ -168,10 +186,12 @@ def test_sla_summary_as_of(client: TestClient, tenant_id: str, database: Databas
     catch_up(database, default_projections())
 
     now = client.get(f"/tenants/{tenant_id}/sla/summary").json()
-    far = client.get(f"/tenants/{tenant_id}/sla/summary",
-                     params={"as_of": "2999-01-01T00:00"}).json()
-    before = client.get(f"/tenants/{tenant_id}/sla/summary",
-                        params={"as_of": "2000-01-01T00:00Z"}).json()
+    far = client.get(
+        f"/tenants/{tenant_id}/sla/summary", params={"as_of": "2999-01-01T00:00"}
+    ).json()
+    before = client.get(
+        f"/tenants/{tenant_id}/sla/summary", params={"as_of": "2000-01-01T00:00Z"}
+    ).json()
 
     assert now["totals"]["total"] == 2
     assert now["totals"]["open"] == 1

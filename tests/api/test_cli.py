@@ -26,7 +26,10 @@ def cli_env(data_dir: Path) -> dict[str, str]:
 
 def civicpulse(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", *args], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "api.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
 
@@ -47,8 +50,9 @@ def get_json(url: str) -> Any:
 def test_embedded_database_keeps_data_between_runs(tmp_path: Path) -> None:
     env = cli_env(tmp_path / "pgdata")
 
-    created = civicpulse("tenant", "create", "springfield", "--time-zone", "America/Chicago",
-                         env=env)
+    created = civicpulse(
+        "tenant", "create", "springfield", "--time-zone", "America/Chicago", env=env
+    )
     again = civicpulse("tenant", "create", "springfield", env=env)
     summary = civicpulse("sla", "summary", "--tenant", "springfield", env=env)
 
@@ -79,7 +83,9 @@ def test_run_serves_demo_sla_summary(tmp_path: Path) -> None:
     with log.open("wb") as output:
         server = subprocess.Popen(
             [sys.executable, "-m", "api.cli", "run", "--port", str(port)],
-            env=env, stdout=output, stderr=output,
+            env=env,
+            stdout=output,
+            stderr=output,
         )
     base = f"http://127.0.0.1:{port}"
     try:

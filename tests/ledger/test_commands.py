@@ -65,8 +65,9 @@ def commands(store: PostgresEventStore) -> IncidentCommands:
 def new_incident(commands: IncidentCommands, tenant_id: str, path: list[str]) -> uuid.UUID:
     incident = commands.submit(tenant_id, REPORT, actor=RESIDENT).incident_id
     for command in path:
-        commands.execute(tenant_id, incident, command, ARGS[command], actor=STAFF,
-                         expected_version=None)
+        commands.execute(
+            tenant_id, incident, command, ARGS[command], actor=STAFF, expected_version=None
+        )
     return incident
 
 
@@ -80,13 +81,15 @@ def test_command_allowed_only_in_its_states(
     allowed = status in COMMANDS[command][1]
 
     if allowed:
-        result = commands.execute(tenant_id, incident, command, ARGS[command], actor=STAFF,
-                                  expected_version=None)
+        result = commands.execute(
+            tenant_id, incident, command, ARGS[command], actor=STAFF, expected_version=None
+        )
         assert result.append.stream_version == len(PATHS[status]) + 2
     else:
         with pytest.raises(CommandRejected) as raised:
-            commands.execute(tenant_id, incident, command, ARGS[command], actor=STAFF,
-                             expected_version=None)
+            commands.execute(
+                tenant_id, incident, command, ARGS[command], actor=STAFF, expected_version=None
+            )
         assert raised.value.status == status
         assert command in str(raised.value)
         assert status in str(raised.value)
@@ -95,8 +98,9 @@ def test_command_allowed_only_in_its_states(
 def test_reporter_response_resumes_previous_status(
     commands: IncidentCommands, tenant_id: str
 ) -> None:
-    incident = new_incident(commands, tenant_id,
-                            ["assign", "request-information", "reporter-responded"])
+    incident = new_incident(
+        commands, tenant_id, ["assign", "request-information", "reporter-responded"]
+    )
     state = commands.load(tenant_id, incident)
     assert state.status == "assigned"
     assert state.assignee == "crew-7"
@@ -105,12 +109,21 @@ def test_reporter_response_resumes_previous_status(
 def test_reject_needs_reason_and_redirect(commands: IncidentCommands, tenant_id: str) -> None:
     incident = new_incident(commands, tenant_id, [])
     with pytest.raises(CommandInvalid, match="redirect_to"):
-        commands.execute(tenant_id, incident, "reject", {"reason": "Not ours"}, actor=STAFF,
-                         expected_version=None)
+        commands.execute(
+            tenant_id,
+            incident,
+            "reject",
+            {"reason": "Not ours"},
+            actor=STAFF,
+            expected_version=None,
+        )
     state = commands.execute(
-        tenant_id, incident, "reject",
+        tenant_id,
+        incident,
+        "reject",
         {"reason": "Not ours", "redirect_to": "State highway department"},
-        actor=STAFF, expected_version=None,
+        actor=STAFF,
+        expected_version=None,
     )
     rejected = commands.load(tenant_id, incident)
     assert state.append.stream_version == 2
@@ -118,20 +131,36 @@ def test_reject_needs_reason_and_redirect(commands: IncidentCommands, tenant_id:
     assert rejected.rejection_reason == "Not ours"
 
 
-def test_mark_duplicate_needs_existing_incident(
-    commands: IncidentCommands, tenant_id: str
-) -> None:
+def test_mark_duplicate_needs_existing_incident(commands: IncidentCommands, tenant_id: str) -> None:
     original = new_incident(commands, tenant_id, [])
     copy = new_incident(commands, tenant_id, [])
 
     with pytest.raises(CommandInvalid, match="not an incident"):
-        commands.execute(tenant_id, copy, "mark-duplicate", {"duplicate_of": str(uuid.uuid4())},
-                         actor=STAFF, expected_version=None)
+        commands.execute(
+            tenant_id,
+            copy,
+            "mark-duplicate",
+            {"duplicate_of": str(uuid.uuid4())},
+            actor=STAFF,
+            expected_version=None,
+        )
     with pytest.raises(CommandInvalid, match="itself"):
-        commands.execute(tenant_id, copy, "mark-duplicate", {"duplicate_of": str(copy)},
-                         actor=STAFF, expected_version=None)
-    commands.execute(tenant_id, copy, "mark-duplicate", {"duplicate_of": str(original)},
-                     actor=STAFF, expected_version=None)
+        commands.execute(
+            tenant_id,
+            copy,
+            "mark-duplicate",
+            {"duplicate_of": str(copy)},
+            actor=STAFF,
+            expected_version=None,
+        )
+    commands.execute(
+        tenant_id,
+        copy,
+        "mark-duplicate",
+        {"duplicate_of": str(original)},
+        actor=STAFF,
+        expected_version=None,
+    )
     state = commands.load(tenant_id, copy)
     assert state.status == "duplicate"
     assert state.duplicate_of == original
@@ -140,8 +169,9 @@ def test_mark_duplicate_needs_existing_incident(
 def test_stale_expected_version_conflicts(commands: IncidentCommands, tenant_id: str) -> None:
     incident = new_incident(commands, tenant_id, ["acknowledge"])
     with pytest.raises(ConcurrencyError) as raised:
-        commands.execute(tenant_id, incident, "assign", ARGS["assign"], actor=STAFF,
-                         expected_version=1)
+        commands.execute(
+            tenant_id, incident, "assign", ARGS["assign"], actor=STAFF, expected_version=1
+        )
     assert raised.value.actual == 2
     assert commands.load(tenant_id, incident).status == "acknowledged"
 
@@ -156,20 +186,35 @@ def test_submit_with_same_key_returns_first_incident(
     assert again.append.positions == first.append.positions
     assert again.append.replayed
     with pytest.raises(IdempotencyKeyReused):
-        commands.submit(tenant_id, {**REPORT, "description": "other"}, actor=RESIDENT,
-                        idempotency_key="k-1")
+        commands.submit(
+            tenant_id, {**REPORT, "description": "other"}, actor=RESIDENT, idempotency_key="k-1"
+        )
 
 
 def test_command_retry_after_state_moved_returns_first(
     commands: IncidentCommands, tenant_id: str
 ) -> None:
     incident = new_incident(commands, tenant_id, [])
-    first = commands.execute(tenant_id, incident, "acknowledge", {}, actor=STAFF,
-                             expected_version=1, idempotency_key="ack-1")
+    first = commands.execute(
+        tenant_id,
+        incident,
+        "acknowledge",
+        {},
+        actor=STAFF,
+        expected_version=1,
+        idempotency_key="ack-1",
+    )
     commands.execute(tenant_id, incident, "start-work", {}, actor=STAFF, expected_version=2)
 
-    again = commands.execute(tenant_id, incident, "acknowledge", {}, actor=STAFF,
-                             expected_version=1, idempotency_key="ack-1")
+    again = commands.execute(
+        tenant_id,
+        incident,
+        "acknowledge",
+        {},
+        actor=STAFF,
+        expected_version=1,
+        idempotency_key="ack-1",
+    )
     assert again.append.replayed
     assert again.append.positions == first.append.positions
     assert commands.load(tenant_id, incident).version == 3
@@ -188,8 +233,9 @@ def test_other_tenants_incident_not_found(
     from ledger.tenants import create_tenant
 
     other = f"t-{uuid.uuid4().hex[:10]}"
-    create_tenant(store, other, name="Other", time_zone="UTC",
-                  occurred_at=datetime(2026, 1, 1, tzinfo=UTC))
+    create_tenant(
+        store, other, name="Other", time_zone="UTC", occurred_at=datetime(2026, 1, 1, tzinfo=UTC)
+    )
     incident = new_incident(commands, tenant_id, [])
 
     with pytest.raises(IncidentNotFound):

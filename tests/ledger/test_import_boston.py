@@ -44,11 +44,20 @@ def write_export(path: Path, rows: list[list[str]], *, bom: bool = False) -> Pat
     return path
 
 
-def case(case_id: str, opened: str, closed: str = "", target: str = "", **extra: str) -> dict[str, str]:
+def case(
+    case_id: str, opened: str, closed: str = "", target: str = "", **extra: str
+) -> dict[str, str]:
     return {
-        "CASE_ENQUIRY_ID": case_id, "OPEN_DT": opened, "CLOSED_DT": closed, "TARGET_DT": target,
-        "TYPE": "Street Light Outages", "Department": "PWDx", "LATITUDE": "42.3474",
-        "LONGITUDE": "-71.0944", "CASE_STATUS": "Closed" if closed else "Open", **extra,
+        "CASE_ENQUIRY_ID": case_id,
+        "OPEN_DT": opened,
+        "CLOSED_DT": closed,
+        "TARGET_DT": target,
+        "TYPE": "Street Light Outages",
+        "Department": "PWDx",
+        "LATITUDE": "42.3474",
+        "LONGITUDE": "-71.0944",
+        "CASE_STATUS": "Closed" if closed else "Open",
+        **extra,
     }
 
 
@@ -71,9 +80,16 @@ def test_import_reports_bad_rows_and_keeps_good(
 ) -> None:
     header = boston_header()
     rows = [
-        make_row(header, **case("1001", "01/01/2015 12:20:09 AM", "01/02/2015 09:08:42 AM",
-                                "01/03/2015 08:30:00 AM",
-                                CLOSURE_REASON="Case Closed\nline two, \"quoted\"")),
+        make_row(
+            header,
+            **case(
+                "1001",
+                "01/01/2015 12:20:09 AM",
+                "01/02/2015 09:08:42 AM",
+                "01/03/2015 08:30:00 AM",
+                CLOSURE_REASON='Case Closed\nline two, "quoted"',
+            ),
+        ),
         make_row(header, **case("1002", "13/45/2015 10:00:00 AM")),
         make_row(header, **case("", "01/01/2015 10:00:00 AM")),
         make_row(header, **case("1004", "01/01/2015 10:00:00 AM", LATITUDE="142.1")),
@@ -111,8 +127,15 @@ def test_reimport_adds_nothing(
     database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
 ) -> None:
     header = boston_header()
-    rows = [make_row(header, **case(str(2000 + n), "03/08/2015 01:30:00 AM",
-                                    "03/09/2015 02:00:00 PM" if n % 2 else "")) for n in range(50)]
+    rows = [
+        make_row(
+            header,
+            **case(
+                str(2000 + n), "03/08/2015 01:30:00 AM", "03/09/2015 02:00:00 PM" if n % 2 else ""
+            ),
+        )
+        for n in range(50)
+    ]
     path = write_export(tmp_path / "export.csv.gz", rows)
 
     first = run_import(database, path, tenant)
@@ -122,8 +145,9 @@ def test_reimport_adds_nothing(
     assert again.events_appended == 0
     assert again.events_already_present == 75
     with store.pool.connection() as conn:
-        count = conn.execute("SELECT count(*) FROM events WHERE tenant_id = %s",
-                             (tenant,)).fetchone()
+        count = conn.execute(
+            "SELECT count(*) FROM events WHERE tenant_id = %s", (tenant,)
+        ).fetchone()
     assert count == (75,)
 
 
@@ -138,9 +162,16 @@ def test_later_export_extends_streams(
     # The later export has the same case, now closed; and a case listed twice.
     report = run_import(
         database,
-        write_export(tmp_path / "february.csv", [closed, make_row(header, **case("3002",
-                     "05/03/2015 09:00:00 AM")), make_row(header, **case("3002",
-                     "05/03/2015 09:00:00 AM", "05/04/2015 09:00:00 AM"))]),
+        write_export(
+            tmp_path / "february.csv",
+            [
+                closed,
+                make_row(header, **case("3002", "05/03/2015 09:00:00 AM")),
+                make_row(
+                    header, **case("3002", "05/03/2015 09:00:00 AM", "05/04/2015 09:00:00 AM")
+                ),
+            ],
+        ),
         tenant,
     )
 
@@ -161,8 +192,18 @@ def test_imported_chains_verify(
     database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
 ) -> None:
     header = boston_header()
-    rows = [make_row(header, **case("4001", "11/01/2015 01:30:00 AM", "11/01/2015 01:45:00 AM",
-                                    "11/02/2015 08:30:00 AM", CASE_TITLE="Tab\there \\ slash"))]
+    rows = [
+        make_row(
+            header,
+            **case(
+                "4001",
+                "11/01/2015 01:30:00 AM",
+                "11/01/2015 01:45:00 AM",
+                "11/02/2015 08:30:00 AM",
+                CASE_TITLE="Tab\there \\ slash",
+            ),
+        )
+    ]
     run_import(database, write_export(tmp_path / "export.csv", rows), tenant)
 
     events = store.read_stream(tenant, stream_of(tenant, "4001"))
@@ -198,7 +239,9 @@ def test_real_export_sample_imports(
         lines = [next(source) for _ in range(2001)]
     path = tmp_path / "sample.csv"
     path.write_text("".join(lines), encoding="utf-8")
-    expected = sum(1 + bool(row["CLOSED_DT"]) for row in csv.DictReader(io.StringIO("".join(lines))))
+    expected = sum(
+        1 + bool(row["CLOSED_DT"]) for row in csv.DictReader(io.StringIO("".join(lines)))
+    )
 
     report = run_import(database, path, tenant)
 

@@ -33,7 +33,9 @@ def event(n: int = 0, **payload: Any) -> NewEvent:
 
 def count_events(store: PostgresEventStore, stream_id: str) -> int:
     with store.pool.connection() as conn:
-        row = conn.execute("SELECT count(*) FROM events WHERE stream_id = %s", (stream_id,)).fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM events WHERE stream_id = %s", (stream_id,)
+        ).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -56,8 +58,12 @@ def test_append_then_read_stream(store: PostgresEventStore) -> None:
 def test_hash_chain_links_stream(store: PostgresEventStore) -> None:
     stream = new_stream()
     store.append("acme", stream, [event(1), event(2)], expected_version=0)
-    store.append("acme", stream, [event(3, text="ünïcode ✓", nested={"b": [1, 2.5], "a": None})],
-                 expected_version=2)
+    store.append(
+        "acme",
+        stream,
+        [event(3, text="ünïcode ✓", nested={"b": [1, 2.5], "a": None})],
+        expected_version=2,
+    )
 
     previous = None
     for recorded in store.read_stream("acme", stream):
@@ -184,8 +190,9 @@ def test_payload_that_jsonb_would_change_rejected(
 
 def test_naive_occurred_at_rejected(store: PostgresEventStore) -> None:
     with pytest.raises(InvalidEventData, match="time zone"):
-        store.append("acme", new_stream(), [NewEvent("Noted", {}, datetime(2026, 1, 1))],
-                     expected_version=0)
+        store.append(
+            "acme", new_stream(), [NewEvent("Noted", {}, datetime(2026, 1, 1))], expected_version=0
+        )
 
 
 json_values = st.recursive(
@@ -194,19 +201,31 @@ json_values = st.recursive(
     | st.integers(min_value=-(2**63), max_value=2**63 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(alphabet=st.characters(blacklist_characters="\x00",
-                                                     blacklist_categories=("Cs",)),
-                              max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(
+                alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+                max_size=8,
+            ),
+            children,
+            max_size=4,
+        )
+    ),
     max_leaves=12,
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     payload=st.dictionaries(
-        st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
-                min_size=1, max_size=6),
+        st.text(
+            alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+            min_size=1,
+            max_size=6,
+        ),
         json_values,
         max_size=5,
     )
@@ -242,12 +261,14 @@ def test_trigger_stops_even_the_owner(database: Database, store: PostgresEventSt
         "UPDATE events SET payload = '{}' WHERE stream_id = %s",
         "DELETE FROM events WHERE stream_id = %s",
     ):
-        with database.connect_owner() as conn, pytest.raises(
-            psycopg.errors.InsufficientPrivilege, match="append-only"
+        with (
+            database.connect_owner() as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"),
         ):
             conn.execute(statement, (stream,))
-    with database.connect_owner() as conn, pytest.raises(
-        psycopg.errors.InsufficientPrivilege, match="append-only"
+    with (
+        database.connect_owner() as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"),
     ):
         conn.execute("TRUNCATE events")
     assert count_events(store, stream) == 1
@@ -266,8 +287,9 @@ def test_app_role_owns_nothing(database: Database) -> None:
     assert flags == (False, False)
 
 
-def test_reader_waits_for_earlier_open_transaction(fresh_database: Database,
-                                                   fresh_store: PostgresEventStore) -> None:
+def test_reader_waits_for_earlier_open_transaction(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
     early_stream, late_stream = new_stream(), new_stream()
 
     # The early transaction takes its position first and stays open.

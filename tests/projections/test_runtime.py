@@ -6,8 +6,8 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -17,7 +17,7 @@ from ledger.database import Database
 from ledger.demo import seed_demo
 from ledger.events import NewEvent, RecordedEvent
 from ledger.ids import incident_stream_id
-from ledger.lifecycle import INCIDENT_ACKNOWLEDGED, REPORT_SUBMITTED
+from ledger.lifecycle import REPORT_SUBMITTED
 from ledger.store import Checkpoint, PostgresEventStore, read_after
 from projections.base import Projection
 from projections.runtime import catch_up, default_projections, load_checkpoint, project_batch
@@ -41,8 +41,12 @@ class RecordingProjection(Projection):
 def submitted(incident_id: uuid.UUID, minutes: int = 0) -> NewEvent:
     return NewEvent(
         REPORT_SUBMITTED,
-        {"incident_id": str(incident_id), "category": "Pothole", "description": "hole",
-         "resolution_due_at": (T0 + timedelta(days=3)).isoformat()},
+        {
+            "incident_id": str(incident_id),
+            "category": "Pothole",
+            "description": "hole",
+            "resolution_due_at": (T0 + timedelta(days=3)).isoformat(),
+        },
         T0 + timedelta(minutes=minutes),
     )
 
@@ -56,10 +60,12 @@ def test_projector_waits_for_earlier_open_transaction(
 
     early = fresh_database.connect()
     early.execute("SELECT 1")  # open the transaction before taking a position
-    fresh_store.append("acme", incident_stream_id(early_id), [submitted(early_id)],
-                       expected_version=0, conn=early)
-    fresh_store.append("acme", incident_stream_id(late_id), [submitted(late_id, 5)],
-                       expected_version=0)
+    fresh_store.append(
+        "acme", incident_stream_id(early_id), [submitted(early_id)], expected_version=0, conn=early
+    )
+    fresh_store.append(
+        "acme", incident_stream_id(late_id), [submitted(late_id, 5)], expected_version=0
+    )
 
     with fresh_database.connect() as conn:
         applied_while_open = project_batch(conn, recording, 100)
@@ -75,7 +81,8 @@ def test_projector_waits_for_earlier_open_transaction(
     assert applied_after_commit == 2
     assert applied_again == 0
     assert [e.stream_id for e in recording.seen] == [
-        incident_stream_id(early_id), incident_stream_id(late_id)
+        incident_stream_id(early_id),
+        incident_stream_id(late_id),
     ]
     assert [row[0] for row in rows] == [early_id, late_id]
 
@@ -84,8 +91,9 @@ def test_checkpoint_stops_a_second_owner(
     fresh_database: Database, fresh_store: PostgresEventStore
 ) -> None:
     incident = uuid.uuid4()
-    fresh_store.append("acme", incident_stream_id(incident), [submitted(incident)],
-                       expected_version=0)
+    fresh_store.append(
+        "acme", incident_stream_id(incident), [submitted(incident)], expected_version=0
+    )
     recording = RecordingProjection()
 
     # Two connections both read from the same checkpoint; only the first commit may move it.
@@ -133,8 +141,10 @@ def _projector(database: Database, batch_size: int, log: Path) -> subprocess.Pop
     }
     with log.open("ab") as output:
         return subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "project"], env=env,
-            stdout=subprocess.DEVNULL, stderr=output,
+            [sys.executable, "-m", "api.cli", "project"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=output,
         )
 
 
@@ -181,7 +191,8 @@ def test_projector_killed_mid_batch_recovers(
     try:
         _wait_for(
             lambda: len(checkpoints()) == 2 and all(v == last for v in checkpoints().values()),
-            120, "the restarted projector did not catch up",
+            120,
+            "the restarted projector did not catch up",
         )
         restarted.send_signal(signal.SIGTERM)
         assert restarted.wait(15) == 0, log.read_text()

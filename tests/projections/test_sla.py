@@ -28,17 +28,30 @@ DUE = T0 + timedelta(hours=10)
 
 def recorded(event_type: str, hours: float, version: int, **payload: Any) -> RecordedEvent:
     return RecordedEvent(
-        position=version, tx_id=1, tenant_id="acme", stream_id="incident-x",
-        stream_version=version, event_type=event_type, schema_version=1, payload=payload,
-        metadata={}, occurred_at=T0 + timedelta(hours=hours), recorded_at=T0, event_id=uuid.uuid4(),
+        position=version,
+        tx_id=1,
+        tenant_id="acme",
+        stream_id="incident-x",
+        stream_version=version,
+        event_type=event_type,
+        schema_version=1,
+        payload=payload,
+        metadata={},
+        occurred_at=T0 + timedelta(hours=hours),
+        recorded_at=T0,
+        event_id=uuid.uuid4(),
         hash=bytes(32),
     )
 
 
 def fold(*steps: tuple[str, float]) -> SlaState:
     incident = str(uuid.uuid4())
-    state = evolve_sla(None, recorded(lc.REPORT_SUBMITTED, 0, 1, incident_id=incident,
-                                      resolution_due_at=DUE.isoformat()))
+    state = evolve_sla(
+        None,
+        recorded(
+            lc.REPORT_SUBMITTED, 0, 1, incident_id=incident, resolution_due_at=DUE.isoformat()
+        ),
+    )
     for version, (event_type, hours) in enumerate(steps, start=2):
         state = evolve_sla(state, recorded(event_type, hours, version))
     assert state is not None
@@ -52,8 +65,9 @@ def test_resolved_late_is_breached() -> None:
 
 
 def test_pause_moves_due_time() -> None:
-    state = fold((lc.INFORMATION_REQUESTED, 2), (lc.REPORTER_RESPONDED, 7),
-                 (lc.INCIDENT_RESOLVED, 14))
+    state = fold(
+        (lc.INFORMATION_REQUESTED, 2), (lc.REPORTER_RESPONDED, 7), (lc.INCIDENT_RESOLVED, 14)
+    )
     assert state.paused_seconds == 5 * 3600
     assert not resolution_breached(state, T0 + timedelta(days=30))
 
@@ -99,8 +113,9 @@ optional_time = st.none() | st.integers(min_value=-50, max_value=50).map(
 )
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     due=optional_time,
     resolved=optional_time,
@@ -117,11 +132,20 @@ def test_sql_breach_matches_python(
     now_hours: int,
 ) -> None:
     state = SlaState(
-        incident_id=uuid.uuid4(), category=None, department=None, status="open",
-        submitted_at=T0, first_response_due_at=None, first_response_at=None,
-        resolution_due_at=due, resolved_at=resolved, closed_at=None,
-        paused_since=None if resolved else paused, paused_seconds=float(paused_seconds),
-        earliest_occurred_at=T0, latest_occurred_at=T0,
+        incident_id=uuid.uuid4(),
+        category=None,
+        department=None,
+        status="open",
+        submitted_at=T0,
+        first_response_due_at=None,
+        first_response_at=None,
+        resolution_due_at=due,
+        resolved_at=resolved,
+        closed_at=None,
+        paused_since=None if resolved else paused,
+        paused_seconds=float(paused_seconds),
+        earliest_occurred_at=T0,
+        latest_occurred_at=T0,
     )
     now = T0 + timedelta(hours=now_hours)
     with store.pool.connection() as conn:
@@ -133,8 +157,13 @@ def test_sql_breach_matches_python(
                          %(paused)s::timestamptz AS paused_since,
                          %(seconds)s::float8 AS paused_seconds) AS incident_sla
             """,
-            {"due": state.resolution_due_at, "resolved": state.resolved_at,
-             "paused": state.paused_since, "seconds": state.paused_seconds, "now": now},
+            {
+                "due": state.resolution_due_at,
+                "resolved": state.resolved_at,
+                "paused": state.paused_since,
+                "seconds": state.paused_seconds,
+                "now": now,
+            },
         ).fetchone()
     assert row is not None
     assert row[0] == resolution_breached(state, now)
@@ -152,18 +181,26 @@ histories = st.lists(
 )
 
 
-def _append_histories(store: PostgresEventStore, tenant: str,
-                      history: list[list[tuple[str, int]]], due_hours: int) -> list[uuid.UUID]:
+def _append_histories(
+    store: PostgresEventStore, tenant: str, history: list[list[tuple[str, int]]], due_hours: int
+) -> list[uuid.UUID]:
     incidents = []
     for number, steps in enumerate(history):
         incident = uuid.uuid4()
         incidents.append(incident)
         at = T0 + timedelta(hours=3 * number)
-        events = [NewEvent(lc.REPORT_SUBMITTED, {
-            "incident_id": str(incident), "category": f"c{number % 2}",
-            "department": f"d{number % 3}",
-            "resolution_due_at": (at + timedelta(hours=due_hours)).isoformat(),
-        }, at)]
+        events = [
+            NewEvent(
+                lc.REPORT_SUBMITTED,
+                {
+                    "incident_id": str(incident),
+                    "category": f"c{number % 2}",
+                    "department": f"d{number % 3}",
+                    "resolution_due_at": (at + timedelta(hours=due_hours)).isoformat(),
+                },
+                at,
+            )
+        ]
         for event_type, hours in steps:
             at += timedelta(hours=hours)
             payload: dict[str, Any] = {}
@@ -174,38 +211,56 @@ def _append_histories(store: PostgresEventStore, tenant: str,
     return incidents
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(history=histories, cuts=st.lists(st.integers(min_value=1, max_value=8), max_size=6),
-       due_hours=st.integers(min_value=1, max_value=40))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    history=histories,
+    cuts=st.lists(st.integers(min_value=1, max_value=8), max_size=6),
+    due_hours=st.integers(min_value=1, max_value=40),
+)
 def test_batched_streaming_equals_fold(
-    store: PostgresEventStore, history: list[list[tuple[str, int]]], cuts: list[int],
+    store: PostgresEventStore,
+    history: list[list[tuple[str, int]]],
+    cuts: list[int],
     due_hours: int,
 ) -> None:
     tenant = f"p-{uuid.uuid4().hex[:10]}"
     incidents = _append_histories(store, tenant, history, due_hours)
     with store.pool.connection() as conn:
-        events = [event for incident in incidents
-                  for event in store.read_stream(tenant, incident_stream_id(incident))]
+        events = [
+            event
+            for incident in incidents
+            for event in store.read_stream(tenant, incident_stream_id(incident))
+        ]
         events.sort(key=lambda event: event.position)
 
         for projection in (incidents_projection(), sla_projection()):
             with conn.transaction(force_rollback=True):
                 start = 0
                 for size in [*cuts, len(events)]:
-                    projection.apply(conn, events[start:start + size])
+                    projection.apply(conn, events[start : start + size])
                     start += size
-                stored = {key: value for key, value in projection.read_all(conn).items()
-                          if key[0] == tenant}
+                stored = {
+                    key: value
+                    for key, value in projection.read_all(conn).items()
+                    if key[0] == tenant
+                }
             assert stored == projection.fold(events)
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(history=histories, as_of_hours=st.integers(min_value=-5, max_value=80),
-       due_hours=st.integers(min_value=1, max_value=40))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    history=histories,
+    as_of_hours=st.integers(min_value=-5, max_value=80),
+    due_hours=st.integers(min_value=1, max_value=40),
+)
 def test_as_of_equals_fold_of_events_valid_then(
-    store: PostgresEventStore, history: list[list[tuple[str, int]]], as_of_hours: int,
+    store: PostgresEventStore,
+    history: list[list[tuple[str, int]]],
+    as_of_hours: int,
     due_hours: int,
 ) -> None:
     tenant = f"p-{uuid.uuid4().hex[:10]}"
@@ -225,16 +280,16 @@ def test_as_of_equals_fold_of_events_valid_then(
             expected[state.incident_id] = resolution_breached(state, as_of)
             counts[state.category] = counts.get(state.category, 0) + 1
 
-    with store.pool.connection() as conn:
-        with conn.transaction(force_rollback=True):
-            events = [event for incident in incidents
-                      for event in store.read_stream(tenant, incident_stream_id(incident))]
-            projection.apply(conn, sorted(events, key=lambda event: event.position))
-            verdicts = sla_verdicts(conn, tenant, as_of)
-            summary = sla_summary(conn, tenant, as_of)
+    with store.pool.connection() as conn, conn.transaction(force_rollback=True):
+        events = [
+            event
+            for incident in incidents
+            for event in store.read_stream(tenant, incident_stream_id(incident))
+        ]
+        projection.apply(conn, sorted(events, key=lambda event: event.position))
+        verdicts = sla_verdicts(conn, tenant, as_of)
+        summary = sla_summary(conn, tenant, as_of)
 
     assert verdicts == expected
     assert {key: value.total for key, value in summary["category"].items()} == counts
-    assert sum(value.breached for value in summary["department"].values()) == sum(
-        expected.values()
-    )
+    assert sum(value.breached for value in summary["department"].values()) == sum(expected.values())

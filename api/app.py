@@ -186,7 +186,7 @@ def parse_as_of(value: str | None, zone_name: str) -> datetime:
 
 
 def _actor(request: Request) -> Actor:
-    # TODO: take the actor and role from the API key once keys and roles exist; until then
+    # TODO: take the actor and role from the API key once keys and roles exist. Until then
     # the caller names itself in X-Actor and is recorded as unauthenticated.
     name = request.headers.get("x-actor", "anonymous")[:200]
     return Actor(name=name, role="unauthenticated", channel="api")

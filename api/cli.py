@@ -248,7 +248,7 @@ def serve(
     from api.app import create_app
 
     settings, database = _migrated()
-    # uvicorn raises the signal that stopped it again once it is done; without a handler of
+    # uvicorn raises the signal that stopped it again once it is done. Without a handler of
     # our own, that would end the process with the signal instead of a normal exit.
     _stop_on_signals(threading.Event())
     uvicorn.run(

@@ -80,7 +80,7 @@ def drop(server_conninfo: str, name: str) -> None:
 
 
 def copy_text_of(path: Path) -> bytes:
-    """The file's events as COPY text, formatted before any timing starts."""
+    """Format the file's events as COPY text, before any timing starts."""
     with gzip.open(path, "rt", encoding="utf-8-sig", newline="") as text:
         reader = csv.reader(text)
         indexes = boston.column_indexes(next(reader))

@@ -28,7 +28,7 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Actor:
-    """Who issued a command, recorded in each event's metadata."""
+    """The issuer of a command, recorded in each event's metadata."""
 
     name: str
     role: str

@@ -1,7 +1,7 @@
 """Where the database is: a server named by DATABASE_URL, or an embedded one.
 
 Two connection strings come out of here. The owner connection runs migrations and creates
-the application role; the application connection logs in as that role, which may read and
+the application role. The application connection logs in as that role, which may read and
 append events but cannot update or delete them.
 """
 

@@ -137,7 +137,7 @@ def event_hash(
 
 
 def utc_text(moment: datetime) -> str:
-    """The form of a time that the hash covers: UTC, ISO 8601, microseconds."""
+    """Format a time as the hash covers it: UTC, ISO 8601, microseconds."""
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 

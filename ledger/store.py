@@ -45,7 +45,7 @@ class Checkpoint:
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:
-    """Where an append landed. `replayed` is True when an idempotent retry matched."""
+    """The stream version and positions of an append; `replayed` marks an idempotent retry."""
 
     stream_id: str
     stream_version: int
@@ -109,9 +109,9 @@ class PostgresEventStore:
         """Append `events` to a stream in one transaction.
 
         Raises ConcurrencyError, StreamTenantMismatch, IdempotencyKeyReused or
-        InvalidEventData; nothing is stored when any of them is raised. With `conn` inside an
-        open transaction, the append runs in a savepoint of it and is durable only when the
-        caller commits; a retry that lost a race is then raised as a conflict, not replayed.
+        InvalidEventData, and nothing is stored when any of them is raised. With `conn` inside
+        an open transaction, the append runs in a savepoint of it and is durable only when the
+        caller commits. A retry that lost a race is then raised as a conflict, not replayed.
         """
         if not events:
             raise ValueError("append needs at least one event")
@@ -165,7 +165,7 @@ class PostgresEventStore:
             raise StreamTenantMismatch(stream_id, owner, tenant_id)
 
         # Checked under the lock, so a retry that arrives after the first request committed
-        # sees the first result rather than a version conflict.
+        # gets the first result rather than a version conflict.
         replay = find_stored(conn, tenant_id, stream_id, events)
         if replay is not None:
             return replay

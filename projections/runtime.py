@@ -2,8 +2,9 @@
 
 Each worker owns its projection through a session-level advisory lock, so several projector
 processes can run and another takes over when the owner dies. A batch is read below the
-transaction horizon, applied, and the checkpoint moved, all in one transaction: every event
-has its effect exactly once, whatever is killed when.
+transaction horizon, applied, and the checkpoint moved, all in one transaction. So every
+event has its effect exactly once, even when a projector is killed mid-batch (a test kills
+one with SIGKILL and compares the tables with a fresh fold).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import psycopg
 
 from ledger.database import Database
+from ledger.events import RecordedEvent
 from ledger.store import Checkpoint, read_after
 from projections.base import Projection
 from projections.incidents import incidents_projection
@@ -49,6 +51,18 @@ class CheckpointMoved(Exception):
     """Another process advanced the checkpoint during this batch."""
 
 
+class BatchFailed(Exception):
+    """A projection failed to apply a batch; the batch was rolled back."""
+
+    def __init__(self, projection: str, first: RecordedEvent, last: RecordedEvent) -> None:
+        self.projection = projection
+        super().__init__(
+            f"projection {projection} failed to apply events at positions "
+            f"{first.position}..{last.position} (first event {first.event_id}, "
+            f"stream {first.stream_id})"
+        )
+
+
 def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_size: int) -> int:
     """Apply the next batch of events to `projection`; return how many were applied.
 
@@ -61,7 +75,18 @@ def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_s
         events = read_after(conn, start, batch_size)
         if not events:
             return 0
-        projection.apply(conn, events)
+        try:
+            projection.apply(conn, events)
+        except (
+            psycopg.errors.DataError,
+            psycopg.errors.IntegrityError,
+            KeyError,
+            ValueError,
+            TypeError,
+        ) as error:
+            # The errors a malformed event or a bug in a fold raise. Connection errors pass
+            # through unchanged, to be retried on a new connection.
+            raise BatchFailed(projection.name, events[0], events[-1]) from error
         last = events[-1]
         moved = conn.execute(
             """
@@ -119,6 +144,11 @@ class ProjectionWorker(threading.Thread):
                     self.poll_seconds,
                 )
                 self.stop_event.wait(self.poll_seconds)
+            except BatchFailed as error:
+                # A poison event stops this projection only. Its batch was rolled back and is
+                # retried after each poll interval, until a fix is deployed.
+                logger.error("%s: %s; retrying in %.1fs", error, error.__cause__, self.poll_seconds)
+                self.stop_event.wait(self.poll_seconds)
         logger.info(
             "projection worker %s stopped after %d events", self.projection.name, self.applied
         )
@@ -157,14 +187,6 @@ class ProjectionWorker(threading.Thread):
                     "projection %s checkpoint moved under this worker; re-reading",
                     self.projection.name,
                 )
-                continue
-            except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as error:
-                # A poison event stops this projection only; its batch is rolled back, so it
-                # is retried after the poll interval and after a fix is deployed.
-                logger.error(
-                    "projection %s failed to apply a batch: %s", self.projection.name, error
-                )
-                self.stop_event.wait(self.poll_seconds)
                 continue
             self.applied += applied
             if applied:

@@ -143,7 +143,7 @@ def evolve_sla(state: SlaState | None, event: RecordedEvent) -> SlaState | None:
 
 
 def effective_resolution_due(state: SlaState) -> datetime | None:
-    """The resolution due time pushed back by the time the clock was paused."""
+    """Return the resolution due time pushed back by the time the clock was paused."""
     if state.resolution_due_at is None:
         return None
     return state.resolution_due_at + timedelta(seconds=state.paused_seconds)
@@ -167,7 +167,7 @@ def resolution_breached(state: SlaState, now: datetime) -> bool:
 
 
 # The same judgement in SQL, over incident_sla columns and a %(now)s parameter. A property
-# test holds the two to the same answers.
+# test checks that the two agree.
 RESOLUTION_BREACHED_SQL = """
     CASE
         WHEN resolution_due_at IS NULL THEN false

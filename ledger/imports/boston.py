@@ -48,11 +48,11 @@ _TIME = re.compile(r"(\d{2})/(\d{2})/(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([AP]M)")
 
 
 class RowRejected(ValueError):
-    """A row that cannot become events; the message says why."""
+    """A row that cannot become events. The message gives the reason."""
 
 
 class ParsedCase(NamedTuple):
-    """Where one case's events sit in its chunk's COPY text, and its stream head after them.
+    """The span of one case's events in its chunk's COPY text, and its stream head after them.
 
     A named tuple rather than a dataclass: chunks of these cross process boundaries, and
     tuples pickle several times faster.
@@ -98,7 +98,7 @@ def _text(value: str, column: str) -> str | None:
 class LocalTimeReader:
     """Reads the export's naive local times in one zone and returns them as UTC text.
 
-    A time that occurs twice when clocks fall back is read as the first (daylight) one; a
+    A time that occurs twice when clocks fall back is read as the first (daylight) one. A
     time skipped when clocks spring forward is read with the offset before the change.
     The UTC offset is looked up once per local hour and reused when it is the same at the
     start and the end of that hour, which is exact for any zone whose offset changes at most

@@ -40,7 +40,7 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass
 class ImportReport:
-    """What an import did, for the command line and for tests."""
+    """Counts and rejected rows of one import, for the command line and for tests."""
 
     rows: int = 0
     cases: int = 0
@@ -139,7 +139,7 @@ def import_boston(
                 writer.write(future.result(), report)
         except BaseException as error:  # noqa: BLE001 - handed to the reading thread
             failure.append(error)
-            # Drain so the reader never blocks on a full queue after a failure.
+            # Drain the queue, so the reader does not block on a full queue after a failure.
             while in_flight.get() is not None:
                 pass
 

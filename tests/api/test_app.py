@@ -173,7 +173,7 @@ def test_unknown_ids_are_404(client: TestClient, tenant_id: str) -> None:
 
     assert_problem(client.get(f"/tenants/{tenant_id}/incidents/{uuid.uuid4()}"), 404)
     assert_problem(client.post(f"/tenants/{other}/incidents", json=REPORT), 404, other)
-    # Another tenant's incident answers exactly like one that does not exist.
+    # Another tenant's incident gets the same 404 as an id that does not exist.
     assert_problem(client.get(f"/tenants/{other}/incidents/{incident}"), 404)
     assert_problem(client.get(f"/tenants/{other}/incidents/{incident}/events"), 404)
     assert_problem(client.get(f"/tenants/{tenant_id}/incidents/not-a-uuid"), 422)

@@ -203,3 +203,31 @@ def test_projector_killed_mid_batch_recovers(
     with fresh_database.connect() as conn:
         for projection in default_projections():
             assert projection.read_all(conn) == projection.fold(events)  # type: ignore[attr-defined]
+
+
+class FailingProjection(RecordingProjection):
+    name = "failing"
+
+    def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        raise KeyError("incident_id")
+
+
+def test_failed_batch_names_events_and_rolls_back(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    from projections.runtime import BatchFailed
+
+    incident = uuid.uuid4()
+    fresh_store.append(
+        "acme", incident_stream_id(incident), [submitted(incident)], expected_version=0
+    )
+
+    with fresh_database.connect() as conn:
+        with pytest.raises(BatchFailed) as raised:
+            project_batch(conn, FailingProjection(), 10)
+        with conn.transaction():
+            checkpoint = load_checkpoint(conn, "failing")
+
+    assert incident_stream_id(incident) in str(raised.value)
+    assert "positions" in str(raised.value)
+    assert checkpoint == Checkpoint()

@@ -7,7 +7,9 @@ Times in the file are naive local times, read in the tenant's time zone.
 
 from __future__ import annotations
 
+import csv
 import gc
+import io
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -72,6 +74,7 @@ class ParsedChunk:
 
     events_copy: bytes = b""
     streams_copy: bytes = b""
+    records: int = 0
     cases: list[ParsedCase] = field(default_factory=list)
     rejects: list[tuple[int, str]] = field(default_factory=list)
 
@@ -253,6 +256,40 @@ def import_metadata(source_file: str) -> bytes:
     return canonical_json(
         {"actor": "import", "role": "system", "channel": "import", "source_file": source_file}
     )
+
+
+def parse_block(
+    tenant_id: str,
+    time_zone: str,
+    source_file: str,
+    indexes: tuple[int, ...],
+    width: int,
+    block: bytes,
+) -> ParsedChunk:
+    """Parse a block of whole CSV records in a worker process.
+
+    Row numbers in the result count from 1 at the block's first record; rows with the
+    wrong number of fields are rejected here.
+    """
+    text = block.decode("utf-8", errors="replace")
+    rows: list[tuple[int, list[str]]] = []
+    rejects: list[tuple[int, str]] = []
+    number = 0
+    try:
+        for number, values in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+            if len(values) != width:
+                if values:
+                    rejects.append(
+                        (number, f"row has {len(values)} fields, the header has {width}")
+                    )
+                continue
+            rows.append((number, [values[i] if i >= 0 else "" for i in indexes]))
+    except csv.Error as error:
+        rejects.append((number + 1, f"invalid CSV: {error}; the rest of this block is skipped"))
+    chunk = parse_chunk(tenant_id, time_zone, source_file, rows)
+    chunk.rejects = sorted(rejects + chunk.rejects)
+    chunk.records = number
+    return chunk
 
 
 def parse_chunk(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import logging
 import multiprocessing
 import os
@@ -33,7 +32,8 @@ from ledger.tenants import validate_tenant_id
 
 logger = logging.getLogger(__name__)
 
-CHUNK_ROWS = 4000
+# Bytes of the (decompressed) file per block handed to a parser process.
+BLOCK_BYTES = 1 << 20
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -53,58 +53,94 @@ class ImportFileError(ValueError):
     """The file cannot be imported at all (unreadable, or not the expected format)."""
 
 
-def _open_text(path: Path) -> tuple[IO[bytes], IO[str]]:
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where the needed columns sit in the file's rows."""
+
+    indexes: tuple[int, ...]
+    width: int
+
+
+def _open_binary(path: Path) -> tuple[IO[bytes], IO[bytes]]:
     raw = path.open("rb")
-    stream: IO[bytes] = raw
     if path.suffix == ".gz":
-        stream = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
-    # utf-8-sig drops a byte-order mark; csv needs newline="" to keep quoted newlines.
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
-    return raw, text
+        return raw, gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    return raw, raw
 
 
-def _read_chunks(
-    path: Path, report: ImportReport, progress: ProgressCallback | None
-) -> Iterator[list[tuple[int, list[str]]]]:
-    raw, text = _open_text(path)
+def first_record_end(buffer: bytes) -> int:
+    """Return the index just past the first complete CSV record in `buffer`, or -1."""
+    position = buffer.find(b"\n")
+    while position >= 0 and buffer.count(b'"', 0, position) % 2:
+        position = buffer.find(b"\n", position + 1)
+    return position + 1 if position >= 0 else -1
+
+
+def record_end(buffer: bytes) -> int:
+    """Return the index just past the last complete CSV record in `buffer`, or -1.
+
+    `buffer` starts at a record boundary. A newline ends a record only outside quotes,
+    which is where an even number of quote characters precedes it.
+    """
+    position = len(buffer)
+    while True:
+        position = buffer.rfind(b"\n", 0, position)
+        if position < 0:
+            return -1
+        if buffer.count(b'"', 0, position) % 2 == 0:
+            return position + 1
+
+
+def _read_blocks(path: Path, progress: ProgressCallback | None) -> Iterator[tuple[Layout, bytes]]:
+    """Yield the file in blocks of whole records, with the column layout from its header.
+
+    The reader splits and decompresses but does not parse: CSV parsing runs in the pool.
+    """
+    raw, stream = _open_binary(path)
     total = os.fstat(raw.fileno()).st_size
-    with raw, text:
-        reader = csv.reader(text)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ImportFileError(f"{path} is empty: expected a header row") from None
-        except (csv.Error, OSError, EOFError) as error:
-            raise ImportFileError(f"cannot read {path}: {error}") from error
-        try:
-            indexes = boston.column_indexes(header)
-        except ValueError as error:
-            raise ImportFileError(f"{path}: {error}") from error
-        width = len(header)
-
-        chunk: list[tuple[int, list[str]]] = []
-        row_number = 1  # the header is row 1
-        try:
-            for values in reader:
-                row_number += 1
-                report.rows += 1
-                if len(values) != width:
-                    report.rejected.append(
-                        (row_number, f"row has {len(values)} fields, the header has {width}")
-                    )
-                    continue
-                chunk.append((row_number, [values[i] if i >= 0 else "" for i in indexes]))
-                if len(chunk) >= CHUNK_ROWS:
-                    yield chunk
-                    chunk = []
-                    if progress:
-                        progress(raw.tell(), total)
-        except (csv.Error, OSError, EOFError) as error:
-            raise ImportFileError(f"cannot read {path} after row {row_number}: {error}") from error
-        if chunk:
-            yield chunk
+    with raw, stream:
+        buffer = b""
+        layout: Layout | None = None
+        while True:
+            try:
+                data = stream.read(BLOCK_BYTES)
+            except (OSError, EOFError) as error:
+                raise ImportFileError(f"cannot read {path}: {error}") from error
+            buffer += data
+            end = record_end(buffer) if data else len(buffer)
+            if end <= 0:
+                if not data:
+                    break
+                continue
+            if layout is None:
+                header_end = first_record_end(buffer)
+                if header_end < 0:
+                    header_end = len(buffer)
+                layout = _layout(path, buffer[:header_end])
+                buffer = buffer[header_end:]
+                end -= header_end
+            block, buffer = buffer[:end], buffer[end:]
+            if block:
+                yield layout, block
+            if progress:
+                progress(raw.tell(), total)
+            if not data:
+                break
+        if layout is None:
+            raise ImportFileError(f"{path} is empty: expected a header row")
         if progress:
             progress(total, total)
+
+
+def _layout(path: Path, header_line: bytes) -> Layout:
+    try:
+        header = next(csv.reader([header_line.decode("utf-8-sig", errors="replace")]))
+    except (csv.Error, StopIteration) as error:
+        raise ImportFileError(f"{path}: cannot read the header row: {error}") from error
+    try:
+        return Layout(boston.column_indexes(header), len(header))
+    except ValueError as error:
+        raise ImportFileError(f"{path}: {error}") from error
 
 
 def import_boston(
@@ -126,7 +162,7 @@ def import_boston(
     workers = workers or os.cpu_count() or 1
     source_file = path.name
     context = multiprocessing.get_context("spawn")
-    # Two chunks per worker keep the pool busy while the writer copies; more would only
+    # Two blocks per worker keep the pool busy while the writer copies; more would only
     # hold rows in memory. The writer runs in its own thread so that reading goes on while
     # a COPY waits on the server.
     in_flight: queue.Queue[Future[ParsedChunk] | None] = queue.Queue(maxsize=2 * workers)
@@ -147,11 +183,19 @@ def import_boston(
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         writer_thread.start()
         try:
-            for chunk in _read_chunks(path, report, progress):
+            for layout, block in _read_blocks(path, progress):
                 if failure:
                     break
                 in_flight.put(
-                    pool.submit(boston.parse_chunk, tenant_id, time_zone, source_file, chunk)
+                    pool.submit(
+                        boston.parse_block,
+                        tenant_id,
+                        time_zone,
+                        source_file,
+                        layout.indexes,
+                        layout.width,
+                        block,
+                    )
                 )
         finally:
             in_flight.put(None)
@@ -182,9 +226,15 @@ class CopyWriter:
     def __init__(self, conn: psycopg.Connection[Any], tenant_id: str) -> None:
         self.conn = conn
         self.tenant_id = tenant_id
+        # Workers number rows within their block; blocks arrive here in file order, so the
+        # file's row number is this offset plus the block's. The header is row 1.
+        self.row_offset = 1
 
     def write(self, chunk: ParsedChunk, report: ImportReport) -> None:
-        report.rejected.extend(chunk.rejects)
+        offset = self.row_offset
+        self.row_offset += chunk.records
+        report.rows += chunk.records
+        report.rejected.extend((offset + number, reason) for number, reason in chunk.rejects)
         report.cases += len(chunk.cases)
         if not chunk.cases:
             return
@@ -205,7 +255,7 @@ class CopyWriter:
                 continue
             report.events_appended += appended
             report.events_already_present += present
-            report.rejected.extend(rejected)
+            report.rejected.extend((offset + number, reason) for number, reason in rejected)
             return
         raise ImportFileError(
             f"import into tenant {self.tenant_id} collided with concurrent appends three "

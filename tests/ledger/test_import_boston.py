@@ -248,3 +248,46 @@ def test_real_export_sample_imports(
     assert report.rejected == []
     assert report.cases == 2000
     assert report.events_appended == expected
+
+
+@pytest.mark.parametrize(
+    ("buffer", "first", "last"),
+    [
+        (b"a,b\n1,2\n", 4, 8),
+        (b'a,"x\ny"\n1,2', 8, 8),
+        (b'a,"x\ny', -1, -1),
+        (b"no newline", -1, -1),
+        (b'"q""uoted"\n"open\n', 11, 11),
+    ],
+)
+def test_record_boundaries(buffer: bytes, first: int, last: int) -> None:
+    from ledger.imports.pipeline import first_record_end, record_end
+
+    assert first_record_end(buffer) == first
+    assert record_end(buffer) == last
+
+
+def test_small_blocks_split_only_between_records(
+    database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ledger.imports.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "BLOCK_BYTES", 97)
+    header = boston_header()
+    rows = []
+    for n in range(40):
+        reason = f'Closed\n"note {n}"\nsecond line' if n % 3 == 0 else "Closed"
+        rows.append(make_row(header, **case(str(5000 + n), "06/01/2015 09:00:00 AM",
+                                            "06/02/2015 09:00:00 AM", CLOSURE_REASON=reason)))
+    rows.insert(20, make_row(header, **case("bad", "06/01/2015 09:00:00 AM")))
+    path = write_export(tmp_path / "export.csv", rows)
+
+    report = run_import(database, path, tenant)
+
+    assert report.rows == 41
+    assert report.cases == 40
+    assert report.events_appended == 80
+    assert [number for number, _ in report.rejected] == [22]
+    events = store.read_stream(tenant, stream_of(tenant, "5039"))
+    assert events[1].payload["reason"] == 'Closed\n"note 39"\nsecond line'

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from ledger.errors import CommandInvalid, ConcurrencyError, IncidentNotFound
 from ledger.events import NewEvent, canonical_json
-from ledger.ids import derived_id, incident_stream_id
+from ledger.ids import derived_id, incident_stream_id, new_id
 from ledger.lifecycle import REPORT_SUBMITTED, IncidentState, decide, fold_incident
 from ledger.store import AppendResult, PostgresEventStore, find_stored
 from ledger.tenants import require_tenant
@@ -88,8 +88,8 @@ class IncidentCommands:
             incident_id = derived_id(tenant_id, "submit", idempotency_key)
             event_id = derived_id(tenant_id, "submit-event", idempotency_key)
         else:
-            incident_id = uuid4()
-            event_id = uuid4()
+            incident_id = new_id()
+            event_id = new_id()
 
         category = report.get("category")
         payload = {key: value for key, value in report.items() if value is not None}
@@ -143,7 +143,7 @@ class IncidentCommands:
         event_id = (
             derived_id(tenant_id, str(incident_id), command, idempotency_key)
             if idempotency_key is not None
-            else uuid4()
+            else new_id()
         )
         metadata = _metadata(actor, idempotency_key, {"command": command, **args}, correlation_id)
         state = self.load(tenant_id, incident_id)

@@ -8,11 +8,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import orjson
 
 from ledger.errors import InvalidEventData
+from ledger.ids import new_id
 
 JsonObject = dict[str, Any]
 
@@ -32,7 +33,7 @@ class NewEvent:
     event_type: str
     payload: JsonObject
     occurred_at: datetime
-    event_id: UUID = field(default_factory=uuid4)
+    event_id: UUID = field(default_factory=new_id)
     metadata: JsonObject = field(default_factory=dict)
     schema_version: int = 1
 

@@ -11,8 +11,8 @@ import pytest
 
 from ledger.database import Database
 from ledger.events import recorded_event_hash
-from ledger.ids import derived_id, incident_stream_id
-from ledger.imports.boston import SOURCE
+from ledger.ids import incident_stream_id
+from ledger.imports.boston import case_id_text
 from ledger.imports.pipeline import ImportFileError, import_boston
 from ledger.store import PostgresEventStore
 from tests.conftest import BOSTON_FILE
@@ -62,7 +62,7 @@ def case(
 
 
 def stream_of(tenant: str, case_id: str) -> str:
-    return incident_stream_id(derived_id(tenant, SOURCE, case_id))
+    return incident_stream_id(case_id_text(tenant, case_id))
 
 
 @pytest.fixture
@@ -268,7 +268,10 @@ def test_record_boundaries(buffer: bytes, first: int, last: int) -> None:
 
 
 def test_small_blocks_split_only_between_records(
-    database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path,
+    database: Database,
+    store: PostgresEventStore,
+    tenant: str,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import ledger.imports.pipeline as pipeline
@@ -278,8 +281,17 @@ def test_small_blocks_split_only_between_records(
     rows = []
     for n in range(40):
         reason = f'Closed\n"note {n}"\nsecond line' if n % 3 == 0 else "Closed"
-        rows.append(make_row(header, **case(str(5000 + n), "06/01/2015 09:00:00 AM",
-                                            "06/02/2015 09:00:00 AM", CLOSURE_REASON=reason)))
+        rows.append(
+            make_row(
+                header,
+                **case(
+                    str(5000 + n),
+                    "06/01/2015 09:00:00 AM",
+                    "06/02/2015 09:00:00 AM",
+                    CLOSURE_REASON=reason,
+                ),
+            )
+        )
     rows.insert(20, make_row(header, **case("bad", "06/01/2015 09:00:00 AM")))
     path = write_export(tmp_path / "export.csv", rows)
 

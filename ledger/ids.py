@@ -43,9 +43,16 @@ def ordered_id_text(number: int, *parts: str) -> str:
     `derived_id_text`, and ids of sources numbered in order (such as a city's case numbers)
     sort in that order.
     """
+    digest = hashlib.sha1(_NAMESPACE_BYTES + "/".join(parts).encode()).hexdigest()
+    return ordered_id_from_digest(number, digest)
+
+
+def ordered_id_from_digest(number: int, digest: str) -> str:
+    """Return the ordered id of `number` whose other bits are the first 19 hex digits of
+    `digest`. Slices of one long digest give a case several ids for the cost of one hash.
+    """
     if not 0 <= number <= MAX_ORDERED_NUMBER:
         raise ValueError(f"number {number} does not fit the 48-bit prefix of an ordered id")
-    digest = hashlib.sha1(_NAMESPACE_BYTES + "/".join(parts).encode()).hexdigest()
     prefix = f"{number:012x}"
     variant = "89ab"[int(digest[3], 16) & 0x3]
     return f"{prefix[:8]}-{prefix[8:]}-8{digest[:3]}-{variant}{digest[4:7]}-{digest[7:19]}"

@@ -13,7 +13,7 @@ from ledger.ids import (
     new_id,
     ordered_id_text,
 )
-from ledger.imports.boston import case_id_text
+from ledger.imports.boston import case_ids
 
 
 @pytest.mark.parametrize("parts", [("a",), ("boston", "boston-311", "101001240734", "closed")])
@@ -44,8 +44,21 @@ def test_ordered_id_rejects_large_number() -> None:
 
 def test_case_ids_fall_back_past_48_bits() -> None:
     long_case = str(MAX_ORDERED_NUMBER + 1)
-    assert case_id_text("t", long_case) == derived_id_text("t", "boston-311", long_case)
-    assert uuid.UUID(case_id_text("t", "12")).version == 8
+    incident, submitted, closed = case_ids("t", long_case)
+
+    assert incident == derived_id_text("t", "boston-311", long_case)
+    assert closed == derived_id_text("t", "boston-311", long_case, "closed")
+    assert submitted != closed
+
+
+def test_case_ids_are_ordered_and_distinct() -> None:
+    first = [uuid.UUID(value) for value in case_ids("t", "12")]
+    second = [uuid.UUID(value) for value in case_ids("t", "13")]
+
+    assert len(set(first)) == 3
+    assert all(value.version == 8 for value in first)
+    assert max(first) < min(second)
+    assert case_ids("t", "12") != case_ids("u", "12")
 
 
 def test_new_ids_sort_by_time() -> None:

@@ -12,7 +12,7 @@ import pytest
 from ledger.database import Database
 from ledger.events import recorded_event_hash
 from ledger.ids import incident_stream_id
-from ledger.imports.boston import case_id_text
+from ledger.imports.boston import case_ids
 from ledger.imports.pipeline import ImportFileError, import_boston
 from ledger.store import PostgresEventStore
 from tests.conftest import BOSTON_FILE
@@ -62,7 +62,7 @@ def case(
 
 
 def stream_of(tenant: str, case_id: str) -> str:
-    return incident_stream_id(case_id_text(tenant, case_id))
+    return incident_stream_id(case_ids(tenant, case_id)[0])
 
 
 @pytest.fixture
@@ -303,3 +303,17 @@ def test_small_blocks_split_only_between_records(
     assert [number for number, _ in report.rejected] == [22]
     events = store.read_stream(tenant, stream_of(tenant, "5039"))
     assert events[1].payload["reason"] == 'Closed\n"note 39"\nsecond line'
+
+
+def test_nul_character_rejects_row(
+    database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
+) -> None:
+    header = boston_header()
+    rows = [
+        make_row(header, **case("6001", "06/01/2015 09:00:00 AM", CASE_TITLE="bad\x00title")),
+        make_row(header, **case("6002", "06/01/2015 09:00:00 AM")),
+    ]
+    report = run_import(database, write_export(tmp_path / "export.csv", rows), tenant)
+
+    assert report.rejected == [(2, "invalid CASE_TITLE: contains a NUL character")]
+    assert report.events_appended == 1

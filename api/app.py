@@ -13,12 +13,12 @@ from uuid import UUID, uuid4
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from psycopg_pool import ConnectionPool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.problems import install_problem_handlers
 from ledger.commands import Actor, IncidentCommands
 from ledger.database import Database
-from ledger.errors import CommandInvalid
+from ledger.errors import InvalidRequest
 from ledger.ids import incident_stream_id
 from ledger.lifecycle import COMMANDS
 from ledger.store import PostgresEventStore
@@ -30,6 +30,41 @@ logger = logging.getLogger(__name__)
 TenantPath = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
 
 
+PERSONAL_FIELDS = frozenset(
+    {"name", "email", "phone", "reporter", "reporter_name", "reporter_email", "reporter_phone"}
+)
+
+
+class ProblemOut(BaseModel):
+    """An RFC 9457 problem-details document, as every error response carries."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+
+
+def _problem_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "model": ProblemOut,
+        "content": {"application/problem+json": {}},
+    }
+
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: _problem_response("Tenant or incident not found"),
+    422: _problem_response("Invalid request: each error names the field and the value"),
+}
+COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **PROBLEM_RESPONSES,
+    409: _problem_response(
+        "Version conflict (If-Match is stale) or a command that does not fit the state"
+    ),
+}
+
+
 class ReportIn(BaseModel):
     """A report submitted by a resident, tenant or staff member."""
 
@@ -39,9 +74,23 @@ class ReportIn(BaseModel):
     title: str | None = Field(default=None, max_length=200)
     category: str | None = Field(default=None, max_length=200)
     address: str | None = Field(default=None, max_length=500)
-    latitude: float | None = Field(default=None, ge=-90, le=90)
-    longitude: float | None = Field(default=None, ge=-180, le=180)
+    latitude: float | None = Field(default=None, ge=-90, le=90, allow_inf_nan=False)
+    longitude: float | None = Field(default=None, ge=-180, le=180, allow_inf_nan=False)
     source_channel: str = Field(default="api", max_length=50)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_personal_data(cls, data: Any) -> Any:
+        # NOTE: events are never deleted, so personal data must not enter them until it can
+        # be stored encrypted with a key that can be destroyed.
+        if isinstance(data, dict):
+            personal = sorted(PERSONAL_FIELDS & set(data))
+            if personal:
+                raise ValueError(
+                    f"personal data ({', '.join(personal)}) is not accepted yet: reports "
+                    "cannot store a reporter's contact details; leave these fields out"
+                )
+        return data
 
 
 class AssignIn(BaseModel):
@@ -152,17 +201,22 @@ def get_commands(request: Request) -> IncidentCommands:
 
 Commands = Annotated[IncidentCommands, Depends(get_commands)]
 
-_ETAG = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
+_ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,10})"?\s*$')
+MAX_VERSION = 2**31 - 1  # stream versions are PostgreSQL integers
 
 
 def parse_if_match(value: str | None) -> int | None:
-    """Read the expected stream version from an If-Match header (`"3"`, `W/"3"` or `3`)."""
-    if value is None:
+    """Read the expected stream version from an If-Match header (`"3"`, `W/"3"` or `3`).
+
+    `*` matches any version, as no header does.
+    """
+    if value is None or value.strip() == "*":
         return None
     match = _ETAG.fullmatch(value)
-    if not match:
-        raise CommandInvalid(
-            f'invalid If-Match header {value!r}: send the incident\'s ETag, such as "3"'
+    if not match or not 1 <= int(match.group(1)) <= MAX_VERSION:
+        raise InvalidRequest(
+            f"invalid If-Match header {value!r}: send the ETag that GET on the incident "
+            "returned, a quoted version number"
         )
     return int(match.group(1))
 
@@ -176,7 +230,7 @@ def parse_as_of(value: str | None, zone_name: str) -> datetime:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError as error:
-        raise CommandInvalid(
+        raise InvalidRequest(
             f"invalid as_of {value!r}: use ISO 8601, such as 2016-01-13T00:00 or "
             "2016-01-13T05:00:00Z"
         ) from error
@@ -256,7 +310,13 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
             ]
         }
 
-    @router.post("/incidents", status_code=201, response_model=AppendOut, tags=["commands"])
+    @router.post(
+        "/incidents",
+        status_code=201,
+        response_model=AppendOut,
+        responses=COMMAND_RESPONSES,
+        tags=["commands"],
+    )
     def submit_report(
         tenant_id: TenantPath,
         report: ReportIn,
@@ -284,17 +344,21 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
         )
 
     def add_command_route(name: str, body_type: type[BaseModel]) -> None:
+        # A command whose arguments are all optional may be sent without a body.
+        optional = not any(field.is_required() for field in body_type.model_fields.values())
+        body_annotation: Any = body_type | None if optional else body_type
+
         def run_command(
             tenant_id: TenantPath,
             incident_id: UUID,
-            body: body_type,  # type: ignore[valid-type]
+            body: body_annotation,
             request: Request,
             response: Response,
             service: Commands,
             if_match: Annotated[str | None, Header()] = None,
             idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
         ) -> AppendOut:
-            args = body.model_dump(mode="json", exclude_none=True)  # type: ignore[attr-defined]
+            args = body.model_dump(mode="json", exclude_none=True) if body is not None else {}
             result = service.execute(
                 tenant_id,
                 incident_id,
@@ -324,13 +388,14 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
             run_command,
             methods=["POST"],
             response_model=AppendOut,
+            responses=COMMAND_RESPONSES,
             tags=["commands"],
         )
 
     for command_name, body_model in COMMAND_BODIES.items():
         add_command_route(command_name, body_model)
 
-    @router.get("/incidents/{incident_id}", tags=["queries"])
+    @router.get("/incidents/{incident_id}", responses=PROBLEM_RESPONSES, tags=["queries"])
     def get_incident(
         tenant_id: TenantPath, incident_id: UUID, response: Response, service: Commands
     ) -> dict[str, Any]:
@@ -339,7 +404,7 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
         response.headers["ETag"] = f'"{state.version}"'
         return {"tenant_id": tenant_id, **_state_dict(state)}
 
-    @router.get("/incidents/{incident_id}/events", tags=["queries"])
+    @router.get("/incidents/{incident_id}/events", responses=PROBLEM_RESPONSES, tags=["queries"])
     def get_incident_events(
         tenant_id: TenantPath, incident_id: UUID, service: Commands
     ) -> list[dict[str, Any]]:
@@ -362,7 +427,9 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
             for event in events
         ]
 
-    @router.get("/sla/summary", response_model=SlaSummaryOut, tags=["queries"])
+    @router.get(
+        "/sla/summary", response_model=SlaSummaryOut, responses=PROBLEM_RESPONSES, tags=["queries"]
+    )
     def get_sla_summary(
         tenant_id: TenantPath,
         as_of: Annotated[

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,7 +25,7 @@ from ledger.settings import Settings, get_settings
 from ledger.store import PostgresEventStore
 
 app = typer.Typer(help="CivicPulse: an append-only incident ledger.", no_args_is_help=True)
-tenant_app = typer.Typer(help="Create and inspect tenants.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Create tenants.", no_args_is_help=True)
 import_app = typer.Typer(help="Import city 311 exports.", no_args_is_help=True)
 sla_app = typer.Typer(help="SLA figures.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
@@ -71,8 +72,12 @@ def tenant_create(
     tenant_id: Annotated[str, typer.Argument(help="Tenant id: lowercase letters, digits, -")],
     name: Annotated[str, typer.Option(help="Display name")] = "",
     time_zone: Annotated[str, typer.Option(help="IANA time zone for naive times")] = "UTC",
-    resolution_hours: Annotated[float, typer.Option(help="Default resolution target, hours")] = 72,
-    first_response_hours: Annotated[float, typer.Option(help="First-response target, hours")] = 24,
+    resolution_hours: Annotated[
+        float, typer.Option(min=0.01, help="Default resolution target, in hours")
+    ] = 72,
+    first_response_hours: Annotated[
+        float, typer.Option(min=0.01, help="First-response target, in hours")
+    ] = 24,
 ) -> None:
     """Create a tenant."""
     from ledger.tenants import create_tenant
@@ -104,16 +109,25 @@ def import_boston_command(
     ] = "America/New_York",
     workers: Annotated[int, typer.Option(min=0, help="Parser processes (0: one per CPU)")] = 0,
     rejects: Annotated[
-        Path | None, typer.Option(help="Where to write rejected rows (default: FILE.rejects.csv)")
+        Path | None,
+        typer.Option(
+            help="CSV file for rejected rows (default: FILE.rejects.csv in the current "
+            "directory); written only when rows are rejected"
+        ),
     ] = None,
     project: Annotated[bool, typer.Option(help="Bring the read models up to date after")] = True,
 ) -> None:
     """Import a City of Boston 311 export. The tenant is created when it does not exist."""
-    from ledger.imports.pipeline import ImportFileError, import_boston
+    from ledger.imports.pipeline import ImportFileError, import_boston, read_layout
     from ledger.tenants import create_tenant, load_tenant
 
     if not path.is_file():
         raise _fail(f"{path} not found: pass the path of a .csv or .csv.gz export")
+    try:
+        read_layout(path)  # before anything is created: is this an export at all?
+    except ImportFileError as error:
+        raise _fail(str(error)) from error
+    rejects_path = rejects or Path.cwd() / (path.name + ".rejects.csv")
     settings, database = _migrated()
     pool, store = _store(database)
     with pool:
@@ -153,29 +167,45 @@ def import_boston_command(
                 )
             except ImportFileError as error:
                 raise _fail(str(error)) from error
-    rejects_path = rejects or path.with_name(path.name + ".rejects.csv")
-    if report.rejected:
-        with rejects_path.open("w", newline="") as out:
-            writer = csv.writer(out)
-            writer.writerow(["row_number", "reason"])
-            writer.writerows(report.rejected)
     console.print(
-        f"{report.rows} rows read, {report.cases} cases, {report.events_appended} events "
-        f"appended, {report.events_already_present} already present, "
-        f"{len(report.rejected)} rejected" + (f" (see {rejects_path})" if report.rejected else "")
+        f"rows read: {report.rows}, cases: {report.cases}, events appended: "
+        f"{report.events_appended}, already present: {report.events_already_present}, "
+        f"rejected: {len(report.rejected)}"
     )
+    if report.rejected:
+        try:
+            with rejects_path.open("w", newline="") as out:
+                writer = csv.writer(out)
+                writer.writerow(["row_number", "reason"])
+                writer.writerows(report.rejected)
+        except OSError as error:
+            first = "; ".join(f"row {number}: {reason}" for number, reason in report.rejected[:5])
+            raise _fail(
+                f"cannot write the rejected rows to {rejects_path} ({error}); pass --rejects "
+                f"with a writable path. The first rejected rows: {first}"
+            ) from error
+        console.print(f"rejected rows are listed in {rejects_path}")
     if project:
-        from projections.runtime import catch_up, default_projections
+        _catch_up(database, settings)
 
-        applied = catch_up(database, default_projections(), settings.projector_batch_size)
-        console.print(f"read models updated with {applied} events")
+
+def _catch_up(database: Database, settings: Settings) -> None:
+    from projections.runtime import catch_up, default_projections
+
+    applied, skipped = catch_up(database, default_projections(), settings.projector_batch_size)
+    console.print(f"read models updated with {applied} events")
+    if skipped:
+        console.print(
+            f"a running projector keeps {', '.join(skipped)} up to date; check GET /status"
+        )
 
 
 @sla_app.command("summary")
 def sla_summary_command(
     tenant: Annotated[str, typer.Option(help="Tenant id")],
     as_of: Annotated[
-        str | None, typer.Option(help="ISO 8601 valid time; naive times use the tenant's zone")
+        str | None,
+        typer.Option(help="ISO 8601 valid time; naive times use the tenant's zone [default: now]"),
     ] = None,
     by: Annotated[str, typer.Option(help="category or department")] = "department",
 ) -> None:
@@ -212,12 +242,11 @@ def project(
     once: Annotated[bool, typer.Option(help="Catch up and exit instead of running")] = False,
 ) -> None:
     """Run the projector: one worker thread per read model."""
-    from projections.runtime import Projector, catch_up, default_projections
+    from projections.runtime import Projector
 
     settings, database = _migrated()
     if once:
-        applied = catch_up(database, default_projections(), settings.projector_batch_size)
-        console.print(f"applied {applied} events")
+        _catch_up(database, settings)
         return
     projector = Projector(
         database,
@@ -239,8 +268,13 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Address to listen on")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to listen on [default: CIVICPULSE_API_HOST or 127.0.0.1]"),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on [default: CIVICPULSE_API_PORT or 8000]")
+    ] = None,
 ) -> None:
     """Run the HTTP API."""
     import uvicorn
@@ -262,8 +296,13 @@ def serve(
 @app.command()
 def run(
     demo: Annotated[bool, typer.Option(help="Create and fill the demo tenant if missing")] = True,
-    host: Annotated[str | None, typer.Option(help="Address to listen on")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on")] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to listen on [default: CIVICPULSE_API_HOST or 127.0.0.1]"),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on [default: CIVICPULSE_API_PORT or 8000]")
+    ] = None,
 ) -> None:
     """Run the API and the projector in one process, on the embedded database by default."""
     import uvicorn
@@ -300,6 +339,9 @@ def run(
 
 
 def main() -> None:
+    # pgserver's platformdirs warns on every start where XDG_RUNTIME_DIR is unset, which is
+    # every server and container; it has no bearing on CivicPulse.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         app()
     except LedgerError as error:

@@ -30,6 +30,7 @@ _LEDGER_ERRORS: list[tuple[type[errors.LedgerError], int, str, str]] = [
     (errors.CommandRejected, 409, "command-not-allowed", "Command not allowed in this state"),
     (errors.CommandInvalid, 422, "invalid-command", "Invalid command"),
     (errors.InvalidEventData, 422, "invalid-data", "Invalid data"),
+    (errors.InvalidRequest, 422, "invalid-request", "Invalid request"),
     (errors.TenantNotFound, 404, "tenant-not-found", "Tenant not found"),
     (errors.IncidentNotFound, 404, "incident-not-found", "Incident not found"),
     (errors.TenantExists, 409, "tenant-exists", "Tenant exists"),
@@ -65,6 +66,39 @@ def _extra_fields(error: errors.LedgerError) -> dict[str, Any]:
     return {}
 
 
+def _json_safe(value: Any) -> Any:
+    """Return `value` as JSON can carry it: the input as sent, shortened when long."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if isinstance(value, str):
+        return value[:200]
+    text = orjson.dumps(value, default=str).decode()
+    return value if len(text) <= 200 else text[:200]
+
+
+def _invalid_item(item: Any, json_body: bool) -> dict[str, Any]:
+    location = [str(part) for part in item.get("loc", ())]
+    message = item.get("msg", "")
+    entry: dict[str, Any] = {"location": ".".join(location)}
+    if item.get("type") == "json_invalid":
+        # FastAPI puts the character offset of a JSON syntax error in the location.
+        offset = location[1] if len(location) > 1 else "?"
+        reason = item.get("ctx", {}).get("error", "syntax error")
+        entry["location"] = "body"
+        entry["message"] = (
+            f"the body is not valid JSON ({reason} at character {offset}); send a JSON object"
+        )
+        return entry
+    not_an_object = item.get("type") in ("model_attributes_type", "dict_type")
+    if location == ["body"] and not_an_object and not json_body:
+        message += "; send the body as JSON with Content-Type: application/json"
+    entry["message"] = message
+    entry["value"] = _json_safe(item.get("input"))
+    return entry
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     async def ledger_error(request: Request, error: Exception) -> ProblemResponse:
         assert isinstance(error, errors.LedgerError)
@@ -75,15 +109,9 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, error: Exception) -> ProblemResponse:
         assert isinstance(error, RequestValidationError)
-        invalid = [
-            {
-                "location": ".".join(str(part) for part in item.get("loc", ())),
-                "message": item.get("msg", ""),
-                "value": repr(item.get("input"))[:200],
-            }
-            for item in error.errors()
-        ]
-        detail = "; ".join(f"{item['location']}: {item['message']}" for item in invalid)
+        json_body = request.headers.get("content-type", "").startswith("application/json")
+        invalid = [_invalid_item(item, json_body) for item in error.errors()]
+        detail = "; ".join(f"{entry['location']}: {entry['message']}" for entry in invalid)
         return problem(request, 422, "invalid-request", "Invalid request", detail, errors=invalid)
 
     async def http_error(request: Request, error: Exception) -> ProblemResponse:
@@ -97,7 +125,15 @@ def install_problem_handlers(app: FastAPI) -> None:
         )
 
     async def unexpected_error(request: Request, error: Exception) -> ProblemResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        # Starlette raises the error again after this response, and the server logs it with
+        # its traceback; this line adds the request id.
+        logger.error(
+            "unhandled %s on %s %s (request id %s)",
+            type(error).__name__,
+            request.method,
+            request.url.path,
+            request.headers.get("x-request-id", "-"),
+        )
         return problem(
             request,
             500,

@@ -141,7 +141,9 @@ class IncidentCommands:
         """
         stream_id = incident_stream_id(incident_id)
         event_id = (
-            derived_id(tenant_id, str(incident_id), command, idempotency_key)
+            # One key names one request on this incident, whatever the command: a key reused
+            # for another command is a different body and is rejected.
+            derived_id(tenant_id, str(incident_id), "command", idempotency_key)
             if idempotency_key is not None
             else new_id()
         )

@@ -15,8 +15,8 @@ class ConcurrencyError(LedgerError):
         self.expected = expected
         self.actual = actual
         super().__init__(
-            f"stream {stream_id} is at version {actual}, not the expected {expected}; "
-            "read the stream again and retry with its current version"
+            f"{stream_id} is at version {actual}, not the expected version {expected}; "
+            "read it again and retry with its current version (for incidents, the ETag)"
         )
 
 
@@ -83,3 +83,7 @@ class CommandRejected(LedgerError):
 
 class CommandInvalid(LedgerError):
     """A lifecycle command carries a value that cannot be accepted."""
+
+
+class InvalidRequest(LedgerError):
+    """A request parameter or header (not a command argument) is malformed."""

@@ -13,7 +13,10 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # Plain tracebacks: rich ones print every local variable of every frame.
+        else structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
@@ -23,6 +26,7 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
         ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *([structlog.processors.format_exc_info] if fmt == "json" else []),
             renderer,
         ],
     )
@@ -34,3 +38,4 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     logging.getLogger("uvicorn.access").setLevel("WARNING")
     # pgserver logs every pg_ctl call at info.
     logging.getLogger("pgserver").setLevel("WARNING")
+    logging.getLogger("alembic").setLevel("WARNING")

@@ -101,14 +101,35 @@ def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_s
         return len(events)
 
 
-def catch_up(database: Database, projections: Sequence[Projection], batch_size: int = 2000) -> int:
-    """Project every event below the horizon, in this thread; return the number applied."""
+def try_own(conn: psycopg.Connection[Any], projection: Projection) -> bool:
+    """Take the session-level advisory lock that marks ownership of `projection`."""
+    row = conn.execute(
+        "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (ADVISORY_LOCK_CLASS, projection.name)
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def catch_up(
+    database: Database, projections: Sequence[Projection], batch_size: int = 2000
+) -> tuple[int, list[str]]:
+    """Project every event below the horizon, in this thread.
+
+    Projections owned by a running projector are skipped: their owner applies the events.
+    Returns the number of events applied and the names of the skipped projections.
+    """
     total = 0
-    with database.connect() as conn:
+    skipped = []
+    with database.connect(autocommit=True) as lock_conn, database.connect() as conn:
         for projection in projections:
+            if not try_own(lock_conn, projection):
+                logger.info(
+                    "projection %s is owned by a running projector; skipped", projection.name
+                )
+                skipped.append(projection.name)
+                continue
             while applied := project_batch(conn, projection, batch_size):
                 total += applied
-    return total
+    return total, skipped
 
 
 class ProjectionWorker(threading.Thread):
@@ -159,11 +180,7 @@ class ProjectionWorker(threading.Thread):
             # Wait for ownership: the lock is held by this connection's session and released
             # by the server when the owning process dies.
             while not self.stop_event.is_set():
-                owned = lock_conn.execute(
-                    "SELECT pg_try_advisory_lock(%s, hashtext(%s))",
-                    (ADVISORY_LOCK_CLASS, self.projection.name),
-                ).fetchone()
-                if owned and owned[0]:
+                if try_own(lock_conn, self.projection):
                     break
                 self.stop_event.wait(self.poll_seconds)
             else:

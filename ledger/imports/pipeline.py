@@ -132,6 +132,20 @@ def _read_blocks(path: Path, progress: ProgressCallback | None) -> Iterator[tupl
             progress(total, total)
 
 
+def read_layout(path: Path) -> Layout:
+    """Read the header of an export; raise ImportFileError when it is not a Boston export."""
+    raw, stream = _open_binary(path)
+    with raw, stream:
+        try:
+            head = stream.read(BLOCK_BYTES)
+        except (OSError, EOFError) as error:
+            raise ImportFileError(f"cannot read {path}: {error}") from error
+    if not head:
+        raise ImportFileError(f"{path} is empty: expected a header row")
+    end = first_record_end(head)
+    return _layout(path, head[:end] if end > 0 else head)
+
+
 def _layout(path: Path, header_line: bytes) -> Layout:
     try:
         header = next(csv.reader([header_line.decode("utf-8-sig", errors="replace")]))

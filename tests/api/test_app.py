@@ -146,6 +146,8 @@ def test_invalid_report_is_422(
     response = client.post(f"/tenants/{tenant_id}/incidents", json=body)
     problem = assert_problem(response, 422, location)
     assert problem["errors"][0]["location"] == location
+    if "value" in problem["errors"][0] and location in body:
+        assert problem["errors"][0]["value"] == body[location.removeprefix("body.")]
 
 
 def test_malformed_json_is_422(client: TestClient, tenant_id: str) -> None:
@@ -210,5 +212,9 @@ def test_invalid_as_of_is_422(client: TestClient, tenant_id: str) -> None:
 
 def test_openapi_lists_commands(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
+    close = paths["/tenants/{tenant_id}/incidents/{incident_id}/close"]["post"]
+
     assert "/tenants/{tenant_id}/incidents/{incident_id}/mark-duplicate" in paths
     assert "/tenants/{tenant_id}/sla/summary" in paths
+    assert set(close["responses"]) >= {"200", "404", "409", "422"}
+    assert "application/problem+json" in close["responses"]["409"]["content"]

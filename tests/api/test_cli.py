@@ -67,12 +67,19 @@ def test_embedded_database_keeps_data_between_runs(tmp_path: Path) -> None:
 def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
     env = cli_env(tmp_path / "pgdata")
     missing = civicpulse("import", "boston", str(tmp_path / "nope.csv"), env=env)
+    not_export = tmp_path / "notes.csv"
+    not_export.write_text("id,text\n1,hello\n")
+    wrong_format = civicpulse("import", "boston", str(not_export), "--tenant", "x2", env=env)
     bad_zone = civicpulse("tenant", "create", "x1", "--time-zone", "Mars/Olympus", env=env)
 
     assert missing.returncode == 2
     assert "nope.csv not found" in missing.stderr
     assert bad_zone.returncode == 2
     assert "unknown time zone 'Mars/Olympus'" in bad_zone.stderr
+    assert wrong_format.returncode == 2
+    assert "missing column(s) CASE_ENQUIRY_ID, OPEN_DT" in wrong_format.stderr
+    # Nothing was created for the failed import, so the tenant id is still free.
+    assert civicpulse("tenant", "create", "x2", env=env).returncode == 0
 
 
 @pytest.mark.slow

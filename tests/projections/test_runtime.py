@@ -231,3 +231,22 @@ def test_failed_batch_names_events_and_rolls_back(
     assert incident_stream_id(incident) in str(raised.value)
     assert "positions" in str(raised.value)
     assert checkpoint == Checkpoint()
+
+
+def test_catch_up_skips_owned_projection(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    from projections.runtime import try_own
+
+    incident = uuid.uuid4()
+    fresh_store.append(
+        "acme", incident_stream_id(incident), [submitted(incident)], expected_version=0
+    )
+    incidents, sla = default_projections()
+
+    with fresh_database.connect(autocommit=True) as owner:
+        assert try_own(owner, sla)
+        applied, skipped = catch_up(fresh_database, [incidents, sla])
+
+    assert applied == 1
+    assert skipped == ["sla"]

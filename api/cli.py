@@ -33,6 +33,14 @@ app.add_typer(import_app, name="import")
 app.add_typer(sla_app, name="sla")
 
 console = Console(stderr=True, soft_wrap=True)
+
+HostOption = Annotated[
+    str | None,
+    typer.Option(help="Address to listen on (default: CIVICPULSE_API_HOST or 127.0.0.1)"),
+]
+PortOption = Annotated[
+    int | None, typer.Option(help="Port to listen on (default: CIVICPULSE_API_PORT or 8000)")
+]
 logger = logging.getLogger("civicpulse")
 
 
@@ -205,7 +213,7 @@ def sla_summary_command(
     tenant: Annotated[str, typer.Option(help="Tenant id")],
     as_of: Annotated[
         str | None,
-        typer.Option(help="ISO 8601 valid time; naive times use the tenant's zone [default: now]"),
+        typer.Option(help="ISO 8601 valid time; naive times use the tenant's zone (default: now)"),
     ] = None,
     by: Annotated[str, typer.Option(help="category or department")] = "department",
 ) -> None:
@@ -268,13 +276,8 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 @app.command()
 def serve(
-    host: Annotated[
-        str | None,
-        typer.Option(help="Address to listen on [default: CIVICPULSE_API_HOST or 127.0.0.1]"),
-    ] = None,
-    port: Annotated[
-        int | None, typer.Option(help="Port to listen on [default: CIVICPULSE_API_PORT or 8000]")
-    ] = None,
+    host: HostOption = None,
+    port: PortOption = None,
 ) -> None:
     """Run the HTTP API."""
     import uvicorn
@@ -296,13 +299,8 @@ def serve(
 @app.command()
 def run(
     demo: Annotated[bool, typer.Option(help="Create and fill the demo tenant if missing")] = True,
-    host: Annotated[
-        str | None,
-        typer.Option(help="Address to listen on [default: CIVICPULSE_API_HOST or 127.0.0.1]"),
-    ] = None,
-    port: Annotated[
-        int | None, typer.Option(help="Port to listen on [default: CIVICPULSE_API_PORT or 8000]")
-    ] = None,
+    host: HostOption = None,
+    port: PortOption = None,
 ) -> None:
     """Run the API and the projector in one process, on the embedded database by default."""
     import uvicorn

@@ -121,7 +121,7 @@ def event_hash(
     """Hash an event's content together with the hash of the event before it in its stream.
 
     Position, transaction id and `recorded_at` are assigned by the database and are not
-    covered; ledger seals cover positions.
+    covered. TODO: cover them with seals over ranges of positions, which do not exist yet.
     """
     return event_hash_serialized(
         previous_hash,

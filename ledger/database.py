@@ -1,4 +1,4 @@
-"""Where the database is: a server named by DATABASE_URL, or an embedded one.
+"""Database location: a server named by DATABASE_URL, or an embedded one.
 
 Two connection strings come out of here. The owner connection runs migrations and creates
 the application role. The application connection logs in as that role, which may read and

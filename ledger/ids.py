@@ -1,6 +1,8 @@
-"""Identifiers: derived from names where retries and re-imports must map to the same id,
-and ordered by time or by source number, so that new index entries land at the end of the
-primary-key and unique indexes instead of at random pages.
+"""Identifiers for incidents and events.
+
+Ids are derived from names where retries and re-imports must map to the same id. They are
+ordered by time or by source number, so new index entries land at the end of the unique
+indexes instead of on random pages.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class ImportFileError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """Where the needed columns sit in the file's rows."""
+    """Positions of the needed columns in the file's rows, and the row width."""
 
     indexes: tuple[int, ...]
     width: int

@@ -17,14 +17,14 @@ from ledger.database import Database
 from ledger.imports.pipeline import import_boston
 from projections.runtime import catch_up, default_projections
 from projections.sla_queries import sla_summary, sla_verdicts
-from tests.conftest import BOSTON_FILE
+from tests.conftest import boston_file
 
 AS_OF = datetime(2016, 1, 13, tzinfo=ZoneInfo("America/New_York"))
 
 
 @pytest.mark.slow
 def test_boston_verdicts_match_city(fresh_database: Database) -> None:
-    with gzip.open(BOSTON_FILE, "rt", encoding="utf-8", newline="") as source:
+    with gzip.open(boston_file(), "rt", encoding="utf-8", newline="") as source:
         city = {
             row["CASE_ENQUIRY_ID"]: row["OnTime_Status"]
             for row in csv.DictReader(source)
@@ -33,7 +33,9 @@ def test_boston_verdicts_match_city(fresh_database: Database) -> None:
     assert len(city) == 120_992
 
     with fresh_database.connect() as conn:
-        report = import_boston(conn, BOSTON_FILE, tenant_id="boston", time_zone="America/New_York")
+        report = import_boston(
+            conn, boston_file(), tenant_id="boston", time_zone="America/New_York"
+        )
     assert report.rejected == []
     assert report.cases == 121_145
     catch_up(fresh_database, default_projections(), batch_size=5000)

@@ -15,13 +15,13 @@ from ledger.ids import incident_stream_id
 from ledger.imports.boston import case_ids
 from ledger.imports.pipeline import ImportFileError, import_boston
 from ledger.store import PostgresEventStore
-from tests.conftest import BOSTON_FILE
+from tests.conftest import boston_file
 
 NEW_YORK = "America/New_York"
 
 
 def boston_header() -> list[str]:
-    with gzip.open(BOSTON_FILE, "rt", encoding="utf-8", newline="") as source:
+    with gzip.open(boston_file(), "rt", encoding="utf-8", newline="") as source:
         return next(csv.reader(source))
 
 
@@ -235,7 +235,7 @@ def test_unusable_file_rejected(
 def test_real_export_sample_imports(
     database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
 ) -> None:
-    with gzip.open(BOSTON_FILE, "rt", encoding="utf-8", newline="") as source:
+    with gzip.open(boston_file(), "rt", encoding="utf-8", newline="") as source:
         lines = [next(source) for _ in range(2001)]
     path = tmp_path / "sample.csv"
     path.write_text("".join(lines), encoding="utf-8")

@@ -11,9 +11,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID, uuid4
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request, Response
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from api.problems import install_problem_handlers
 from ledger.commands import Actor, IncidentCommands
@@ -23,7 +24,8 @@ from ledger.ids import incident_stream_id
 from ledger.lifecycle import COMMANDS
 from ledger.store import PostgresEventStore
 from ledger.tenants import require_tenant
-from projections.sla_queries import SlaCounts, sla_summary
+from projections.runtime import projection_progress
+from projections.sla_queries import SlaCounts, consistent_snapshot, sla_summary
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +88,11 @@ class ReportIn(BaseModel):
         if isinstance(data, dict):
             personal = sorted(PERSONAL_FIELDS & set(data))
             if personal:
-                raise ValueError(
-                    f"personal data ({', '.join(personal)}) is not accepted yet: reports "
-                    "cannot store a reporter's contact details; leave these fields out"
+                raise PydanticCustomError(
+                    "personal_data",
+                    "personal data ({fields}) is not accepted yet: reports cannot store a "
+                    "reporter's contact details; leave these fields out",
+                    {"fields": ", ".join(personal)},
                 )
         return data
 
@@ -177,6 +181,13 @@ class SlaCountsOut(BaseModel):
 class SlaSummaryOut(BaseModel):
     tenant_id: str
     as_of: datetime
+    caught_up: bool = Field(
+        description="False while the projector is still applying events: the figures are "
+        "then partial. GET /status shows its progress."
+    )
+    projected_position: int = Field(
+        description="Log position up to which the SLA read model has applied events."
+    )
     totals: SlaCountsOut
     by_category: list[SlaCountsOut]
     by_department: list[SlaCountsOut]
@@ -201,24 +212,34 @@ def get_commands(request: Request) -> IncidentCommands:
 
 Commands = Annotated[IncidentCommands, Depends(get_commands)]
 
-_ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,10})"?\s*$')
+_ETAG = re.compile(r'^\s*(W/)?"?(\d{1,20})"?\s*$')
 MAX_VERSION = 2**31 - 1  # stream versions are PostgreSQL integers
 
 
 def parse_if_match(value: str | None) -> int | None:
-    """Read the expected stream version from an If-Match header (`"3"`, `W/"3"` or `3`).
+    """Read the expected stream version from an If-Match header (`"3"`, or `3`).
 
     `*` matches any version, as no header does.
     """
     if value is None or value.strip() == "*":
         return None
     match = _ETAG.fullmatch(value)
-    if not match or not 1 <= int(match.group(1)) <= MAX_VERSION:
+    if not match:
         raise InvalidRequest(
             f"invalid If-Match header {value!r}: send the ETag that GET on the incident "
-            "returned, a quoted version number"
+            'returned, a quoted version number such as "3"'
         )
-    return int(match.group(1))
+    if match.group(1):
+        raise InvalidRequest(
+            f"invalid If-Match header {value!r}: a weak ETag never matches If-Match; send "
+            "the strong ETag that GET on the incident returned"
+        )
+    version = int(match.group(2))
+    if not 1 <= version <= MAX_VERSION:
+        raise InvalidRequest(
+            f"invalid If-Match header {value!r}: versions run from 1 to {MAX_VERSION}"
+        )
+    return version
 
 
 def parse_as_of(value: str | None, zone_name: str) -> datetime:
@@ -287,26 +308,17 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
     def status() -> dict[str, Any]:
         """Report each projection's checkpoint and whether it has read the whole log."""
         with pool.connection() as conn:
-            rows = conn.execute(
-                """
-                SELECT c.projection, c.tx_id, c.position, c.updated_at,
-                       NOT EXISTS (
-                           SELECT 1 FROM events e
-                           WHERE (e.tx_id, e.position) > (c.tx_id, c.position)
-                       ) AS caught_up
-                FROM projection_checkpoints c ORDER BY c.projection
-                """
-            ).fetchall()
+            progress = projection_progress(conn)
         return {
             "projections": [
                 {
-                    "name": name,
-                    "tx_id": tx_id,
-                    "position": position,
-                    "updated_at": updated_at,
-                    "caught_up": caught_up,
+                    "name": item.name,
+                    "tx_id": item.checkpoint.tx_id,
+                    "position": item.checkpoint.position,
+                    "updated_at": item.updated_at,
+                    "caught_up": item.caught_up,
                 }
-                for name, tx_id, position, updated_at, caught_up in rows
+                for item in progress.values()
             ]
         }
 
@@ -347,16 +359,19 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
         # A command whose arguments are all optional may be sent without a body.
         optional = not any(field.is_required() for field in body_type.model_fields.values())
         body_annotation: Any = body_type | None if optional else body_type
+        # Body(...) marks a required body; it stands as a default only so that the body can
+        # come after the other parameters.
+        body_default: Any = Body(default=None) if optional else Body(...)
 
         def run_command(
             tenant_id: TenantPath,
             incident_id: UUID,
-            body: body_annotation,
             request: Request,
             response: Response,
             service: Commands,
             if_match: Annotated[str | None, Header()] = None,
             idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+            body: body_annotation = body_default,
         ) -> AppendOut:
             args = body.model_dump(mode="json", exclude_none=True) if body is not None else {}
             result = service.execute(
@@ -443,14 +458,17 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
         """Count incidents and breaches of their resolution targets, by type and department."""
         tenant = require_tenant(store, tenant_id)
         moment = parse_as_of(as_of, tenant.time_zone)
-        with pool.connection() as conn:
+        with pool.connection() as conn, consistent_snapshot(conn):
             summary = sla_summary(conn, tenant_id, moment)
+            progress = projection_progress(conn).get("sla")
         totals = SlaCounts()
         for counts in summary["category"].values():
             totals += counts
         return SlaSummaryOut(
             tenant_id=tenant_id,
             as_of=moment,
+            caught_up=progress.caught_up if progress else False,
+            projected_position=progress.checkpoint.position if progress else 0,
             totals=_counts_out(None, totals),
             by_category=[_counts_out(k, v) for k, v in _sorted(summary["category"])],
             by_department=[_counts_out(k, v) for k, v in _sorted(summary["department"])],

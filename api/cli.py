@@ -113,8 +113,12 @@ def import_boston_command(
     path: Annotated[Path, typer.Argument(help="Boston 311 export, .csv or .csv.gz")],
     tenant: Annotated[str, typer.Option(help="Tenant to import into")] = "boston",
     time_zone: Annotated[
-        str, typer.Option(help="Time zone of the naive times; used when creating the tenant")
-    ] = "America/New_York",
+        str | None,
+        typer.Option(
+            help="Time zone of the file's naive times (default: the tenant's zone, or "
+            "America/New_York for a new tenant); must match an existing tenant's zone"
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(min=0, help="Parser processes (0: one per CPU)")] = 0,
     rejects: Annotated[
         Path | None,
@@ -146,11 +150,16 @@ def import_boston_command(
                     store,
                     tenant,
                     name=tenant,
-                    time_zone=time_zone,
+                    time_zone=time_zone or "America/New_York",
                     occurred_at=datetime.now(UTC),
                 )
             except LedgerError as error:
                 raise _fail(str(error)) from error
+        elif time_zone is not None and time_zone != config.time_zone:
+            raise _fail(
+                f"tenant {tenant} reads naive times in {config.time_zone}, not {time_zone}; "
+                "drop --time-zone, or import into a tenant created with that zone"
+            )
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -201,10 +210,12 @@ def _catch_up(database: Database, settings: Settings) -> None:
     from projections.runtime import catch_up, default_projections
 
     applied, skipped = catch_up(database, default_projections(), settings.projector_batch_size)
-    console.print(f"read models updated with {applied} events")
+    if len(skipped) < len(default_projections()):
+        console.print(f"read models updated with {applied} events")
     if skipped:
         console.print(
-            f"a running projector keeps {', '.join(skipped)} up to date; check GET /status"
+            f"a running projector is applying the events to {', '.join(skipped)}; "
+            "GET /status shows its progress"
         )
 
 
@@ -220,7 +231,8 @@ def sla_summary_command(
     """Print on-time rates as of a moment."""
     from api.app import parse_as_of
     from ledger.tenants import require_tenant
-    from projections.sla_queries import GROUPINGS, sla_summary
+    from projections.runtime import projection_progress
+    from projections.sla_queries import GROUPINGS, consistent_snapshot, sla_summary
 
     if by not in GROUPINGS:
         raise _fail(f"invalid --by {by!r}: use category or department")
@@ -232,8 +244,15 @@ def sla_summary_command(
             moment = parse_as_of(as_of, config.time_zone)
         except LedgerError as error:
             raise _fail(str(error)) from error
-        with pool.connection() as conn:
+        with pool.connection() as conn, consistent_snapshot(conn):
             summary = sla_summary(conn, tenant, moment)[by]
+            progress = projection_progress(conn).get("sla")
+        if progress is None or not progress.caught_up:
+            console.print(
+                "[yellow]warning:[/yellow] the SLA read model has not applied every event "
+                "yet, so these figures are partial; run `civicpulse project --once` or wait "
+                "for the running projector"
+            )
     table = Table(title=f"{tenant} as of {moment.isoformat()}")
     for column in (by, "total", "open", "breached", "on time"):
         table.add_column(column, justify="left" if column == by else "right")

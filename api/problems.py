@@ -87,13 +87,17 @@ def _invalid_item(item: Any, json_body: bool) -> dict[str, Any]:
         offset = location[1] if len(location) > 1 else "?"
         reason = item.get("ctx", {}).get("error", "syntax error")
         entry["location"] = "body"
-        entry["message"] = (
-            f"the body is not valid JSON ({reason} at character {offset}); send a JSON object"
-        )
+        entry["message"] = f"not valid JSON ({reason} at character {offset}); send a JSON object"
         return entry
-    not_an_object = item.get("type") in ("model_attributes_type", "dict_type")
-    if location == ["body"] and not_an_object and not json_body:
-        message += "; send the body as JSON with Content-Type: application/json"
+    if location == ["body"]:
+        # An error about the body as a whole: never echo the body back, which may contain
+        # what the error is about (personal data, say).
+        if item.get("type") == "missing":
+            message = "missing: send a JSON object with the command's arguments (see /docs)"
+        elif item.get("type") in ("model_attributes_type", "dict_type") and not json_body:
+            message += "; send the body as JSON with Content-Type: application/json"
+        entry["message"] = message
+        return entry
     entry["message"] = message
     entry["value"] = _json_safe(item.get("input"))
     return entry

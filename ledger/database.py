@@ -91,7 +91,7 @@ def start_embedded_server(settings: Settings) -> str:
     key = str(data_dir)
     if key not in _embedded_servers:
         data_dir.mkdir(parents=True, exist_ok=True)
-        logger.info("starting embedded PostgreSQL in %s", data_dir)
+        logger.info("using the embedded PostgreSQL in %s (started if not running)", data_dir)
         _embedded_servers[key] = pgserver.get_server(  # type: ignore[attr-defined]
             data_dir, cleanup_mode="stop"
         )

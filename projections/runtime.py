@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -45,6 +47,33 @@ def load_checkpoint(conn: psycopg.Connection[Any], name: str) -> Checkpoint:
     ).fetchone()
     assert row is not None
     return Checkpoint(int(row[0]), int(row[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionProgress:
+    """How far a projection has read the log."""
+
+    name: str
+    checkpoint: Checkpoint
+    updated_at: datetime | None
+    caught_up: bool
+
+
+def projection_progress(conn: psycopg.Connection[Any]) -> dict[str, ProjectionProgress]:
+    """Return each projection's checkpoint and whether any committed event lies beyond it."""
+    rows = conn.execute(
+        """
+        SELECT c.projection, c.tx_id, c.position, c.updated_at,
+               NOT EXISTS (
+                   SELECT 1 FROM events e WHERE (e.tx_id, e.position) > (c.tx_id, c.position)
+               )
+        FROM projection_checkpoints c ORDER BY c.projection
+        """
+    ).fetchall()
+    return {
+        name: ProjectionProgress(name, Checkpoint(int(tx_id), position), updated_at, caught_up)
+        for name, tx_id, position, updated_at, caught_up in rows
+    }
 
 
 class CheckpointMoved(Exception):

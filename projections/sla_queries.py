@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from projections.sla import NOT_JUDGED, RESOLUTION_BREACHED_SQL, resolution_breached
 from replay.point_in_time import straddling_sla_states
@@ -42,10 +45,32 @@ class SlaCounts:
         )
 
 
+@contextmanager
+def consistent_snapshot(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Run the enclosed queries on one snapshot, unless the caller's transaction decides.
+
+    Without it, the projector could commit between two queries of one summary and its
+    parts would not add up.
+    """
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        yield
+        return
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        yield
+
+
 def sla_verdicts(
     conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
 ) -> dict[UUID, bool]:
     """Return, for each judged incident that existed at `as_of`, whether it was breached."""
+    with consistent_snapshot(conn):
+        return _sla_verdicts(conn, tenant_id, as_of)
+
+
+def _sla_verdicts(
+    conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
+) -> dict[UUID, bool]:
     verdicts = {
         row[0]: row[1]
         for row in conn.execute(
@@ -72,6 +97,13 @@ def sla_summary(
     Rejected and duplicate incidents are not judged and not counted. Incidents without a
     target count as on time.
     """
+    with consistent_snapshot(conn):
+        return _sla_summary(conn, tenant_id, as_of)
+
+
+def _sla_summary(
+    conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
+) -> dict[str, dict[str | None, SlaCounts]]:
     result: dict[str, dict[str | None, SlaCounts]] = {}
     straddling = [
         state

@@ -325,17 +325,25 @@ def parse_block(
     rows: list[tuple[int, list[str]]] = []
     rejects: list[tuple[int, str]] = []
     number = 0
-    try:
-        for number, values in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
-            if len(values) != width:
-                if values:
-                    rejects.append(
-                        (number, f"row has {len(values)} fields, the header has {width}")
-                    )
-                continue
-            rows.append((number, [values[i] if i >= 0 else "" for i in indexes]))
-    except csv.Error as error:
-        rejects.append((number + 1, f"invalid CSV: {error}; the rest of this block is skipped"))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            # The reader goes on with the next record. Keep the reason, not the csv
+            # module's advice on opening files that follows " - ".
+            number += 1
+            reason = str(error).split(" - ")[0]
+            rejects.append((number, f"invalid CSV: {reason}"))
+            continue
+        number += 1
+        if len(values) != width:
+            if values:
+                rejects.append((number, f"row has {len(values)} fields, the header has {width}"))
+            continue
+        rows.append((number, [values[i] if i >= 0 else "" for i in indexes]))
     chunk = parse_chunk(tenant_id, time_zone, source_file, rows, "\x00" in text)
     chunk.rejects = sorted(rejects + chunk.rejects)
     chunk.records = number

@@ -150,25 +150,6 @@ def test_invalid_report_is_422(
         assert problem["errors"][0]["value"] == body[location.removeprefix("body.")]
 
 
-def test_malformed_json_is_422(client: TestClient, tenant_id: str) -> None:
-    response = client.post(
-        f"/tenants/{tenant_id}/incidents",
-        content=b"{not json",
-        headers={"content-type": "application/json"},
-    )
-    assert_problem(response, 422)
-
-
-def test_invalid_if_match_is_422(client: TestClient, tenant_id: str) -> None:
-    incident = submit(client, tenant_id).json()["incident_id"]
-    response = client.post(
-        f"/tenants/{tenant_id}/incidents/{incident}/acknowledge",
-        json={},
-        headers={"If-Match": "yesterday"},
-    )
-    assert_problem(response, 422, "'yesterday'")
-
-
 def test_unknown_ids_are_404(client: TestClient, tenant_id: str) -> None:
     incident = submit(client, tenant_id).json()["incident_id"]
     other = f"t-{uuid.uuid4().hex[:10]}"
@@ -196,6 +177,8 @@ def test_sla_summary_as_of(client: TestClient, tenant_id: str, database: Databas
     ).json()
 
     assert now["totals"]["total"] == 2
+    assert now["caught_up"] is True
+    assert now["projected_position"] > 0
     assert now["totals"]["open"] == 1
     assert now["totals"]["breached"] == 0
     assert now["by_category"][0]["key"] == "Water leak"
@@ -218,3 +201,107 @@ def test_openapi_lists_commands(client: TestClient) -> None:
     assert "/tenants/{tenant_id}/sla/summary" in paths
     assert set(close["responses"]) >= {"200", "404", "409", "422"}
     assert "application/problem+json" in close["responses"]["409"]["content"]
+
+
+def test_malformed_json_is_422(client: TestClient, tenant_id: str) -> None:
+    response = client.post(
+        f"/tenants/{tenant_id}/incidents",
+        content=b'{"description": "x", ',
+        headers={"content-type": "application/json"},
+    )
+
+    problem = assert_problem(response, 422, "not valid JSON", "at character 21")
+    assert problem["errors"][0]["location"] == "body"
+
+
+def test_plain_text_body_gets_content_type_hint(client: TestClient, tenant_id: str) -> None:
+    response = client.post(
+        f"/tenants/{tenant_id}/incidents",
+        content=b"pothole",
+        headers={"content-type": "text/plain"},
+    )
+    assert_problem(response, 422, "Content-Type: application/json")
+
+
+def test_invalid_value_is_echoed_as_sent(client: TestClient, tenant_id: str) -> None:
+    response = client.post(f"/tenants/{tenant_id}/incidents", json={**REPORT, "latitude": 500})
+
+    problem = assert_problem(response, 422, "body.latitude")
+    assert problem["errors"][0]["value"] == 500
+
+
+def test_nan_latitude_rejected(client: TestClient, tenant_id: str) -> None:
+    response = client.post(
+        f"/tenants/{tenant_id}/incidents",
+        content=b'{"description": "x", "latitude": NaN}',
+        headers={"content-type": "application/json"},
+    )
+    assert_problem(response, 422, "body.latitude")
+
+
+@pytest.mark.parametrize("field", ["reporter_email", "phone"])
+def test_personal_data_rejected(client: TestClient, tenant_id: str, field: str) -> None:
+    response = client.post(
+        f"/tenants/{tenant_id}/incidents", json={**REPORT, field: "someone@example.org"}
+    )
+
+    problem = assert_problem(response, 422, "personal data", field)
+    assert "someone@example.org" not in response.text
+    assert problem["detail"].startswith("body: personal data")
+
+
+def test_command_without_body(client: TestClient, tenant_id: str) -> None:
+    incident = submit(client, tenant_id).json()["incident_id"]
+    base = f"/tenants/{tenant_id}/incidents/{incident}"
+
+    acknowledged = client.post(f"{base}/acknowledge", headers={"If-Match": "*"})
+    started = client.post(
+        f"{base}/start-work",
+        content=b"",
+        headers={"content-type": "application/json", "If-Match": '"2"'},
+    )
+    assign = client.post(f"{base}/assign")
+
+    assert acknowledged.status_code == 200, acknowledged.text
+    assert acknowledged.json()["version"] == 2
+    assert started.status_code == 200, started.text
+    assert started.json()["version"] == 3
+    assert_problem(assign, 422, "send a JSON object")
+
+
+def test_openapi_marks_optional_bodies(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    acknowledge = paths["/tenants/{tenant_id}/incidents/{incident_id}/acknowledge"]["post"]
+    assign = paths["/tenants/{tenant_id}/incidents/{incident_id}/assign"]["post"]
+    close = paths["/tenants/{tenant_id}/incidents/{incident_id}/close"]["post"]
+
+    assert acknowledge["requestBody"].get("required", False) is False
+    assert assign["requestBody"]["required"] is True
+    assert set(close["responses"]) >= {"200", "404", "409", "422"}
+    assert "application/problem+json" in close["responses"]["409"]["content"]
+
+
+def test_same_key_for_other_command_rejected(client: TestClient, tenant_id: str) -> None:
+    incident = submit(client, tenant_id).json()["incident_id"]
+    base = f"/tenants/{tenant_id}/incidents/{incident}"
+
+    first = client.post(f"{base}/acknowledge", headers={"Idempotency-Key": "k-7"})
+    again = client.post(f"{base}/acknowledge", headers={"Idempotency-Key": "k-7"})
+    other = client.post(f"{base}/start-work", headers={"Idempotency-Key": "k-7"})
+
+    assert first.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert_problem(other, 422, "k-7")
+
+
+@pytest.mark.parametrize(
+    "value", ["yesterday", '"18446744073709551616"', '"0"', '"2147483648"', 'W/"1"']
+)
+def test_invalid_if_match_is_422(client: TestClient, tenant_id: str, value: str) -> None:
+    incident = submit(client, tenant_id).json()["incident_id"]
+    response = client.post(
+        f"/tenants/{tenant_id}/incidents/{incident}/acknowledge", headers={"If-Match": value}
+    )
+
+    problem = assert_problem(response, 422, "If-Match")
+    assert problem["type"].endswith("/invalid-request")

@@ -121,3 +121,34 @@ def test_run_serves_demo_sla_summary(tmp_path: Path) -> None:
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_import_time_zone_must_match_tenant(tmp_path: Path) -> None:
+    import gzip
+
+    from tests.conftest import boston_file
+
+    with gzip.open(boston_file(), "rt", encoding="utf-8", newline="") as source:
+        header = source.readline()
+    export = tmp_path / "header-only.csv"
+    export.write_text(header)
+    env = cli_env(tmp_path / "pgdata")
+
+    created = civicpulse("tenant", "create", "zone-check", "--time-zone", "UTC", env=env)
+    mismatch = civicpulse(
+        "import",
+        "boston",
+        str(export),
+        "--tenant",
+        "zone-check",
+        "--time-zone",
+        "America/Chicago",
+        env=env,
+    )
+    matching = civicpulse("import", "boston", str(export), "--tenant", "zone-check", env=env)
+
+    assert created.returncode == 0, created.stderr
+    assert mismatch.returncode == 2
+    assert "reads naive times in UTC, not America/Chicago" in mismatch.stderr
+    assert matching.returncode == 0, matching.stderr
+    assert "rows read: 0" in matching.stderr

@@ -317,3 +317,20 @@ def test_nul_character_rejects_row(
 
     assert report.rejected == [(2, "invalid CASE_TITLE: contains a NUL character")]
     assert report.events_appended == 1
+
+
+def test_oversized_field_rejects_only_its_row(
+    database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
+) -> None:
+    header = boston_header()
+    rows = [
+        make_row(header, **case("7001", "06/01/2015 09:00:00 AM")),
+        make_row(header, **case("7002", "06/01/2015 09:00:00 AM", CASE_TITLE="x" * 200_000)),
+        make_row(header, **case("7003", "06/01/2015 09:00:00 AM")),
+    ]
+    report = run_import(database, write_export(tmp_path / "export.csv", rows), tenant)
+
+    assert [number for number, _ in report.rejected] == [3]
+    assert "field larger than field limit" in report.rejected[0][1]
+    assert report.events_appended == 2
+    assert store.stream_version(tenant, stream_of(tenant, "7003")) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 # First key of the two-key advisory locks that mark projection ownership.
 ADVISORY_LOCK_CLASS = 0x4350  # "CP"
 NOTIFY_CHANNEL = "civicpulse_events"
+# Longest a worker waiting for events takes to notice that it should stop.
+STOP_CHECK_SECONDS = 0.5
 
 
 def default_projections() -> list[Projection]:
@@ -239,9 +242,18 @@ class ProjectionWorker(threading.Thread):
                 logger.debug("projection %s applied %d events", self.projection.name, applied)
                 continue
             # Caught up: sleep until a notification or the poll interval. Notifications only
-            # shorten the wait; polling finds events whose notification was missed.
-            for _ in listen_conn.notifies(timeout=self.poll_seconds, stop_after=1):
-                pass
+            # shorten the wait; polling finds events whose notification was missed. The wait
+            # runs in short slices so that a stop request is seen within one of them.
+            self._wait_for_notification(listen_conn)
+
+    def _wait_for_notification(self, listen_conn: psycopg.Connection[Any]) -> None:
+        deadline = time.monotonic() + self.poll_seconds
+        while not self.stop_event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for _ in listen_conn.notifies(timeout=min(remaining, STOP_CHECK_SECONDS), stop_after=1):
+                return
 
 
 class Projector:

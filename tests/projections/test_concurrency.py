@@ -91,25 +91,31 @@ def test_reader_sees_each_event_once_whatever_commit_order(
 def test_notification_wakes_projector(
     fresh_database: Database, fresh_store: PostgresEventStore
 ) -> None:
-    # The poll interval is far longer than the wait below: only LISTEN/NOTIFY can explain
-    # a quick update.
+    def projected(count: int) -> bool:
+        with fresh_database.connect() as conn:
+            row = conn.execute("SELECT count(*) FROM incidents").fetchone()
+        return row == (count,)
+
+    # The poll interval is far longer than the waits below: once the workers are idle,
+    # only LISTEN/NOTIFY can explain a quick update.
     projector = Projector(fresh_database, poll_seconds=60)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    fresh_store.append("acme", incident_stream_id(first), [report(first)], expected_version=0)
     projector.start()
     try:
-        time.sleep(1.0)  # let the workers take ownership and start listening
-        incident = uuid.uuid4()
-        fresh_store.append(
-            "acme", incident_stream_id(incident), [report(incident)], expected_version=0
-        )
-
-        def projected() -> bool:
-            with fresh_database.connect() as conn:
-                row = conn.execute("SELECT count(*) FROM incidents").fetchone()
-            return row == (1,)
-
-        assert _wait_for(projected, 10)
+        # The first event is read by each worker's first batch, before it starts waiting.
+        assert _wait_for(lambda: projected(1), 30)
+        time.sleep(0.5)
+        fresh_store.append("acme", incident_stream_id(second), [report(second)], expected_version=0)
+        assert _wait_for(lambda: projected(2), 10)
     finally:
+        stopping = time.monotonic()
         projector.stop()
+        stop_seconds = time.monotonic() - stopping
+
+    # Stopping does not wait out the 60 s poll interval.
+    assert stop_seconds < 3
+    assert not any(worker.is_alive() for worker in projector.workers)
 
 
 def test_two_projectors_and_concurrent_writers(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from ledger.ids import new_id
 JsonObject = dict[str, Any]
 
 GENESIS_HASH = bytes(32)
+_LENGTHS = struct.Struct(">QQQ")
 
 # orjson writes integral floats from 1e16 up with an exponent; PostgreSQL's numeric type
 # prints them back as plain integers, which orjson reads as int. Such floats are stored as
@@ -171,11 +173,12 @@ def event_hash_serialized(
             occurred_at_utc,
         ]
     )
-    digest = hashlib.sha256(previous_hash or GENESIS_HASH)
-    for part in (header, payload_json, metadata_json):
-        digest.update(len(part).to_bytes(8, "big"))
-        digest.update(part)
-    return digest.digest()
+    # One SHA-256 over the previous hash, the three part lengths and the parts: the
+    # lengths keep the parts apart, and a single call is what a bulk import can afford.
+    lengths = _LENGTHS.pack(len(header), len(payload_json), len(metadata_json))
+    return hashlib.sha256(
+        b"".join((previous_hash or GENESIS_HASH, lengths, header, payload_json, metadata_json))
+    ).digest()
 
 
 def recorded_event_hash(event: RecordedEvent, previous_hash: bytes | None) -> bytes:

@@ -56,8 +56,16 @@ def ordered_id_from_digest(number: int, digest: str) -> str:
     if not 0 <= number <= MAX_ORDERED_NUMBER:
         raise ValueError(f"number {number} does not fit the 48-bit prefix of an ordered id")
     prefix = f"{number:012x}"
-    variant = "89ab"[int(digest[3], 16) & 0x3]
-    return f"{prefix[:8]}-{prefix[8:]}-8{digest[:3]}-{variant}{digest[4:7]}-{digest[7:19]}"
+    return ordered_id_with_prefix(f"{prefix[:8]}-{prefix[8:]}-8", digest)
+
+
+# The RFC 9562 variant digit for each hex digit of a digest: its low two bits after "10".
+_VARIANT = {digit: "89ab"[int(digit, 16) & 0x3] for digit in "0123456789abcdef"}
+
+
+def ordered_id_with_prefix(prefix: str, digest: str) -> str:
+    """Finish an ordered id from its formatted prefix ("xxxxxxxx-xxxx-8") and a digest."""
+    return f"{prefix}{digest[:3]}-{_VARIANT[digest[3]]}{digest[4:7]}-{digest[7:19]}"
 
 
 def new_id() -> UUID:

@@ -359,8 +359,8 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
         # A command whose arguments are all optional may be sent without a body.
         optional = not any(field.is_required() for field in body_type.model_fields.values())
         body_annotation: Any = body_type | None if optional else body_type
-        # Body(...) marks a required body; it stands as a default only so that the body can
-        # come after the other parameters.
+        # Body(...) marks a required body. It is written as a default only so that the body
+        # can come after the other parameters.
         body_default: Any = Body(default=None) if optional else Body(...)
 
         def run_command(

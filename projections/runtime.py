@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 # First key of the two-key advisory locks that mark projection ownership.
 ADVISORY_LOCK_CLASS = 0x4350  # "CP"
 NOTIFY_CHANNEL = "civicpulse_events"
-# Longest a worker waiting for events takes to notice that it should stop.
+# Maximum time a worker waiting for events takes to notice a stop request, in seconds.
 STOP_CHECK_SECONDS = 0.5
 
 

@@ -30,12 +30,13 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import psycopg
-from psycopg import sql
+from psycopg import Copy, sql
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
@@ -97,7 +98,8 @@ def copy_text_of(path: Path) -> bytes:
     return boston.parse_chunk("bench", TIME_ZONE, path.name, rows).events_copy
 
 
-def raw_copy(database: Database, events_copy: bytes) -> tuple[int, float]:
+def timed_copy(database: Database, write: Callable[[Copy], None]) -> tuple[int, float]:
+    """Create the bare table, then time one COPY into it; return rows and seconds."""
     with database.connect_owner() as conn:
         conn.execute(BARE_TABLE)
         conn.commit()
@@ -107,10 +109,14 @@ def raw_copy(database: Database, events_copy: bytes) -> tuple[int, float]:
                 "COPY bare_events (tenant_id, stream_id, stream_version, event_type, "
                 "schema_version, payload, metadata, occurred_at, event_id, hash) FROM STDIN"
             ) as copy:
-                copy.write(events_copy)
+                write(copy)
             rows = cur.rowcount
         conn.commit()
         return rows, time.perf_counter() - started
+
+
+def raw_copy(database: Database, events_copy: bytes) -> tuple[int, float]:
+    return timed_copy(database, lambda copy: copy.write(events_copy))
 
 
 def row_tuples(events_copy: bytes) -> list[tuple[Any, ...]]:
@@ -137,20 +143,12 @@ def row_tuples(events_copy: bytes) -> list[tuple[Any, ...]]:
 
 def raw_copy_rows(database: Database, rows: list[tuple[Any, ...]]) -> tuple[int, float]:
     """COPY the rows into the bare table, formatted by psycopg as they are written."""
-    with database.connect_owner() as conn:
-        conn.execute(BARE_TABLE)
-        conn.commit()
-        started = time.perf_counter()
-        with conn.cursor() as cur:
-            with cur.copy(
-                "COPY bare_events (tenant_id, stream_id, stream_version, event_type, "
-                "schema_version, payload, metadata, occurred_at, event_id, hash) FROM STDIN"
-            ) as copy:
-                for row in rows:
-                    copy.write_row(row)
-            count = cur.rowcount
-        conn.commit()
-        return count, time.perf_counter() - started
+
+    def write(copy: Copy) -> None:
+        for row in rows:
+            copy.write_row(row)
+
+    return timed_copy(database, write)
 
 
 def cpu_seconds(who: int) -> float:

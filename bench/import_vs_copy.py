@@ -7,7 +7,7 @@ fresh database:
   events table's columns and no keys, indexes, defaults or triggers;
 - raw COPY of Python rows: the same events as Python values (dicts, datetimes, UUIDs),
   formatted by psycopg while they are copied into the bare table, as an application that
-  already holds its rows would do;
+  already has its rows in memory would do;
 - import: the whole pipeline from the .csv.gz file (reading, parsing in a process pool,
   hashing, COPY into the real events table with its indexes, stream heads).
 
@@ -120,7 +120,7 @@ def raw_copy(database: Database, events_copy: bytes) -> tuple[int, float]:
 
 
 def row_tuples(events_copy: bytes) -> list[tuple[Any, ...]]:
-    """The same events as Python values, as an application holds rows before a COPY."""
+    """Decode the COPY text into Python values, as an application has rows before a COPY."""
     rows = []
     for line in events_copy.decode().splitlines():
         event = EventLine.decode(line)
@@ -151,8 +151,8 @@ def raw_copy_rows(database: Database, rows: list[tuple[Any, ...]]) -> tuple[int,
     return timed_copy(database, write)
 
 
-def cpu_seconds(who: int) -> float:
-    usage = resource.getrusage(who)
+def cpu_seconds(process_group: int) -> float:
+    usage = resource.getrusage(process_group)
     return usage.ru_utime + usage.ru_stime
 
 

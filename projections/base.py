@@ -133,8 +133,8 @@ class IncidentRowProjection(Projection, Generic[State]):
                 ).format(target=target, columns=column_list, staging=staging, updates=updates)
             )
             cur.execute(sql.SQL("TRUNCATE {}").format(staging))
-            gone = [key for key, state in states.items() if state is None]
-            for tenant_id, stream_id in gone:
+            removed = [key for key, state in states.items() if state is None]
+            for tenant_id, stream_id in removed:
                 cur.execute(
                     sql.SQL("DELETE FROM {} WHERE tenant_id = %s AND incident_id = %s").format(
                         target

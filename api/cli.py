@@ -172,7 +172,7 @@ def import_boston_command(
         def advance(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        with database.connect() as conn:
+        with database.connect_owner() as conn:
             try:
                 report = import_boston(
                     conn,

@@ -43,7 +43,7 @@ from psycopg.types.json import Jsonb
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ledger.database import Database, app_conninfo_for  # noqa: E402
+from ledger.database import Database  # noqa: E402
 from ledger.imports import boston  # noqa: E402
 from ledger.imports.copytext import EventLine  # noqa: E402
 from ledger.imports.pipeline import import_boston  # noqa: E402
@@ -79,7 +79,7 @@ def fresh_database(server_conninfo: str) -> tuple[str, Database]:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     owner = make_conninfo(server_conninfo, dbname=name)
     settings = Settings(database_url=owner)
-    database = Database(owner, app_conninfo_for(owner, settings.app_role, None), settings.app_role)
+    database = Database.for_owner(owner, settings)
     migrate(database, settings)
     return name, database
 
@@ -157,7 +157,7 @@ def cpu_seconds(process_group: int) -> float:
 
 
 def pipeline_import(database: Database, path: Path, workers: int | None) -> tuple[int, float]:
-    with database.connect() as conn:
+    with database.connect_owner() as conn:
         own, children = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         report = import_boston(conn, path, tenant_id="bench", time_zone=TIME_ZONE, workers=workers)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from ledger.database import set_tenant
 from ledger.errors import CommandInvalid, ConcurrencyError, IncidentNotFound
 from ledger.events import NewEvent, canonical_json
 from ledger.ids import derived_id, incident_stream_id, new_id
@@ -174,4 +175,5 @@ class IncidentCommands:
 
     def _replay(self, tenant_id: str, stream_id: str, probe: NewEvent) -> AppendResult | None:
         with self.store.pool.connection() as conn:
+            set_tenant(conn, tenant_id)
             return find_stored(conn, tenant_id, stream_id, [probe])

@@ -1,8 +1,9 @@
 """Database location: a server named by DATABASE_URL, or an embedded one.
 
-Two connection strings come out of here. The owner connection runs migrations and creates
-the application role. The application connection logs in as that role, which may read and
-append events but cannot update or delete them.
+Three connection strings come out of here. The owner connection runs migrations and creates
+the other two roles. The application role (the API) sees one tenant's rows at a time; the
+worker role (projectors, scheduler, imports) reads across tenants. Neither may update or
+delete events.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import psycopg
 from psycopg import sql
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
+from psycopg.pq import TransactionStatus
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import set_json_dumps, set_json_loads
+from pydantic import SecretStr
 
 from ledger.settings import Settings
 
@@ -57,21 +60,62 @@ class Database:
     owner_conninfo: str
     app_conninfo: str
     app_role: str
+    worker_conninfo: str
+    worker_role: str
     embedded: bool = False
+
+    @classmethod
+    def for_owner(cls, owner_conninfo: str, settings: Settings, *, embedded: bool = False) -> Database:
+        """Derive the role connection strings from the owner's, unless settings name them."""
+        app_password = _secret(settings.app_role_password)
+        worker_password = _secret(settings.worker_role_password)
+        return cls(
+            owner_conninfo=owner_conninfo,
+            app_conninfo=settings.app_database_url
+            or app_conninfo_for(owner_conninfo, settings.app_role, app_password),
+            app_role=settings.app_role,
+            worker_conninfo=settings.worker_database_url
+            or app_conninfo_for(owner_conninfo, settings.worker_role, worker_password),
+            worker_role=settings.worker_role,
+            embedded=embedded,
+        )
 
     def connect_owner(self, **kwargs: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(self.owner_conninfo, **kwargs)
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
-        """Open a connection as the application role.
+        """Open a connection as the application role, which sees no rows until
+        `set_tenant` names a tenant for the transaction.
 
         Pass `application_name` to tell the connection apart in pg_stat_activity.
         """
         return psycopg.connect(self.app_conninfo, **kwargs)
 
+    def connect_worker(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        """Open a connection as the worker role, which reads and appends for every tenant."""
+        return psycopg.connect(self.worker_conninfo, **kwargs)
+
+
+def set_tenant(conn: psycopg.Connection[Any], tenant_id: str) -> None:
+    """Scope the connection's current transaction to one tenant's rows.
+
+    Row-level security on every tenant table compares against this setting, which ends
+    with the transaction. On a connection outside a transaction it opens one, unless the
+    connection is in autocommit mode, where the setting would end at once: that is an error.
+    """
+    if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+        raise RuntimeError(
+            "set_tenant needs a transaction: open one with conn.transaction() first"
+        )
+    conn.execute("SELECT set_config('civicpulse.tenant_id', %s, true)", (tenant_id,))
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
 
 def app_conninfo_for(owner_conninfo: str, role: str, password: str | None) -> str:
-    """Return the owner's connection string with the application role swapped in."""
+    """Return the owner's connection string with `role` swapped in."""
     parts = conninfo_to_dict(owner_conninfo)
     parts["user"] = role
     parts.pop("password", None)
@@ -117,8 +161,4 @@ def resolve_database(settings: Settings) -> Database:
     else:
         owner = start_embedded_server(settings)
         embedded = True
-    password = settings.app_role_password.get_secret_value() if settings.app_role_password else None
-    app = settings.app_database_url or app_conninfo_for(owner, settings.app_role, password)
-    return Database(
-        owner_conninfo=owner, app_conninfo=app, app_role=settings.app_role, embedded=embedded
-    )
+    return Database.for_owner(owner, settings, embedded=embedded)

@@ -23,13 +23,12 @@ class ConcurrencyError(LedgerError):
 class StreamTenantMismatch(LedgerError):
     """An append would put events of one tenant into another tenant's stream."""
 
-    def __init__(self, stream_id: str, owner: str, tenant_id: str) -> None:
+    def __init__(self, stream_id: str, tenant_id: str) -> None:
         self.stream_id = stream_id
         super().__init__(
             f"stream {stream_id} belongs to another tenant and cannot take events of "
             f"tenant {tenant_id}; use a new stream id"
         )
-        self.owner = owner
 
 
 class IdempotencyKeyReused(LedgerError):

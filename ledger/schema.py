@@ -24,6 +24,10 @@ def alembic_config(database: Database, settings: Settings) -> Config:
     config.attributes["app_role"] = database.app_role
     if settings.app_role_password is not None:
         config.attributes["app_role_password"] = settings.app_role_password.get_secret_value()
+    config.attributes["worker_role"] = database.worker_role
+    if settings.worker_role_password is not None:
+        secret = settings.worker_role_password.get_secret_value()
+        config.attributes["worker_role_password"] = secret
     return config
 
 

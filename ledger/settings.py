@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     )
     app_role: str = Field(default="civicpulse_app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     app_role_password: SecretStr | None = None
+    worker_database_url: str | None = Field(
+        default=None,
+        description="Connection string for the worker role (projectors, scheduler, imports); "
+        "derived from DATABASE_URL by swapping in the worker role when unset.",
+    )
+    worker_role: str = Field(default="civicpulse_worker", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    worker_role_password: SecretStr | None = None
     database_name: str = Field(
         default="civicpulse",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",

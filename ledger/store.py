@@ -14,6 +14,7 @@ from psycopg import errors as pg_errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from ledger.database import set_tenant
 from ledger.errors import (
     ConcurrencyError,
     IdempotencyKeyReused,
@@ -117,21 +118,28 @@ class PostgresEventStore:
             raise ValueError("append needs at least one event")
         prepared = [_prepare(event) for event in events]
         if conn is not None:
+            set_tenant(conn, tenant_id)
             with conn.transaction():
                 return self._append_locked(conn, tenant_id, stream_id, prepared, expected_version)
         try:
-            with self.pool.connection() as conn, conn.transaction():
-                return self._append_locked(conn, tenant_id, stream_id, prepared, expected_version)
+            with self.pool.connection() as conn:
+                set_tenant(conn, tenant_id)
+                with conn.transaction():
+                    return self._append_locked(
+                        conn, tenant_id, stream_id, prepared, expected_version
+                    )
         except (ConcurrencyError, pg_errors.UniqueViolation) as error:
             # A concurrent request with the same event ids may have won the race: if so,
             # this append is a retry of it and gets the first result.
             with self.pool.connection() as conn:
+                set_tenant(conn, tenant_id)
                 replay = find_stored(conn, tenant_id, stream_id, prepared)
             if replay is not None:
                 return replay
             if isinstance(error, ConcurrencyError):
                 raise
             with self.pool.connection() as conn:
+                set_tenant(conn, tenant_id)
                 current = _stream_version(conn, stream_id)
             raise ConcurrencyError(
                 stream_id, expected_version if expected_version is not None else -1, current
@@ -159,10 +167,10 @@ class PostgresEventStore:
             "SELECT tenant_id, version, head_hash FROM streams WHERE stream_id = %s FOR UPDATE",
             (stream_id,),
         ).fetchone()
-        assert head is not None
-        owner, version, head_hash = head
-        if owner != tenant_id:
-            raise StreamTenantMismatch(stream_id, owner, tenant_id)
+        # Under row-level security another tenant's stream head is not even visible.
+        if head is None or head[0] != tenant_id:
+            raise StreamTenantMismatch(stream_id, tenant_id)
+        _, version, head_hash = head
 
         # Checked under the lock, so a retry that arrives after the first request committed
         # gets the first result rather than a version conflict.
@@ -238,10 +246,12 @@ class PostgresEventStore:
     ) -> list[RecordedEvent]:
         """Read a tenant's stream in version order; empty when it does not exist."""
         with self.pool.connection() as conn:
+            set_tenant(conn, tenant_id)
             return read_stream(conn, tenant_id, stream_id, occurred_until=occurred_until)
 
     def stream_version(self, tenant_id: str, stream_id: str) -> int:
         with self.pool.connection() as conn:
+            set_tenant(conn, tenant_id)
             row = conn.execute(
                 "SELECT version FROM streams WHERE stream_id = %s AND tenant_id = %s",
                 (stream_id, tenant_id),

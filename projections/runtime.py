@@ -151,7 +151,7 @@ def catch_up(
     """
     total = 0
     skipped = []
-    with database.connect(autocommit=True) as lock_conn, database.connect() as conn:
+    with database.connect_worker(autocommit=True) as lock_conn, database.connect_worker() as conn:
         for projection in projections:
             if not try_own(lock_conn, projection):
                 logger.info(
@@ -208,7 +208,7 @@ class ProjectionWorker(threading.Thread):
 
     def _own_and_project(self) -> None:
         name = f"civicpulse-projector-{self.projection.name}"
-        with self.database.connect(autocommit=True, application_name=name) as lock_conn:
+        with self.database.connect_worker(autocommit=True, application_name=name) as lock_conn:
             # Wait for ownership: the lock is held by this connection's session and released
             # by the server when the owning process dies.
             while not self.stop_event.is_set():
@@ -219,8 +219,8 @@ class ProjectionWorker(threading.Thread):
                 return
             logger.info("projection worker %s owns its projection", self.projection.name)
             with (
-                self.database.connect(application_name=name) as work_conn,
-                self.database.connect(autocommit=True, application_name=name) as listen_conn,
+                self.database.connect_worker(application_name=name) as work_conn,
+                self.database.connect_worker(autocommit=True, application_name=name) as listen_conn,
             ):
                 listen_conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                 self._loop(work_conn, listen_conn)

@@ -13,6 +13,7 @@ from uuid import UUID
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from ledger.database import set_tenant
 from projections.sla import NOT_JUDGED, RESOLUTION_BREACHED_SQL, resolution_breached
 from replay.point_in_time import straddling_sla_states
 
@@ -65,6 +66,7 @@ def sla_verdicts(
 ) -> dict[UUID, bool]:
     """Return, for each judged incident that existed at `as_of`, whether it was breached."""
     with consistent_snapshot(conn):
+        set_tenant(conn, tenant_id)
         return _sla_verdicts(conn, tenant_id, as_of)
 
 
@@ -98,6 +100,7 @@ def sla_summary(
     target count as on time.
     """
     with consistent_snapshot(conn):
+        set_tenant(conn, tenant_id)
         return _sla_summary(conn, tenant_id, as_of)
 
 

@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool
 
-from ledger.database import Database, app_conninfo_for
+from ledger.database import Database
 from ledger.schema import migrate
 from ledger.settings import Settings
 from ledger.store import PostgresEventStore
@@ -67,11 +67,7 @@ def _create_database(server_conninfo: str) -> tuple[str, Database]:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     owner = make_conninfo(server_conninfo, dbname=name)
     settings = Settings(database_url=owner)
-    database = Database(
-        owner_conninfo=owner,
-        app_conninfo=app_conninfo_for(owner, settings.app_role, None),
-        app_role=settings.app_role,
-    )
+    database = Database.for_owner(owner, settings)
     migrate(database, settings)
     return name, database
 
@@ -106,6 +102,16 @@ def _pool(database: Database) -> ConnectionPool[Any]:
 @pytest.fixture(scope="session")
 def session_pool(database: Database) -> Iterator[ConnectionPool[Any]]:
     pool = _pool(database)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def worker_pool(database: Database) -> Iterator[ConnectionPool[Any]]:
+    """Connections as the worker role, which projects and reads across tenants."""
+    pool: ConnectionPool[Any] = ConnectionPool(
+        database.worker_conninfo, min_size=1, max_size=4, open=True
+    )
     yield pool
     pool.close()
 

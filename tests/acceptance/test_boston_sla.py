@@ -32,7 +32,7 @@ def test_boston_verdicts_match_city(fresh_database: Database) -> None:
         }
     assert len(city) == 120_992
 
-    with fresh_database.connect() as conn:
+    with fresh_database.connect_owner() as conn:
         report = import_boston(
             conn, boston_file(), tenant_id="boston", time_zone="America/New_York"
         )

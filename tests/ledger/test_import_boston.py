@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ledger.database import Database
+from ledger.database import Database, set_tenant
 from ledger.events import recorded_event_hash
 from ledger.ids import incident_stream_id
 from ledger.imports.boston import case_ids
@@ -71,7 +71,7 @@ def tenant() -> str:
 
 
 def run_import(database: Database, path: Path, tenant: str, workers: int = 2):  # type: ignore[no-untyped-def]
-    with database.connect() as conn:
+    with database.connect_owner() as conn:
         return import_boston(conn, path, tenant_id=tenant, time_zone=NEW_YORK, workers=workers)
 
 
@@ -145,6 +145,7 @@ def test_reimport_adds_nothing(
     assert again.events_appended == 0
     assert again.events_already_present == 75
     with store.pool.connection() as conn:
+        set_tenant(conn, tenant)
         count = conn.execute(
             "SELECT count(*) FROM events WHERE tenant_id = %s", (tenant,)
         ).fetchone()

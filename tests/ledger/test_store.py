@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger.database import Database
+from ledger.database import Database, set_tenant
 from ledger.errors import (
     ConcurrencyError,
     IdempotencyKeyReused,
@@ -31,8 +31,9 @@ def event(n: int = 0, **payload: Any) -> NewEvent:
     return NewEvent("Noted", {"n": n, **payload}, T0 + timedelta(minutes=n))
 
 
-def count_events(store: PostgresEventStore, stream_id: str) -> int:
+def count_events(store: PostgresEventStore, stream_id: str, tenant_id: str = "acme") -> int:
     with store.pool.connection() as conn:
+        set_tenant(conn, tenant_id)
         row = conn.execute(
             "SELECT count(*) FROM events WHERE stream_id = %s", (stream_id,)
         ).fetchone()
@@ -238,17 +239,22 @@ def test_hash_survives_jsonb_round_trip(store: PostgresEventStore, payload: dict
     assert recorded.hash == recorded_event_hash(recorded, None)
 
 
-def test_app_role_cannot_update_or_delete(database: Database, store: PostgresEventStore) -> None:
+@pytest.mark.parametrize("role", ["app", "worker"])
+def test_roles_cannot_update_or_delete(
+    database: Database, store: PostgresEventStore, role: str
+) -> None:
     stream = new_stream()
     store.append("acme", stream, [event(1)], expected_version=0)
+    connect = database.connect if role == "app" else database.connect_worker
 
     for statement in (
         "UPDATE events SET payload = '{}' WHERE stream_id = %s",
         "DELETE FROM events WHERE stream_id = %s",
     ):
-        with database.connect() as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        with connect() as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            set_tenant(conn, "acme")
             conn.execute(statement, (stream,))
-    with database.connect() as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+    with connect() as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("TRUNCATE events")
     assert count_events(store, stream) == 1
 
@@ -274,8 +280,10 @@ def test_trigger_stops_even_the_owner(database: Database, store: PostgresEventSt
     assert count_events(store, stream) == 1
 
 
-def test_app_role_owns_nothing(database: Database) -> None:
-    with database.connect() as conn:
+@pytest.mark.parametrize("role", ["app", "worker"])
+def test_roles_own_nothing(database: Database, role: str) -> None:
+    connect = database.connect if role == "app" else database.connect_worker
+    with connect() as conn:
         owned = conn.execute(
             "SELECT count(*) FROM pg_class WHERE relowner = (SELECT oid FROM pg_roles "
             "WHERE rolname = current_user)"
@@ -293,7 +301,7 @@ def test_reader_waits_for_earlier_open_transaction(
     early_stream, late_stream = new_stream(), new_stream()
 
     # The early transaction takes its position first and stays open.
-    early = fresh_database.connect()
+    early = fresh_database.connect_worker()
     early.execute(
         """
         INSERT INTO events (tenant_id, stream_id, stream_version, event_type, schema_version,
@@ -305,7 +313,7 @@ def test_reader_waits_for_earlier_open_transaction(
     )
     fresh_store.append("acme", late_stream, [event(2)], expected_version=0)
 
-    with fresh_database.connect(autocommit=True) as reader:
+    with fresh_database.connect_worker(autocommit=True) as reader:
         seen_while_open = read_after(reader, Checkpoint(), 100)
         early.commit()
         early.close()

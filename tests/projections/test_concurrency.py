@@ -54,12 +54,12 @@ def test_reader_sees_each_event_once_whatever_commit_order(
         steps.append((append_at + commit_after + 1, writer, "commit"))
     steps.sort()
 
-    connections = [fresh_database.connect() for _ in schedule]
+    connections = [fresh_database.connect_worker() for _ in schedule]
     seen: list[tuple[int, int]] = []
     checkpoint = Checkpoint()
     appended: list[int] = []
     try:
-        with fresh_database.connect(autocommit=True) as reader:
+        with fresh_database.connect_worker(autocommit=True) as reader:
             for _, writer, action in steps:
                 conn = connections[writer]
                 if action == "append":
@@ -92,7 +92,7 @@ def test_notification_wakes_projector(
     fresh_database: Database, fresh_store: PostgresEventStore
 ) -> None:
     def projected(count: int) -> bool:
-        with fresh_database.connect() as conn:
+        with fresh_database.connect_worker() as conn:
             row = conn.execute("SELECT count(*) FROM incidents").fetchone()
         return row == (count,)
 
@@ -141,12 +141,12 @@ def test_two_projectors_and_concurrent_writers(
         for thread in writers:
             thread.join()
 
-        with fresh_database.connect() as conn:
+        with fresh_database.connect_worker() as conn:
             events = read_after(conn, Checkpoint(), 100_000)
         last = (events[-1].tx_id, events[-1].position)
 
         def caught_up() -> bool:
-            with fresh_database.connect() as conn:
+            with fresh_database.connect_worker() as conn:
                 rows = conn.execute("SELECT tx_id, position FROM projection_checkpoints").fetchall()
             return len(rows) == 2 and all((int(tx), pos) == last for tx, pos in rows)
 
@@ -156,7 +156,7 @@ def test_two_projectors_and_concurrent_writers(
             projector.stop()
 
     assert len(events) == 200
-    with fresh_database.connect() as conn:
+    with fresh_database.connect_worker() as conn:
         for projection in default_projections():
             assert projection.read_all(conn) == projection.fold(events)  # type: ignore[attr-defined]
         owners = conn.execute("SELECT count(*) FROM incidents WHERE status = 'acknowledged'")

@@ -58,7 +58,7 @@ def test_projector_waits_for_earlier_open_transaction(
     recording = RecordingProjection()
     incidents = default_projections()[0]
 
-    early = fresh_database.connect()
+    early = fresh_database.connect_worker()
     early.execute("SELECT 1")  # open the transaction before taking a position
     fresh_store.append(
         "acme", incident_stream_id(early_id), [submitted(early_id)], expected_version=0, conn=early
@@ -67,7 +67,7 @@ def test_projector_waits_for_earlier_open_transaction(
         "acme", incident_stream_id(late_id), [submitted(late_id, 5)], expected_version=0
     )
 
-    with fresh_database.connect() as conn:
+    with fresh_database.connect_worker() as conn:
         applied_while_open = project_batch(conn, recording, 100)
         project_batch(conn, incidents, 100)
         early.commit()
@@ -97,7 +97,7 @@ def test_checkpoint_stops_a_second_owner(
     recording = RecordingProjection()
 
     # Two connections both read from the same checkpoint; only the first commit may move it.
-    with fresh_database.connect() as first, fresh_database.connect() as second:
+    with fresh_database.connect_worker() as first, fresh_database.connect_worker() as second:
         assert project_batch(first, recording, 10) == 1
         assert project_batch(second, recording, 10) == 0
         with first.transaction():
@@ -116,7 +116,7 @@ def test_streaming_equals_fresh_fold(
     # Small batches: many checkpoints, incidents split across batches.
     catch_up(fresh_database, projections, batch_size=7)
 
-    with fresh_database.connect() as conn:
+    with fresh_database.connect_worker() as conn:
         events = read_after(conn, Checkpoint(), 100_000)
         for projection in projections:
             assert projection.read_all(conn) == projection.fold(events)  # type: ignore[attr-defined]
@@ -153,12 +153,12 @@ def test_projector_killed_mid_batch_recovers(
     fresh_database: Database, fresh_store: PostgresEventStore, tmp_path: Path
 ) -> None:
     seed_demo(fresh_store, "demo", incidents=400, seed=11, end=T0)
-    with fresh_database.connect() as conn:
+    with fresh_database.connect_worker() as conn:
         events = read_after(conn, Checkpoint(), 1_000_000)
     last = (events[-1].tx_id, events[-1].position)
 
     def checkpoints() -> dict[str, tuple[int, int]]:
-        with fresh_database.connect() as conn:
+        with fresh_database.connect_worker() as conn:
             return {
                 row[0]: (int(row[1]), int(row[2]))
                 for row in conn.execute(
@@ -167,7 +167,7 @@ def test_projector_killed_mid_batch_recovers(
             }
 
     def in_batch() -> bool:
-        with fresh_database.connect() as conn:
+        with fresh_database.connect_worker() as conn:
             busy = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
                 "'civicpulse-projector-%%' AND state IN ('active', 'idle in transaction')"
@@ -200,7 +200,7 @@ def test_projector_killed_mid_batch_recovers(
         if restarted.poll() is None:
             restarted.kill()
 
-    with fresh_database.connect() as conn:
+    with fresh_database.connect_worker() as conn:
         for projection in default_projections():
             assert projection.read_all(conn) == projection.fold(events)  # type: ignore[attr-defined]
 
@@ -222,7 +222,7 @@ def test_failed_batch_names_events_and_rolls_back(
         "acme", incident_stream_id(incident), [submitted(incident)], expected_version=0
     )
 
-    with fresh_database.connect() as conn:
+    with fresh_database.connect_worker() as conn:
         with pytest.raises(BatchFailed) as raised:
             project_batch(conn, FailingProjection(), 10)
         with conn.transaction():
@@ -244,7 +244,7 @@ def test_catch_up_skips_owned_projection(
     )
     incidents, sla = default_projections()
 
-    with fresh_database.connect(autocommit=True) as owner:
+    with fresh_database.connect_worker(autocommit=True) as owner:
         assert try_own(owner, sla)
         applied, skipped = catch_up(fresh_database, [incidents, sla])
 

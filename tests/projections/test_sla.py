@@ -7,6 +7,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg_pool import ConnectionPool
 
 from ledger import lifecycle as lc
 from ledger.events import NewEvent, RecordedEvent
@@ -221,13 +222,14 @@ def _append_histories(
 )
 def test_batched_streaming_equals_fold(
     store: PostgresEventStore,
+    worker_pool: ConnectionPool[Any],
     history: list[list[tuple[str, int]]],
     cuts: list[int],
     due_hours: int,
 ) -> None:
     tenant = f"p-{uuid.uuid4().hex[:10]}"
     incidents = _append_histories(store, tenant, history, due_hours)
-    with store.pool.connection() as conn:
+    with worker_pool.connection() as conn:
         events = [
             event
             for incident in incidents
@@ -259,6 +261,7 @@ def test_batched_streaming_equals_fold(
 )
 def test_as_of_equals_fold_of_events_valid_then(
     store: PostgresEventStore,
+    worker_pool: ConnectionPool[Any],
     history: list[list[tuple[str, int]]],
     as_of_hours: int,
     due_hours: int,
@@ -280,7 +283,7 @@ def test_as_of_equals_fold_of_events_valid_then(
             expected[state.incident_id] = resolution_breached(state, as_of)
             counts[state.category] = counts.get(state.category, 0) + 1
 
-    with store.pool.connection() as conn, conn.transaction(force_rollback=True):
+    with worker_pool.connection() as conn, conn.transaction(force_rollback=True):
         events = [
             event
             for incident in incidents

@@ -17,8 +17,8 @@ import psycopg
 from psycopg import sql
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
-from psycopg.pq import TransactionStatus
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import set_json_dumps, set_json_loads
 from pydantic import SecretStr
 
@@ -65,7 +65,9 @@ class Database:
     embedded: bool = False
 
     @classmethod
-    def for_owner(cls, owner_conninfo: str, settings: Settings, *, embedded: bool = False) -> Database:
+    def for_owner(
+        cls, owner_conninfo: str, settings: Settings, *, embedded: bool = False
+    ) -> Database:
         """Derive the role connection strings from the owner's, unless settings name them."""
         app_password = _secret(settings.app_role_password)
         worker_password = _secret(settings.worker_role_password)
@@ -104,9 +106,7 @@ def set_tenant(conn: psycopg.Connection[Any], tenant_id: str) -> None:
     connection is in autocommit mode, where the setting would end at once: that is an error.
     """
     if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
-        raise RuntimeError(
-            "set_tenant needs a transaction: open one with conn.transaction() first"
-        )
+        raise RuntimeError("set_tenant needs a transaction: open one with conn.transaction() first")
     conn.execute("SELECT set_config('civicpulse.tenant_id', %s, true)", (tenant_id,))
 
 

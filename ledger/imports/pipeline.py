@@ -169,8 +169,9 @@ def import_boston(
     """Import a Boston 311 export (.csv or .csv.gz) into `tenant_id`.
 
     `conn` must be the owner's connection: PostgreSQL rejects COPY FROM into a table with
-    row-level security for every role the policies apply to. Bad rows are collected in the report with their row number and reason; good rows are
-    imported. Raises ImportFileError when the file itself cannot be read.
+    row-level security for every role the policies apply to. Bad rows are collected in the
+    report with their row number and reason; good rows are imported. Raises ImportFileError
+    when the file itself cannot be read.
     """
     validate_tenant_id(tenant_id)
     report = ImportReport()

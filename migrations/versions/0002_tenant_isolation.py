@@ -108,7 +108,9 @@ def upgrade() -> None:
         f"TO {worker_role}"
     )
     # The API reads read models and checkpoints, and writes neither.
-    op.execute(f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON incidents, incident_sla FROM {app_role}")
+    op.execute(
+        f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON incidents, incident_sla FROM {app_role}"
+    )
     op.execute(f"REVOKE INSERT, UPDATE ON projection_checkpoints FROM {app_role}")
 
 

@@ -35,7 +35,11 @@ def tenant_tables(database: Database) -> list[str]:
 def _tenant(store: PostgresEventStore) -> str:
     tenant = f"iso-{uuid.uuid4().hex[:8]}"
     create_tenant(
-        store, tenant, name="Isolated", time_zone="UTC", occurred_at=datetime(2015, 1, 1, tzinfo=UTC)
+        store,
+        tenant,
+        name="Isolated",
+        time_zone="UTC",
+        occurred_at=datetime(2015, 1, 1, tzinfo=UTC),
     )
     return tenant
 

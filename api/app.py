@@ -11,16 +11,18 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID, uuid4
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, Header, Query, Request, Response
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from api.auth import actor_of, allow, document_roles
 from api.problems import install_problem_handlers
-from ledger.commands import Actor, IncidentCommands
+from ledger.commands import IncidentCommands
 from ledger.database import Database
-from ledger.errors import InvalidRequest
+from ledger.errors import IncidentNotFound, InvalidRequest
 from ledger.ids import incident_stream_id
+from ledger.keys import Principal, Role, issue_key, list_keys, revoke_key
 from ledger.lifecycle import COMMANDS
 from ledger.store import PostgresEventStore
 from ledger.tenants import require_tenant
@@ -29,6 +31,7 @@ from projections.sla_queries import SlaCounts, consistent_snapshot, sla_summary
 
 logger = logging.getLogger(__name__)
 
+TENANT = "/tenants/{tenant_id}"
 TenantPath = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
 
 
@@ -56,7 +59,9 @@ def _problem_response(description: str) -> dict[str, Any]:
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: _problem_response("Tenant or incident not found"),
+    401: _problem_response("API key missing, malformed, unknown, revoked or expired"),
+    403: _problem_response("The key's role may not do this"),
+    404: _problem_response("Tenant or incident not found (also for other tenants' ids)"),
     422: _problem_response("Invalid request: each error names the field and the value"),
 }
 COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -260,11 +265,38 @@ def parse_as_of(value: str | None, zone_name: str) -> datetime:
     return moment
 
 
-def _actor(request: Request) -> Actor:
-    # TODO: take the actor and role from the API key once keys and roles exist. Until then
-    # the caller names itself in X-Actor and is recorded as unauthenticated.
-    name = request.headers.get("x-actor", "anonymous")[:200]
-    return Actor(name=name, role="unauthenticated", channel="api")
+class KeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    role: Role
+    name: str = Field(min_length=1, max_length=200, description="Who holds the key")
+    expires_at: datetime | None = Field(
+        default=None, description="When the key stops working (ISO 8601 with an offset)"
+    )
+
+
+class KeyOut(BaseModel):
+    key_id: UUID
+    role: Role
+    name: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class IssuedKeyOut(KeyOut):
+    token: str = Field(description="The key itself. It is shown this once and never again.")
+
+
+class RevokeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+Reporter = Role.REPORTER
+Staff = Role.STAFF
+Officer = Role.OFFICER
+Admin = Role.ADMIN
 
 
 def _request_id(request: Request) -> str:
@@ -296,7 +328,7 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
     )
     install_problem_handlers(app)
     app.state.commands = commands
-    router = APIRouter(prefix="/tenants/{tenant_id}")
+    app.state.pool = pool
 
     @app.get("/health", tags=["operations"])
     def health() -> dict[str, str]:
@@ -322,8 +354,8 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
             ]
         }
 
-    @router.post(
-        "/incidents",
+    @app.post(
+        TENANT + "/incidents",
         status_code=201,
         response_model=AppendOut,
         responses=COMMAND_RESPONSES,
@@ -335,13 +367,14 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
         request: Request,
         response: Response,
         service: Commands,
+        principal: Annotated[Principal, allow(Reporter, Staff, action="submit reports")],
         idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     ) -> AppendOut:
         """Submit a report. Send an Idempotency-Key to make retries safe."""
         result = service.submit(
             tenant_id,
             report.model_dump(exclude_none=True),
-            actor=_actor(request),
+            actor=actor_of(principal),
             idempotency_key=idempotency_key,
             correlation_id=_request_id(request),
         )
@@ -356,6 +389,10 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
         )
 
     def add_command_route(name: str, body_type: type[BaseModel]) -> None:
+        # Reporters answer the questions asked about their own reports; staff do the rest.
+        roles = (Reporter, Staff) if name == "reporter-responded" else (Staff,)
+        marker = allow(*roles, action=f"run the {name} command")
+
         # A command whose arguments are all optional may be sent without a body.
         optional = not any(field.is_required() for field in body_type.model_fields.values())
         body_annotation: Any = body_type | None if optional else body_type
@@ -369,17 +406,20 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
             request: Request,
             response: Response,
             service: Commands,
+            principal: Annotated[Principal, marker],
             if_match: Annotated[str | None, Header()] = None,
             idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
             body: body_annotation = body_default,
         ) -> AppendOut:
             args = body.model_dump(mode="json", exclude_none=True) if body is not None else {}
+            if principal.role == Reporter:
+                _require_own(service.load(tenant_id, incident_id), principal, incident_id)
             result = service.execute(
                 tenant_id,
                 incident_id,
                 name,
                 args,
-                actor=_actor(request),
+                actor=actor_of(principal),
                 expected_version=parse_if_match(if_match),
                 idempotency_key=idempotency_key,
                 correlation_id=_request_id(request),
@@ -398,8 +438,8 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
             f"Run the {name} command. Send If-Match with the incident's ETag to make sure "
             "no one changed it since you read it; a stale version answers 409."
         )
-        router.add_api_route(
-            f"/incidents/{{incident_id}}/{name}",
+        app.add_api_route(
+            TENANT + f"/incidents/{{incident_id}}/{name}",
             run_command,
             methods=["POST"],
             response_model=AppendOut,
@@ -410,18 +450,31 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
     for command_name, body_model in COMMAND_BODIES.items():
         add_command_route(command_name, body_model)
 
-    @router.get("/incidents/{incident_id}", responses=PROBLEM_RESPONSES, tags=["queries"])
+    @app.get(TENANT + "/incidents/{incident_id}", responses=PROBLEM_RESPONSES, tags=["queries"])
     def get_incident(
-        tenant_id: TenantPath, incident_id: UUID, response: Response, service: Commands
+        tenant_id: TenantPath,
+        incident_id: UUID,
+        response: Response,
+        service: Commands,
+        principal: Annotated[Principal, allow(Reporter, Staff, Officer, action="read incidents")],
     ) -> dict[str, Any]:
-        """Return the incident's current state, folded from its stream (never stale)."""
+        """Return the incident's current state, folded from its stream (never stale).
+
+        Reporters see only the incidents their own key submitted."""
         state = service.load(tenant_id, incident_id)
+        if principal.role == Reporter:
+            _require_own(state, principal, incident_id)
         response.headers["ETag"] = f'"{state.version}"'
         return {"tenant_id": tenant_id, **_state_dict(state)}
 
-    @router.get("/incidents/{incident_id}/events", responses=PROBLEM_RESPONSES, tags=["queries"])
+    @app.get(
+        TENANT + "/incidents/{incident_id}/events", responses=PROBLEM_RESPONSES, tags=["queries"]
+    )
     def get_incident_events(
-        tenant_id: TenantPath, incident_id: UUID, service: Commands
+        tenant_id: TenantPath,
+        incident_id: UUID,
+        service: Commands,
+        _: Annotated[Principal, allow(Staff, Officer, action="read incident histories")],
     ) -> list[dict[str, Any]]:
         """Return the incident's event history in stream order."""
         service.load(tenant_id, incident_id)
@@ -442,11 +495,15 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
             for event in events
         ]
 
-    @router.get(
-        "/sla/summary", response_model=SlaSummaryOut, responses=PROBLEM_RESPONSES, tags=["queries"]
+    @app.get(
+        TENANT + "/sla/summary",
+        response_model=SlaSummaryOut,
+        responses=PROBLEM_RESPONSES,
+        tags=["queries"],
     )
     def get_sla_summary(
         tenant_id: TenantPath,
+        _: Annotated[Principal, allow(Staff, Officer, Admin, action="read SLA figures")],
         as_of: Annotated[
             str | None,
             Query(
@@ -474,8 +531,69 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
             by_department=[_counts_out(k, v) for k, v in _sorted(summary["department"])],
         )
 
-    app.include_router(router)
+    @app.get(
+        TENANT + "/keys", response_model=list[KeyOut], responses=PROBLEM_RESPONSES, tags=["keys"]
+    )
+    def get_keys(
+        tenant_id: TenantPath,
+        _: Annotated[Principal, allow(Admin, action="manage API keys")],
+    ) -> list[KeyOut]:
+        """List the tenant's API keys, revoked and expired ones included, without secrets."""
+        return [KeyOut(**key.to_json()) for key in list_keys(store, tenant_id)]
+
+    @app.post(
+        TENANT + "/keys",
+        status_code=201,
+        response_model=IssuedKeyOut,
+        responses=PROBLEM_RESPONSES,
+        tags=["keys"],
+    )
+    def post_key(
+        tenant_id: TenantPath,
+        key_in: KeyIn,
+        principal: Annotated[Principal, allow(Admin, action="manage API keys")],
+    ) -> IssuedKeyOut:
+        """Issue a key. Its token is in this response only: store it now."""
+        key, token = issue_key(
+            store,
+            tenant_id,
+            role=key_in.role,
+            name=key_in.name,
+            expires_at=key_in.expires_at,
+            issued_by=f"key:{principal.key_id}",
+        )
+        return IssuedKeyOut(**key.to_json(), token=token)
+
+    @app.post(
+        TENANT + "/keys/{key_id}/revoke",
+        response_model=KeyOut,
+        responses=PROBLEM_RESPONSES,
+        tags=["keys"],
+    )
+    def post_key_revoke(
+        tenant_id: TenantPath,
+        key_id: UUID,
+        principal: Annotated[Principal, allow(Admin, action="manage API keys")],
+        revoke_in: Annotated[RevokeIn | None, Body()] = None,
+    ) -> KeyOut:
+        """Revoke a key at once. Revoking a revoked key changes nothing."""
+        key = revoke_key(
+            store,
+            tenant_id,
+            key_id,
+            revoked_by=f"key:{principal.key_id}",
+            reason=revoke_in.reason if revoke_in else None,
+        )
+        return KeyOut(**key.to_json())
+
+    document_roles(app)
     return app
+
+
+def _require_own(state: Any, principal: Principal, incident_id: UUID) -> None:
+    """Answer 404 when a reporter's key did not submit the incident."""
+    if state.submitted_by != str(principal.key_id):
+        raise IncidentNotFound(principal.tenant_id, str(incident_id))
 
 
 def _sorted(groups: dict[str | None, SlaCounts]) -> list[tuple[str | None, SlaCounts]]:

@@ -28,7 +28,9 @@ app = typer.Typer(help="CivicPulse: an append-only incident ledger.", no_args_is
 tenant_app = typer.Typer(help="Create tenants.", no_args_is_help=True)
 import_app = typer.Typer(help="Import city 311 exports.", no_args_is_help=True)
 sla_app = typer.Typer(help="SLA figures.", no_args_is_help=True)
+key_app = typer.Typer(help="Issue, list and revoke API keys.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
+app.add_typer(key_app, name="key")
 app.add_typer(import_app, name="import")
 app.add_typer(sla_app, name="sla")
 
@@ -106,6 +108,94 @@ def tenant_create(
         except LedgerError as error:
             raise _fail(str(error)) from error
     console.print(f"created tenant {config.tenant_id} ({config.time_zone})")
+
+
+TenantOption = Annotated[str, typer.Option("--tenant", help="Tenant id")]
+
+
+@key_app.command("issue")
+def key_issue(
+    tenant: TenantOption,
+    role: Annotated[str, typer.Option(help="reporter, staff, officer or admin")],
+    name: Annotated[str, typer.Option(help="Who holds the key, for the audit trail")],
+    expires_in_days: Annotated[
+        float | None, typer.Option(min=0.001, help="Days until the key stops working")
+    ] = None,
+) -> None:
+    """Issue an API key and print it. It is shown this once; only its hash is stored."""
+    from datetime import timedelta
+
+    from ledger.keys import issue_key, parse_role
+
+    _, database = _migrated()
+    pool, store = _store(database)
+    now = datetime.now(UTC)
+    expires_at = now + timedelta(days=expires_in_days) if expires_in_days else None
+    with pool:
+        key, token = issue_key(
+            store,
+            tenant,
+            role=parse_role(role),
+            name=name,
+            expires_at=expires_at,
+            issued_by="cli",
+            now=now,
+        )
+    console.print(
+        f"issued {key.role.value} key {key.key_id} for {key.name!r}"
+        + (f", expires {expires_at.isoformat()}" if expires_at else "")
+        + "; it is shown only now:"
+    )
+    # The token alone on stdout, so that scripts can capture it.
+    print(token)
+
+
+@key_app.command("list")
+def key_list(tenant: TenantOption) -> None:
+    """List a tenant's keys without their secrets."""
+    from ledger.keys import list_keys
+    from ledger.tenants import require_tenant
+
+    _, database = _migrated()
+    pool, store = _store(database)
+    with pool:
+        require_tenant(store, tenant)
+        keys = list_keys(store, tenant)
+    table = Table("key id", "role", "name", "created", "expires", "revoked")
+    for key in keys:
+        table.add_row(
+            str(key.key_id),
+            key.role.value,
+            key.name,
+            key.created_at.isoformat(timespec="seconds"),
+            key.expires_at.isoformat(timespec="seconds") if key.expires_at else "",
+            key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "",
+        )
+    # Full ids even when the output goes to a pipe, where rich would assume 80 columns.
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@key_app.command("revoke")
+def key_revoke(
+    tenant: TenantOption,
+    key_id: Annotated[str, typer.Argument(help="Key id, as `key list` shows it")],
+    reason: Annotated[str | None, typer.Option(help="Why, for the audit trail")] = None,
+) -> None:
+    """Revoke a key at once."""
+    from uuid import UUID
+
+    from ledger.keys import revoke_key
+
+    try:
+        parsed = UUID(key_id)
+    except ValueError:
+        raise _fail(f"invalid key id {key_id!r}: use the id `civicpulse key list` shows") from None
+    _, database = _migrated()
+    pool, store = _store(database)
+    with pool:
+        key = revoke_key(store, tenant, parsed, revoked_by="cli", reason=reason)
+    assert key.revoked_at is not None
+    console.print(f"key {key.key_id} revoked at {key.revoked_at.isoformat(timespec='seconds')}")
 
 
 @import_app.command("boston")
@@ -325,7 +415,7 @@ def run(
     import uvicorn
 
     from api.app import create_app
-    from ledger.demo import seed_demo
+    from ledger.demo import DEMO_KEY_FILE, ensure_demo_key, seed_demo
     from projections.runtime import Projector
 
     settings, database = _migrated()
@@ -333,8 +423,11 @@ def run(
         pool, store = _store(database)
         with pool:
             appended = seed_demo(store)
+            key_file = settings.data_dir.expanduser().resolve().parent / DEMO_KEY_FILE
+            ensure_demo_key(store, key_file)
         if appended:
             console.print(f"demo tenant 'demo' seeded with {appended} events")
+        console.print(f"a staff key of the demo tenant is in {key_file}")
     projector = Projector(
         database,
         batch_size=settings.projector_batch_size,

@@ -34,6 +34,9 @@ _LEDGER_ERRORS: list[tuple[type[errors.LedgerError], int, str, str]] = [
     (errors.TenantNotFound, 404, "tenant-not-found", "Tenant not found"),
     (errors.IncidentNotFound, 404, "incident-not-found", "Incident not found"),
     (errors.TenantExists, 409, "tenant-exists", "Tenant exists"),
+    (errors.AuthenticationFailed, 401, "unauthenticated", "API key missing or not valid"),
+    (errors.Forbidden, 403, "forbidden", "Role not allowed"),
+    (errors.KeyNotFound, 404, "key-not-found", "API key not found"),
 ]
 
 
@@ -63,6 +66,8 @@ def _extra_fields(error: errors.LedgerError) -> dict[str, Any]:
         return {"expected_version": error.expected, "current_version": error.actual}
     if isinstance(error, errors.CommandRejected):
         return {"state": error.status, "command": error.command, "allowed_commands": error.allowed}
+    if isinstance(error, errors.Forbidden):
+        return {"role": error.role, "allowed_roles": error.allowed}
     return {}
 
 
@@ -108,7 +113,10 @@ def install_problem_handlers(app: FastAPI) -> None:
         assert isinstance(error, errors.LedgerError)
         for error_type, status, slug, title in _LEDGER_ERRORS:
             if isinstance(error, error_type):
-                return problem(request, status, slug, title, str(error), **_extra_fields(error))
+                response = problem(request, status, slug, title, str(error), **_extra_fields(error))
+                if status == 401:
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="civicpulse"'
+                return response
         return problem(request, 400, "bad-request", "Bad request", str(error))
 
     async def validation_error(request: Request, error: Exception) -> ProblemResponse:

@@ -34,6 +34,7 @@ class Actor:
     name: str
     role: str
     channel: str = "api"
+    key_id: UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,8 @@ def _metadata(
         "channel": actor.channel,
         "request_hash": request_hash(body),
     }
+    if actor.key_id is not None:
+        metadata["actor_id"] = str(actor.key_id)
     if idempotency_key is not None:
         metadata["idempotency_key"] = idempotency_key
     if correlation_id is not None:

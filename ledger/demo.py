@@ -7,12 +7,15 @@ through the same decisions as a request to the API would.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from uuid import UUID
 
 from ledger.commands import Actor, IncidentCommands
-from ledger.errors import TenantExists
+from ledger.errors import AuthenticationFailed, TenantExists
+from ledger.keys import Role, authenticate, issue_key
 from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant, load_tenant
 
@@ -198,3 +201,30 @@ def _lifecycle(
         commands.execute(tenant_id, incident_id, command, args, actor=staff, expected_version=None)
         appended += 1
     return appended
+
+
+DEMO_KEY_FILE = "demo-staff.key"
+
+
+def ensure_demo_key(store: PostgresEventStore, path: Path, tenant_id: str = "demo") -> str:
+    """Return a working staff key of the demo tenant, kept in `path` (mode 0600).
+
+    A key in the file that no longer works (revoked, or from a database since reset) is
+    replaced by a new one.
+    """
+    if path.is_file():
+        token = path.read_text().strip()
+        with store.pool.connection() as conn:
+            try:
+                principal = authenticate(conn, token)
+            except AuthenticationFailed:
+                principal = None
+        if principal is not None and principal.tenant_id == tenant_id:
+            return token
+    _, token = issue_key(store, tenant_id, role=Role.STAFF, name="demo staff", issued_by="demo")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token + "\n")
+    logger.info("issued a demo staff key into %s", path)
+    return token

@@ -86,3 +86,24 @@ class CommandInvalid(LedgerError):
 
 class InvalidRequest(LedgerError):
     """A request parameter or header (not a command argument) is malformed."""
+
+
+class AuthenticationFailed(LedgerError):
+    """A request without a usable API key. The message says what is wrong with it."""
+
+
+class Forbidden(LedgerError):
+    """An authenticated key whose role may not do what the request asks."""
+
+    def __init__(self, role: str, allowed: list[str], action: str) -> None:
+        self.role = role
+        self.allowed = allowed
+        super().__init__(
+            f"a key with role {role!r} may not {action}; this needs a key with role "
+            f"{' or '.join(repr(name) for name in allowed)}"
+        )
+
+
+class KeyNotFound(LedgerError):
+    def __init__(self, tenant_id: str, key_id: object) -> None:
+        super().__init__(f"tenant {tenant_id!r} has no API key {key_id}")

@@ -100,6 +100,7 @@ class IncidentState:
     closure_reason: str | None = None
     resolved_at: datetime | None = None
     closed_at: datetime | None = None
+    submitted_by: str | None = None  # id of the API key that submitted the report
 
 
 def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState | None:
@@ -129,6 +130,7 @@ def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState |
             address=payload.get("address"),
             latitude=payload.get("latitude"),
             longitude=payload.get("longitude"),
+            submitted_by=event.metadata.get("actor_id"),
         )
     if state is None:
         return None

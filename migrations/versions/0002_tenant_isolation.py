@@ -95,6 +95,9 @@ def upgrade() -> None:
     op.execute("REVOKE ALL ON FUNCTION authenticate_api_key(uuid, bytea) FROM PUBLIC")
     op.execute(f"GRANT EXECUTE ON FUNCTION authenticate_api_key(uuid, bytea) TO {app_role}")
 
+    # Reporters may read the incidents their own key submitted.
+    op.execute("ALTER TABLE incidents ADD COLUMN submitted_by text")
+
     for table in TENANT_TABLES:
         enable_tenant_isolation(table, app_role, worker_role)
 

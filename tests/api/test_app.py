@@ -10,6 +10,8 @@ from psycopg_pool import ConnectionPool
 
 from api.app import create_app
 from ledger.database import Database
+from ledger.keys import Role, issue_key
+from ledger.store import PostgresEventStore
 from projections.runtime import catch_up, default_projections
 
 PROBLEM = "application/problem+json"
@@ -22,8 +24,16 @@ REPORT = {
 
 
 @pytest.fixture
-def client(database: Database, session_pool: ConnectionPool[Any]) -> Iterator[TestClient]:
-    with TestClient(create_app(database, pool=session_pool)) as test_client:
+def client(
+    database: Database,
+    session_pool: ConnectionPool[Any],
+    store: PostgresEventStore,
+    tenant_id: str,
+) -> Iterator[TestClient]:
+    """A client that sends a staff key of `tenant_id` with every request."""
+    _, token = issue_key(store, tenant_id, role=Role.STAFF, name="test staff", issued_by="test")
+    headers = {"Authorization": f"Bearer {token}"}
+    with TestClient(create_app(database, pool=session_pool), headers=headers) as test_client:
         yield test_client
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,10 @@ def free_port() -> int:
         return port
 
 
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
+def get_json(url: str, token: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read())
 
 
@@ -108,7 +111,15 @@ def test_run_serves_demo_sla_summary(tmp_path: Path) -> None:
                 pass
             time.sleep(0.5)
         assert status is not None, log.read_text()
-        summary = get_json(f"{base}/tenants/demo/sla/summary")
+        # As the README has it: the demo staff key is in a file beside the data directory.
+        token = (tmp_path / "demo-staff.key").read_text().strip()
+        assert (tmp_path / "demo-staff.key").stat().st_mode & 0o077 == 0
+        with pytest.raises(urllib.error.HTTPError) as unauthenticated:
+            get_json(f"{base}/tenants/demo/sla/summary")
+        unauthenticated.value.close()
+        summary = get_json(f"{base}/tenants/demo/sla/summary", token)
+
+        assert unauthenticated.value.code == 401
 
         # About 6% of demo reports are rejected, and rejected reports are not judged.
         assert 250 <= summary["totals"]["total"] < 300, summary
@@ -152,3 +163,48 @@ def test_import_time_zone_must_match_tenant(tmp_path: Path) -> None:
     assert "reads naive times in UTC, not America/Chicago" in mismatch.stderr
     assert matching.returncode == 0, matching.stderr
     assert "rows read: 0" in matching.stderr
+
+
+@pytest.mark.slow
+def test_keys_issued_listed_and_revoked(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "pgdata")
+    assert civicpulse("tenant", "create", "shelbyville", env=env).returncode == 0
+
+    issued = civicpulse(
+        "key",
+        "issue",
+        "--tenant",
+        "shelbyville",
+        "--role",
+        "officer",
+        "--name",
+        "auditor",
+        env=env,
+    )
+    bad_role = civicpulse(
+        "key", "issue", "--tenant", "shelbyville", "--role", "mayor", "--name", "x", env=env
+    )
+    no_tenant = civicpulse(
+        "key", "issue", "--tenant", "ogdenville", "--role", "staff", "--name", "x", env=env
+    )
+    token = issued.stdout.strip()
+    key_id = str(uuid.UUID(hex=token.split("_")[1]))
+    listed = civicpulse("key", "list", "--tenant", "shelbyville", env=env)
+    revoked = civicpulse(
+        "key", "revoke", "--tenant", "shelbyville", key_id, "--reason", "left", env=env
+    )
+    listed_after = civicpulse("key", "list", "--tenant", "shelbyville", env=env)
+
+    assert issued.returncode == 0, issued.stderr
+    assert token.startswith("cpk_")
+    assert "shown only now" in issued.stderr
+    assert bad_role.returncode == 2
+    assert "unknown role 'mayor'" in bad_role.stderr
+    assert no_tenant.returncode == 2
+    assert "ogdenville" in no_tenant.stderr
+    assert key_id in listed.stdout and "officer" in listed.stdout
+    assert token.split("_")[2] not in listed.stdout
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"key {key_id} revoked" in revoked.stderr
+    assert listed_after.stdout.count(key_id) == 1
+    assert listed_after.stdout != listed.stdout

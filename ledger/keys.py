@@ -1,0 +1,242 @@
+"""API keys: issued per tenant with one role, shown once, stored as a hash, revocable.
+
+A key reads `cpk_<key id, 32 hex digits>_<secret>`. Issuing and revoking a key are events in
+the tenant's `keys-<tenant>` stream. The `api_keys` table is their read model, written in the
+same transaction, so a key works as soon as it is issued.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from ledger.database import set_tenant
+from ledger.errors import AuthenticationFailed, CommandInvalid, KeyNotFound
+from ledger.events import NewEvent
+from ledger.ids import new_id
+from ledger.store import PostgresEventStore
+from ledger.tenants import require_tenant
+
+KEY_ISSUED = "ApiKeyIssued"
+KEY_REVOKED = "ApiKeyRevoked"
+TOKEN_PREFIX = "cpk_"
+_TOKEN = re.compile(r"^cpk_([0-9a-f]{32})_([A-Za-z0-9_-]{43})$")
+
+
+class Role(enum.StrEnum):
+    """The permission level of a key within its tenant."""
+
+    REPORTER = "reporter"  # submit reports and follow their own
+    STAFF = "staff"  # triage and act on every incident
+    OFFICER = "officer"  # read-only audit of everything in the tenant
+    ADMIN = "admin"  # tenant configuration and keys
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The holder of an authenticated key."""
+
+    tenant_id: str
+    key_id: UUID
+    role: Role
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A key as listed to admins: everything but the secret."""
+
+    key_id: UUID
+    role: Role
+    name: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key_id": str(self.key_id),
+            "role": self.role.value,
+            "name": self.name,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+        }
+
+
+def keys_stream_id(tenant_id: str) -> str:
+    return f"keys-{tenant_id}"
+
+
+def _secret_sha256(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def parse_role(value: str) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        roles = ", ".join(role.value for role in Role)
+        raise CommandInvalid(f"unknown role {value!r}: use one of {roles}") from None
+
+
+def issue_key(
+    store: PostgresEventStore,
+    tenant_id: str,
+    *,
+    role: Role,
+    name: str,
+    expires_at: datetime | None = None,
+    issued_by: str,
+    now: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """Issue a key; return it and its token, which is shown this once and never stored."""
+    now = now or datetime.now(UTC)
+    name = name.strip()
+    if not 1 <= len(name) <= 200 or "\x00" in name:
+        raise CommandInvalid(
+            f"invalid key name {name!r}: use 1 to 200 characters that say who holds the key"
+        )
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise CommandInvalid(f"invalid expiry {expires_at}: give a time zone or offset")
+        if expires_at <= now:
+            raise CommandInvalid(f"invalid expiry {expires_at.isoformat()}: it has passed")
+    require_tenant(store, tenant_id)
+    key_id = new_id()
+    secret = secrets.token_urlsafe(32)
+    digest = _secret_sha256(secret)
+    event = NewEvent(
+        KEY_ISSUED,
+        {
+            "key_id": str(key_id),
+            "role": role.value,
+            "name": name,
+            "expires_at": expires_at.isoformat() if expires_at else None,
+            # A digest of 256 random bits reveals nothing usable, and the table of keys
+            # must be rebuildable from the events.
+            "secret_sha256": digest.hex(),
+        },
+        now,
+        metadata={"actor": issued_by, "role": Role.ADMIN.value},
+    )
+    with store.pool.connection() as conn, conn.transaction():
+        set_tenant(conn, tenant_id)
+        store.append(
+            tenant_id, keys_stream_id(tenant_id), [event], expected_version=None, conn=conn
+        )
+        conn.execute(
+            """
+            INSERT INTO api_keys (tenant_id, key_id, role, name, secret_sha256, created_at,
+                expires_at)
+            VALUES (%s, %s, %s, %s, %s, %s, %s)
+            """,
+            (tenant_id, key_id, role.value, name, digest, now, expires_at),
+        )
+    key = ApiKey(key_id, role, name, now, expires_at, None)
+    return key, f"{TOKEN_PREFIX}{key_id.hex}_{secret}"
+
+
+def revoke_key(
+    store: PostgresEventStore,
+    tenant_id: str,
+    key_id: UUID,
+    *,
+    revoked_by: str,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> ApiKey:
+    """Revoke a key of the tenant. Revoking a revoked key changes nothing and returns it."""
+    now = now or datetime.now(UTC)
+    with store.pool.connection() as conn, conn.transaction():
+        set_tenant(conn, tenant_id)
+        row = conn.execute(
+            "SELECT revoked_at FROM api_keys WHERE tenant_id = %s AND key_id = %s FOR UPDATE",
+            (tenant_id, key_id),
+        ).fetchone()
+        if row is None:
+            raise KeyNotFound(tenant_id, key_id)
+        if row[0] is None:
+            event = NewEvent(
+                KEY_REVOKED,
+                {"key_id": str(key_id), "reason": reason},
+                now,
+                metadata={"actor": revoked_by, "role": Role.ADMIN.value},
+            )
+            store.append(
+                tenant_id, keys_stream_id(tenant_id), [event], expected_version=None, conn=conn
+            )
+            conn.execute(
+                "UPDATE api_keys SET revoked_at = %s WHERE tenant_id = %s AND key_id = %s",
+                (now, tenant_id, key_id),
+            )
+        return _get_key(conn, tenant_id, key_id)
+
+
+def list_keys(store: PostgresEventStore, tenant_id: str) -> list[ApiKey]:
+    with store.pool.connection() as conn:
+        set_tenant(conn, tenant_id)
+        rows = conn.execute(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE tenant_id = %s ORDER BY created_at",
+            (tenant_id,),
+        ).fetchall()
+    return [_key(row) for row in rows]
+
+
+_KEY_COLUMNS = "key_id, role, name, created_at, expires_at, revoked_at"
+
+
+def _key(row: tuple[Any, ...]) -> ApiKey:
+    key_id, role, name, created_at, expires_at, revoked_at = row
+    return ApiKey(key_id, Role(role), name, created_at, expires_at, revoked_at)
+
+
+def _get_key(conn: psycopg.Connection[Any], tenant_id: str, key_id: UUID) -> ApiKey:
+    row = conn.execute(
+        f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE tenant_id = %s AND key_id = %s",
+        (tenant_id, key_id),
+    ).fetchone()
+    if row is None:
+        raise KeyNotFound(tenant_id, key_id)
+    return _key(row)
+
+
+def authenticate(
+    conn: psycopg.Connection[Any], token: str, *, now: datetime | None = None
+) -> Principal:
+    """Return the holder of `token`; raise AuthenticationFailed saying why it is not usable.
+
+    The secret is never logged or echoed: messages name the key id at most.
+    """
+    match = _TOKEN.fullmatch(token.strip())
+    if match is None:
+        raise AuthenticationFailed(
+            "malformed API key: send the key that `civicpulse key issue` printed, as "
+            "'Authorization: Bearer cpk_...'"
+        )
+    key_id = UUID(hex=match.group(1))
+    row = conn.execute(
+        "SELECT tenant_id, role, name, expires_at, revoked_at FROM authenticate_api_key(%s, %s)",
+        (key_id, _secret_sha256(match.group(2))),
+    ).fetchone()
+    if row is None:
+        raise AuthenticationFailed(f"unknown API key {key_id}: ask a tenant admin for a key")
+    tenant_id, role, name, expires_at, revoked_at = row
+    now = now or datetime.now(UTC)
+    if revoked_at is not None:
+        raise AuthenticationFailed(
+            f"API key {key_id} was revoked at {revoked_at.isoformat()}: ask for a new key"
+        )
+    if expires_at is not None and expires_at <= now:
+        raise AuthenticationFailed(
+            f"API key {key_id} expired at {expires_at.isoformat()}: ask for a new key"
+        )
+    return Principal(tenant_id=tenant_id, key_id=key_id, role=Role(role), name=name)

@@ -11,12 +11,16 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID, uuid4
 
+import psycopg
 from fastapi import Body, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from api.auth import actor_of, allow, document_roles
+from api.observability import RequestContext, readiness_checks
 from api.problems import install_problem_handlers
 from ledger.commands import IncidentCommands
 from ledger.database import Database
@@ -24,6 +28,7 @@ from ledger.errors import IncidentNotFound, InvalidRequest
 from ledger.ids import incident_stream_id
 from ledger.keys import Principal, Role, issue_key, list_keys, revoke_key
 from ledger.lifecycle import COMMANDS
+from ledger.metrics import PROJECTION_LAG
 from ledger.store import PostgresEventStore
 from ledger.tenants import require_tenant
 from projections.runtime import projection_progress
@@ -300,11 +305,21 @@ Admin = Role.ADMIN
 
 
 def _request_id(request: Request) -> str:
-    return request.headers.get("x-request-id") or str(uuid4())
+    """Return the id RequestContext gave the request; it becomes the correlation id."""
+    request_id: str = getattr(request.state, "request_id", None) or str(uuid4())
+    return request_id
 
 
-def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -> FastAPI:
-    """Build the API over `database`. The app opens its own pool unless one is given."""
+def create_app(
+    database: Database,
+    *,
+    pool: ConnectionPool[Any] | None = None,
+    max_lag: int = 10_000,
+) -> FastAPI:
+    """Build the API over `database`. The app opens its own pool unless one is given.
+
+    `max_lag` is the number of events a projection may be behind before GET /ready fails.
+    """
     owned_pool = pool is None
     pool = pool or ConnectionPool(database.app_conninfo, min_size=1, max_size=10, open=False)
     store = PostgresEventStore(pool)
@@ -330,11 +345,38 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
     app.state.commands = commands
     app.state.pool = pool
 
+    app.add_middleware(RequestContext)
+
     @app.get("/health", tags=["operations"])
     def health() -> dict[str, str]:
-        with pool.connection() as conn:
-            conn.execute("SELECT 1")
+        """Liveness: the process answers. It does not touch the database, so a database
+        outage makes the API unready (GET /ready) without getting it restarted."""
         return {"status": "ok"}
+
+    @app.get(
+        "/ready",
+        tags=["operations"],
+        responses={503: {"description": "Not ready; `checks` names the failing checks"}},
+    )
+    def ready(response: Response) -> dict[str, Any]:
+        """Readiness: the database answers, its schema is current and no projection is more
+        than CIVICPULSE_READY_MAX_LAG_EVENTS events behind."""
+        checks = readiness_checks(pool, max_lag)
+        ok = all(check["ok"] for check in checks.values())
+        if not ok:
+            response.status_code = 503
+        return {"status": "ready" if ok else "not ready", "checks": checks}
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        """Prometheus metrics of this process, with projection lag measured now."""
+        try:
+            with pool.connection() as conn:
+                for name, item in projection_progress(conn).items():
+                    PROJECTION_LAG.labels(name).set(item.events_behind)
+        except psycopg.Error as error:
+            logger.warning("could not measure projection lag for /metrics: %s", error)
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/status", tags=["operations"])
     def status() -> dict[str, Any]:

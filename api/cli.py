@@ -52,11 +52,20 @@ def _setup() -> tuple[Settings, Database]:
     return settings, resolve_database(settings)
 
 
-def _migrated() -> tuple[Settings, Database]:
-    from ledger.schema import migrate
+def _migrated(*, force: bool = False) -> tuple[Settings, Database]:
+    """Set up, and migrate the schema when asked to or on the embedded server.
+
+    Otherwise check that the schema is current, and stop with a clear error if it is not:
+    on a shared server, migrations are an owner's deliberate step.
+    """
+    from ledger.schema import check_schema, migrate
 
     settings, database = _setup()
-    migrate(database, settings)
+    if force or database.embedded or settings.migrate_on_start:
+        migrate(database, settings)
+    else:
+        with database.connect_any() as conn:
+            check_schema(conn)
     return settings, database
 
 
@@ -73,7 +82,7 @@ def _fail(message: str) -> typer.Exit:
 @app.command()
 def migrate() -> None:
     """Create or upgrade the database schema."""
-    _migrated()
+    _migrated(force=True)
     console.print("schema is up to date")
 
 
@@ -365,6 +374,7 @@ def project(
     if once:
         _catch_up(database, settings)
         return
+    serve_metrics(settings)
     projector = Projector(
         database,
         batch_size=settings.projector_batch_size,
@@ -372,6 +382,16 @@ def project(
     )
     _stop_on_signals(projector.stop_event)
     projector.run_forever()
+
+
+def serve_metrics(settings: Settings) -> None:
+    """Serve Prometheus metrics on CIVICPULSE_METRICS_PORT, for processes without the API."""
+    if not settings.metrics_port:
+        return
+    from prometheus_client import start_http_server
+
+    start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    logger.info("serving metrics on %s:%d", settings.metrics_host, settings.metrics_port)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -398,7 +418,7 @@ def serve(
     # our own, that would end the process with the signal instead of a normal exit.
     _stop_on_signals(threading.Event())
     uvicorn.run(
-        create_app(database),
+        create_app(database, max_lag=settings.ready_max_lag_events),
         host=host or settings.api_host,
         port=port or settings.api_port,
         log_config=None,
@@ -439,7 +459,7 @@ def run(
     projector.start()
     try:
         uvicorn.run(
-            create_app(database),
+            create_app(database, max_lag=settings.ready_max_lag_events),
             host=host or settings.api_host,
             port=port or settings.api_port,
             log_config=None,

@@ -22,6 +22,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.types.json import set_json_dumps, set_json_loads
 from pydantic import SecretStr
 
+from ledger.errors import LedgerError
 from ledger.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class Database:
         )
 
     def connect_owner(self, **kwargs: Any) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.owner_conninfo, **kwargs)
+        return psycopg.connect(_required(self.owner_conninfo, "DATABASE_URL"), **kwargs)
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         """Open a connection as the application role, which sees no rows until
@@ -91,11 +92,18 @@ class Database:
 
         Pass `application_name` to tell the connection apart in pg_stat_activity.
         """
-        return psycopg.connect(self.app_conninfo, **kwargs)
+        conninfo = _required(self.app_conninfo, "CIVICPULSE_APP_DATABASE_URL")
+        return psycopg.connect(conninfo, **kwargs)
 
     def connect_worker(self, **kwargs: Any) -> psycopg.Connection[Any]:
         """Open a connection as the worker role, which reads and appends for every tenant."""
-        return psycopg.connect(self.worker_conninfo, **kwargs)
+        conninfo = _required(self.worker_conninfo, "CIVICPULSE_WORKER_DATABASE_URL")
+        return psycopg.connect(conninfo, **kwargs)
+
+    def connect_any(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        """Open a connection as the first role whose connection string is known."""
+        conninfo = self.owner_conninfo or self.app_conninfo or self.worker_conninfo
+        return psycopg.connect(conninfo, **kwargs)
 
 
 def set_tenant(conn: psycopg.Connection[Any], tenant_id: str) -> None:
@@ -108,6 +116,20 @@ def set_tenant(conn: psycopg.Connection[Any], tenant_id: str) -> None:
     if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
         raise RuntimeError("set_tenant needs a transaction: open one with conn.transaction() first")
     conn.execute("SELECT set_config('civicpulse.tenant_id', %s, true)", (tenant_id,))
+
+
+class MissingConnection(LedgerError):
+    """A command needs a role whose connection string the settings do not give."""
+
+
+def _required(conninfo: str, variable: str) -> str:
+    if not conninfo:
+        raise MissingConnection(
+            f"this command needs {variable}"
+            + (" or DATABASE_URL" if variable != "DATABASE_URL" else " (the owner role)")
+            + ", which is not set"
+        )
+    return conninfo
 
 
 def _secret(value: SecretStr | None) -> str | None:
@@ -158,6 +180,16 @@ def resolve_database(settings: Settings) -> Database:
     if settings.database_url:
         owner = settings.database_url
         embedded = False
+    elif settings.app_database_url or settings.worker_database_url:
+        # A process that runs as the application or worker role alone, without the owner's
+        # password: each connection string is used as given.
+        return Database(
+            owner_conninfo="",
+            app_conninfo=settings.app_database_url or "",
+            app_role=settings.app_role,
+            worker_conninfo=settings.worker_database_url or "",
+            worker_role=settings.worker_role,
+        )
     else:
         owner = start_embedded_server(settings)
         embedded = True

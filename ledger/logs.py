@@ -21,6 +21,9 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
 
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
+            # Request, tenant and incident ids bound by the API for the current request.
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.ExtraAdder(),
             structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

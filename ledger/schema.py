@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
+import psycopg
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 import migrations
 from ledger.database import Database
+from ledger.errors import LedgerError
 from ledger.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -48,3 +52,47 @@ def migrate(database: Database, settings: Settings) -> None:
             command.upgrade(alembic_config(database, settings), "head")
         finally:
             lock_conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+class SchemaNotCurrent(LedgerError):
+    """The database schema is not at the revision this version of the code needs."""
+
+    def __init__(self, current: str | None, head: str) -> None:
+        self.current = current
+        self.head = head
+        super().__init__(
+            f"the database schema is at revision {current or 'none'}, this version of "
+            f"CivicPulse needs {head}: run `civicpulse migrate` (as the owner, with "
+            "DATABASE_URL), or start with CIVICPULSE_MIGRATE_ON_START=true"
+        )
+
+
+def head_revision() -> str:
+    """Return the latest migration revision in the code."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+def schema_revision(conn: psycopg.Connection[Any]) -> str | None:
+    """Return the database's migration revision, or None before the first migration.
+
+    A role without access to the revision table reads it as None too, because that table
+    becomes readable to the application and worker roles in the same migration that
+    creates them.
+    """
+    try:
+        with conn.transaction():
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege):
+        return None
+    return str(row[0]) if row else None
+
+
+def check_schema(conn: psycopg.Connection[Any]) -> None:
+    """Raise SchemaNotCurrent unless the database is at the code's latest revision."""
+    current, head = schema_revision(conn), head_revision()
+    if current != head:
+        raise SchemaNotCurrent(current, head)

@@ -45,11 +45,31 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=_default_data_dir)
 
+    migrate_on_start: bool = Field(
+        default=False,
+        description="Run migrations when a process starts. The embedded server is always "
+        "migrated; with DATABASE_URL, `civicpulse migrate` is the usual way.",
+    )
+
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
 
     projector_batch_size: int = Field(default=2000, ge=1, le=100_000)
     projector_poll_seconds: float = Field(default=1.0, gt=0, le=600)
+
+    ready_max_lag_events: int = Field(
+        default=10_000,
+        ge=0,
+        description="GET /ready fails while a projection is more events than this behind.",
+    )
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port on which `project` and `schedule` serve Prometheus metrics; 0 is off. "
+        "The API serves them at /metrics.",
+    )
+    metrics_host: str = "127.0.0.1"
 
     log_level: str = "INFO"
     log_format: str = Field(default="console", pattern="^(console|json)$")

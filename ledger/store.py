@@ -27,6 +27,7 @@ from ledger.events import (
     normalize_json,
     require_aware,
 )
+from ledger.metrics import APPEND_CONFLICTS, APPEND_REPLAYS, EVENTS_APPENDED
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,26 @@ class PostgresEventStore:
         if not events:
             raise ValueError("append needs at least one event")
         prepared = [_prepare(event) for event in events]
+        try:
+            result = self._append(tenant_id, stream_id, prepared, expected_version, conn)
+        except ConcurrencyError:
+            APPEND_CONFLICTS.inc()
+            raise
+        if result.replayed:
+            APPEND_REPLAYS.inc()
+        else:
+            for event in prepared:
+                EVENTS_APPENDED.labels(event.event_type).inc()
+        return result
+
+    def _append(
+        self,
+        tenant_id: str,
+        stream_id: str,
+        prepared: list[NewEvent],
+        expected_version: int | None,
+        conn: psycopg.Connection[Any] | None,
+    ) -> AppendResult:
         if conn is not None:
             set_tenant(conn, tenant_id)
             with conn.transaction():

@@ -21,6 +21,7 @@ import psycopg
 
 from ledger.database import Database
 from ledger.events import RecordedEvent
+from ledger.metrics import PROJECTION_EVENTS, PROJECTION_FAILURES, PROJECTION_LAG
 from ledger.store import Checkpoint, read_after
 from projections.base import Projection
 from projections.incidents import incidents_projection
@@ -59,23 +60,25 @@ class ProjectionProgress:
     name: str
     checkpoint: Checkpoint
     updated_at: datetime | None
-    caught_up: bool
+    events_behind: int  # committed events of every tenant beyond the checkpoint, up to 10**6
+
+    @property
+    def caught_up(self) -> bool:
+        return self.events_behind == 0
 
 
 def projection_progress(conn: psycopg.Connection[Any]) -> dict[str, ProjectionProgress]:
-    """Return each projection's checkpoint and whether any committed event lies beyond it."""
+    """Return each projection's checkpoint and how many committed events lie beyond it.
+
+    Counts events of every tenant, whichever role `conn` has: the database function that
+    counts them returns numbers only.
+    """
     rows = conn.execute(
-        """
-        SELECT c.projection, c.tx_id, c.position, c.updated_at,
-               NOT EXISTS (
-                   SELECT 1 FROM events e WHERE (e.tx_id, e.position) > (c.tx_id, c.position)
-               )
-        FROM projection_checkpoints c ORDER BY c.projection
-        """
+        "SELECT projection, tx_id, position, updated_at, events_behind FROM projection_lag()"
     ).fetchall()
     return {
-        name: ProjectionProgress(name, Checkpoint(int(tx_id), position), updated_at, caught_up)
-        for name, tx_id, position, updated_at, caught_up in rows
+        name: ProjectionProgress(name, Checkpoint(int(tx_id), position), updated_at, int(behind))
+        for name, tx_id, position, updated_at, behind in rows
     }
 
 
@@ -198,6 +201,7 @@ class ProjectionWorker(threading.Thread):
                 )
                 self.stop_event.wait(self.poll_seconds)
             except BatchFailed as error:
+                PROJECTION_FAILURES.labels(self.projection.name).inc()
                 # A poison event stops this projection only. Its batch was rolled back and is
                 # retried after each poll interval, until a fix is deployed.
                 logger.error("%s: %s; retrying in %.1fs", error, error.__cause__, self.poll_seconds)
@@ -239,8 +243,10 @@ class ProjectionWorker(threading.Thread):
                 continue
             self.applied += applied
             if applied:
+                PROJECTION_EVENTS.labels(self.projection.name).inc(applied)
                 logger.debug("projection %s applied %d events", self.projection.name, applied)
                 continue
+            PROJECTION_LAG.labels(self.projection.name).set(0)
             # Caught up: sleep until a notification or the poll interval. Notifications only
             # shorten the wait; polling finds events whose notification was missed. The wait
             # runs in short slices so that a stop request is seen within one of them.

@@ -28,6 +28,7 @@ from ledger.events import event_hash_serialized, utc_text
 from ledger.imports import boston
 from ledger.imports.boston import ParsedCase, ParsedChunk
 from ledger.imports.copytext import EVENT_COPY_COLUMNS, EventLine
+from ledger.metrics import IMPORT_EVENTS, IMPORT_ROWS
 from ledger.tenants import validate_tenant_id
 
 logger = logging.getLogger(__name__)
@@ -219,6 +220,9 @@ def import_boston(
     if failure:
         raise failure[0]
     report.rejected.sort()
+    IMPORT_ROWS.labels("accepted").inc(report.rows - len(report.rejected))
+    IMPORT_ROWS.labels("rejected").inc(len(report.rejected))
+    IMPORT_EVENTS.inc(report.events_appended)
     logger.info(
         "imported %s into tenant %s: %d rows, %d events appended, %d already present, %d rejected",
         path,

@@ -101,6 +101,32 @@ def upgrade() -> None:
     for table in TENANT_TABLES:
         enable_tenant_isolation(table, app_role, worker_role)
 
+    # How far each projection is behind, across tenants, for health checks and metrics.
+    # It returns counts only, so the API may call it without seeing any tenant's rows. The
+    # count stops at a million to bound its cost when a projection is far behind.
+    op.execute(
+        """
+        CREATE FUNCTION projection_lag()
+        RETURNS TABLE (projection text, tx_id xid8, "position" bigint,
+                       updated_at timestamptz, events_behind bigint)
+        LANGUAGE sql STABLE SECURITY DEFINER
+        SET search_path = public, pg_temp
+        AS $$
+            SELECT c.projection, c.tx_id, c.position, c.updated_at,
+                   (SELECT count(*) FROM (
+                        SELECT 1 FROM events AS e
+                        WHERE (e.tx_id, e.position) > (c.tx_id, c.position)
+                        LIMIT 1000000) AS behind)
+            FROM projection_checkpoints AS c
+            ORDER BY c.projection
+        $$
+        """
+    )
+    op.execute("REVOKE ALL ON FUNCTION projection_lag() FROM PUBLIC")
+    op.execute(f"GRANT EXECUTE ON FUNCTION projection_lag() TO {app_role}, {worker_role}")
+    # Readiness checks compare the schema's revision with the code's.
+    op.execute(f"GRANT SELECT ON alembic_version TO {app_role}, {worker_role}")
+
     op.execute("REVOKE ALL ON api_keys FROM PUBLIC")
     op.execute(f"GRANT SELECT, INSERT, UPDATE ON api_keys TO {app_role}, {worker_role}")
     op.execute(f"GRANT USAGE ON SCHEMA public TO {worker_role}")

@@ -148,7 +148,9 @@ def test_each_role_reaches_exactly_its_endpoints(
     tenant, _ = tenants
     for (method, path), allowed in documented_permissions().items():
         if allowed == {NO_KEY}:
-            assert call(client, method, path, tenant, tenant, None).status_code == 200
+            # Readiness may fail here (the session database has no projector running),
+            # but never for want of a key.
+            assert call(client, method, path, tenant, tenant, None).status_code in (200, 503)
             continue
         assert call(client, method, path, tenant, tenant, None).status_code == 401, path
         for role in ROLES:

@@ -1,0 +1,116 @@
+"""Request ids, access logs, metrics and health checks for the API."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+from uuid import uuid4
+
+import psycopg
+import structlog
+from psycopg_pool import ConnectionPool, PoolTimeout
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ledger.metrics import HTTP_DURATION, HTTP_REQUESTS
+from ledger.schema import head_revision, schema_revision
+from projections.runtime import projection_progress
+
+logger = logging.getLogger("civicpulse.access")
+
+_TENANT_PATH = re.compile(r"^/tenants/([a-z0-9][a-z0-9-]{1,62})(?:/|$)")
+_INCIDENT_PATH = re.compile(r"/incidents/([0-9a-fA-F-]{32,36})(?:/|$)")
+# A client's X-Request-ID is kept when it is short and printable; otherwise a new one is made,
+# so log lines never carry a client's control characters or a payload.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _REQUEST_ID.fullmatch(text):
+                return text
+    return str(uuid4())
+
+
+class RequestContext:
+    """ASGI middleware: one request id per request, in logs, metrics and the response.
+
+    Binds the request id, tenant id and incident id (from the path) to structlog's context
+    variables, so every log line written while handling the request carries them, including
+    lines from endpoint code that runs in the thread pool. Writes one access log line and
+    the request metrics when the response ends.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(scope.get("headers", []))
+        scope.setdefault("state", {})["request_id"] = request_id
+        path: str = scope["path"]
+        context: dict[str, Any] = {"request_id": request_id}
+        if tenant := _TENANT_PATH.match(path):
+            context["tenant_id"] = tenant.group(1)
+        if incident := _INCIDENT_PATH.search(path):
+            context["incident_id"] = incident.group(1)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(**context):
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                elapsed = time.perf_counter() - started
+                route = scope.get("route")
+                template = getattr(route, "path", None) or "unmatched"
+                method = scope["method"]
+                HTTP_REQUESTS.labels(method, template, str(status)).inc()
+                HTTP_DURATION.labels(method, template).observe(elapsed)
+                logger.info(
+                    "%s %s %d %.1fms",
+                    method,
+                    path,
+                    status,
+                    elapsed * 1000,
+                    extra={"status": status, "route": template},
+                )
+
+
+def readiness_checks(pool: ConnectionPool[Any], max_lag: int) -> dict[str, dict[str, Any]]:
+    """Check the database, the schema revision and the projections' lag."""
+    checks: dict[str, dict[str, Any]] = {}
+    try:
+        with pool.connection(timeout=5) as conn:
+            conn.execute("SELECT 1")
+            checks["database"] = {"ok": True}
+            current, head = schema_revision(conn), head_revision()
+            checks["schema"] = {"ok": current == head, "revision": current, "expected": head}
+            progress = projection_progress(conn)
+    except (psycopg.Error, PoolTimeout) as error:
+        checks["database"] = {"ok": False, "error": type(error).__name__}
+        logger.warning("readiness check failed to reach the database: %s", error)
+        return checks
+    behind = {name: item.events_behind for name, item in progress.items()}
+    checks["projections"] = {
+        "ok": bool(behind) and max(behind.values()) <= max_lag,
+        "events_behind": behind,
+        "max_events_behind": max_lag,
+    }
+    return checks

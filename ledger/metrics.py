@@ -1,0 +1,62 @@
+"""Prometheus metrics, shared by the API, the projector, the scheduler and imports.
+
+Labels never carry tenant ids or other unbounded values, so the number of series stays
+fixed however many tenants and incidents there are.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter(
+    "civicpulse_http_requests_total",
+    "HTTP requests answered, by method, route template and status code",
+    ["method", "route", "status"],
+)
+HTTP_DURATION = Histogram(
+    "civicpulse_http_request_duration_seconds",
+    "Time from receiving a request to sending its last byte, by method and route template",
+    ["method", "route"],
+)
+EVENTS_APPENDED = Counter(
+    "civicpulse_events_appended_total",
+    "Events appended through the event store (imports are counted in import rows)",
+    ["event_type"],
+)
+APPEND_CONFLICTS = Counter(
+    "civicpulse_append_conflicts_total",
+    "Appends rejected because the stream was not at the expected version",
+)
+APPEND_REPLAYS = Counter(
+    "civicpulse_append_replays_total",
+    "Appends answered with the stored result of an earlier request with the same ids",
+)
+PROJECTION_LAG = Gauge(
+    "civicpulse_projection_lag_events",
+    "Committed events beyond the projection's checkpoint, as last measured by this process",
+    ["projection"],
+)
+PROJECTION_EVENTS = Counter(
+    "civicpulse_projection_events_applied_total",
+    "Events applied to a read model by this process",
+    ["projection"],
+)
+PROJECTION_FAILURES = Counter(
+    "civicpulse_projection_failures_total",
+    "Projection batches rolled back because of an error",
+    ["projection"],
+)
+IMPORT_ROWS = Counter(
+    "civicpulse_import_rows_total",
+    "Rows of city exports read by imports, by outcome (accepted, rejected)",
+    ["outcome"],
+)
+IMPORT_EVENTS = Counter(
+    "civicpulse_import_events_appended_total",
+    "Events appended by imports; events already present from an earlier import are not counted",
+)
+SCHEDULER_RUNS = Counter(
+    "civicpulse_scheduler_runs_total",
+    "Scheduled job runs, by job and outcome (ok, failed)",
+    ["job", "outcome"],
+)

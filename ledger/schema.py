@@ -10,6 +10,7 @@ import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from psycopg import sql
 
 import migrations
 from ledger.database import Database
@@ -26,12 +27,8 @@ def alembic_config(database: Database, settings: Settings) -> Config:
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["owner_conninfo"] = database.owner_conninfo
     config.attributes["app_role"] = database.app_role
-    if settings.app_role_password is not None:
-        config.attributes["app_role_password"] = settings.app_role_password.get_secret_value()
     config.attributes["worker_role"] = database.worker_role
-    if settings.worker_role_password is not None:
-        secret = settings.worker_role_password.get_secret_value()
-        config.attributes["worker_role_password"] = secret
+    # No passwords here: migrate() sets them after the upgrade, hashed on this side.
     return config
 
 
@@ -50,8 +47,31 @@ def migrate(database: Database, settings: Settings) -> None:
         try:
             logger.info("running migrations")
             command.upgrade(alembic_config(database, settings), "head")
+            _set_role_passwords(lock_conn, database, settings)
         finally:
             lock_conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+def _set_role_passwords(
+    conn: psycopg.Connection[Any], database: Database, settings: Settings
+) -> None:
+    """Set the passwords the settings give on the two roles, so that rotating a password
+    is: change the secret, run `civicpulse migrate`, restart the processes.
+
+    libpq hashes each password on this side (SCRAM-SHA-256 on servers that use it), so the
+    plain password never appears in a statement the server could log.
+    """
+    for role, secret in (
+        (database.app_role, settings.app_role_password),
+        (database.worker_role, settings.worker_role_password),
+    ):
+        if secret is not None:
+            hashed = conn.pgconn.encrypt_password(secret.get_secret_value().encode(), role.encode())
+            conn.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(hashed.decode())
+                )
+            )
 
 
 class SchemaNotCurrent(LedgerError):

@@ -36,7 +36,7 @@ def enable_tenant_isolation(table: str, app_role: str, worker_role: str) -> None
     op.execute(f"CREATE POLICY {table}_worker ON {table} TO {worker_role} USING (true)")
 
 
-def _create_role(role: str, password: str | None) -> None:
+def _create_role(role: str) -> None:
     op.execute(
         f"""
         DO $$
@@ -48,14 +48,12 @@ def _create_role(role: str, password: str | None) -> None:
         $$
         """
     )
-    if password:
-        op.execute(f"ALTER ROLE {role} PASSWORD '{password.replace(chr(39), chr(39) * 2)}'")
 
 
 def upgrade() -> None:
     app_role = context.config.attributes["app_role"]
     worker_role = context.config.attributes["worker_role"]
-    _create_role(worker_role, context.config.attributes.get("worker_role_password"))
+    _create_role(worker_role)  # its password is set by ledger.schema.migrate
 
     # A derived read model of the key events in each tenant's configuration stream, written
     # in the same transaction as the event. Only a SHA-256 of each secret is kept: the

@@ -37,6 +37,8 @@ from projections.sla_queries import SlaCounts, consistent_snapshot, sla_summary
 logger = logging.getLogger(__name__)
 
 TENANT = "/tenants/{tenant_id}"
+# Largest request body accepted; larger ones answer 413. Reports are a few KiB at most.
+MAX_BODY_BYTES = 64 * 1024
 TenantPath = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
 
 
@@ -82,7 +84,7 @@ class ReportIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    description: str = Field(min_length=1, max_length=5000)
+    description: str = Field(min_length=1, max_length=4000)
     title: str | None = Field(default=None, max_length=200)
     category: str | None = Field(default=None, max_length=200)
     address: str | None = Field(default=None, max_length=500)
@@ -224,6 +226,7 @@ Commands = Annotated[IncidentCommands, Depends(get_commands)]
 
 _ETAG = re.compile(r'^\s*(W/)?"?(\d{1,20})"?\s*$')
 MAX_VERSION = 2**31 - 1  # stream versions are PostgreSQL integers
+IF_MATCH_PATTERN = r'^(\*|"?[1-9][0-9]{0,8}"?)$'  # up to 999,999,999, below MAX_VERSION
 
 
 def parse_if_match(value: str | None) -> int | None:
@@ -345,7 +348,7 @@ def create_app(
     app.state.commands = commands
     app.state.pool = pool
 
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, max_body_bytes=MAX_BODY_BYTES)
 
     @app.get("/health", tags=["operations"])
     def health() -> dict[str, str]:
@@ -449,7 +452,15 @@ def create_app(
             response: Response,
             service: Commands,
             principal: Annotated[Principal, marker],
-            if_match: Annotated[str | None, Header()] = None,
+            if_match: Annotated[
+                str | None,
+                Header(
+                    description='The ETag GET returned, such as "3"; a stale one answers 409',
+                    # Documented, not enforced here: parse_if_match explains what is wrong
+                    # with a value better than a pattern mismatch would.
+                    json_schema_extra={"pattern": IF_MATCH_PATTERN},
+                ),
+            ] = None,
             idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
             body: body_annotation = body_default,
         ) -> AppendOut:
@@ -550,7 +561,8 @@ def create_app(
             str | None,
             Query(
                 description="Valid time to judge at (ISO 8601); without an offset it is read "
-                "in the tenant's time zone. Defaults to now."
+                "in the tenant's time zone. Defaults to now.",
+                json_schema_extra={"format": "date-time"},
             ),
         ] = None,
     ) -> SlaSummaryOut:

@@ -8,11 +8,14 @@ import time
 from typing import Any
 from uuid import uuid4
 
+import orjson
 import psycopg
 import structlog
 from psycopg_pool import ConnectionPool, PoolTimeout
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.problems import PROBLEM_TYPE_BASE
 from ledger.metrics import HTTP_DURATION, HTTP_REQUESTS
 from ledger.schema import head_revision, schema_revision
 from projections.runtime import projection_progress
@@ -42,10 +45,14 @@ class RequestContext:
     variables, so every log line written while handling the request carries them, including
     lines from endpoint code that runs in the thread pool. Writes one access log line and
     the request metrics when the response ends.
+
+    It also limits request bodies to `max_body_bytes`: a larger Content-Length answers 413 at
+    once, and a body without one stops with 413 as soon as it grows past the limit.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
         self.app = app
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,6 +68,19 @@ class RequestContext:
             context["incident_id"] = incident.group(1)
         status = 500
         started = time.perf_counter()
+        limit = self.max_body_bytes
+        too_large = f"request body larger than {limit} bytes: send a smaller body"
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # Raised inside the endpoint's body read, so the problem handlers answer.
+                    raise HTTPException(413, too_large)
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -75,7 +95,11 @@ class RequestContext:
 
         with structlog.contextvars.bound_contextvars(**context):
             try:
-                await self.app(scope, receive, send_with_id)
+                if _content_length(scope) > limit:
+                    status = 413
+                    await _send_problem(send_with_id, path, 413, "Content Too Large", too_large)
+                    return
+                await self.app(scope, receive_limited, send_with_id)
             finally:
                 elapsed = time.perf_counter() - started
                 route = scope.get("route")
@@ -91,6 +115,39 @@ class RequestContext:
                     elapsed * 1000,
                     extra={"status": status, "route": template},
                 )
+
+
+def _content_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0  # the server rejects a malformed Content-Length itself
+    return 0
+
+
+async def _send_problem(send: Send, path: str, status: int, title: str, detail: str) -> None:
+    body = orjson.dumps(
+        {
+            "type": PROBLEM_TYPE_BASE + f"http-{status}",
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "instance": path,
+        }
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def readiness_checks(pool: ConnectionPool[Any], max_lag: int) -> dict[str, dict[str, Any]]:

@@ -78,9 +78,17 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
     if isinstance(value, str):
-        return value[:200]
-    text = orjson.dumps(value, default=str).decode()
+        return _valid_unicode(value[:200])
+    try:
+        text = orjson.dumps(value, default=str).decode()
+    except TypeError:  # a lone surrogate somewhere inside
+        return _valid_unicode(str(value)[:200])
     return value if len(text) <= 200 else text[:200]
+
+
+def _valid_unicode(text: str) -> str:
+    """Replace lone surrogates, which JSON encoders reject, with U+FFFD."""
+    return text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
 
 
 def _invalid_item(item: Any, json_body: bool) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from ledger.errors import CommandInvalid, CommandRejected
-from ledger.events import RecordedEvent
+from ledger.events import JsonObject, RecordedEvent
 
 REPORT_SUBMITTED = "ReportSubmitted"
 INCIDENT_ACKNOWLEDGED = "IncidentAcknowledged"
@@ -100,6 +100,10 @@ class IncidentState:
     closure_reason: str | None = None
     resolved_at: datetime | None = None
     closed_at: datetime | None = None
+    # The report's `contact` object: the reporter id and the encrypted name, e-mail and
+    # phone. Reading them takes the reporter's key from the vault (ledger.personal).
+    reporter_id: UUID | None = None
+    contact: JsonObject | None = None
 
 
 def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState | None:
@@ -112,6 +116,7 @@ def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState |
     payload = event.payload
     at = event.occurred_at
     if kind == REPORT_SUBMITTED:
+        contact = payload.get("contact")
         return IncidentState(
             incident_id=UUID(payload["incident_id"]),
             version=event.stream_version,
@@ -129,6 +134,8 @@ def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState |
             address=payload.get("address"),
             latitude=payload.get("latitude"),
             longitude=payload.get("longitude"),
+            reporter_id=UUID(contact["reporter_id"]) if contact else None,
+            contact=contact,
         )
     if state is None:
         return None

@@ -124,7 +124,7 @@ class IncidentCommands:
         With an idempotency key, the incident id and event id derive from it, so a retry of
         the same request returns the first incident instead of making a second one.
 
-        `reporter` holds the reporter's `name`, `email` and `phone`, each optional. They are
+        `reporter` contains the reporter's `name`, `email` and `phone`, each optional. They are
         encrypted under the key of the reporter with that e-mail address or phone number (a
         new reporter when there is none) and stored only as ciphertext in the payload's
         `contact` object. The key is created in the same transaction as the append. Raises
@@ -217,7 +217,7 @@ class IncidentCommands:
         """Raise IdempotencyKeyReused unless the stored event has the same reporter values.
 
         The request hash covers only which reporter fields were sent, so that no event
-        holds a hash of personal data that could be matched against guesses after an
+        contains a hash of personal data that could be matched against guesses after an
         erasure. Once the reporter is erased the values cannot be compared, and the retry
         gets the first result.
         """

@@ -111,5 +111,6 @@ class ContactDecryptionFailed(LedgerError):
         self.field = field
         super().__init__(
             f"cannot decrypt the {field} of reporter {reporter_id} in tenant {tenant_id!r}: "
-            f"{reason}. The stored ciphertext does not match its key; treat the value as lost"
+            f"{reason}. The stored value was altered or written for another reporter, tenant "
+            "or field, and cannot be recovered"
         )

@@ -41,11 +41,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONTACT_FIELDS = ("name", "email", "phone")
-# Names the cipher, the token layout and the associated data, so a later format can be told
-# apart from this one.
+# Identifies the cipher, the token layout and the associated data, so that a later format
+# can be distinguished from this one.
 CONTACT_SCHEME = "aes-256-gcm-v1"
 REPORTER_ERASED = "ReporterErased"
-ERASED_TEXT = "[erased]"
 
 MAX_NAME_LENGTH = 200
 MAX_PHONE_LENGTH = 32
@@ -104,7 +103,7 @@ class ContactDetails:
         return self.erased_at is not None
 
     def fields(self) -> dict[str, str]:
-        """Return the decrypted fields that are set, by name; empty once erased."""
+        """Return the decrypted fields that are set, by name. The result is empty once erased."""
         values = {"name": self.name, "email": self.email, "phone": self.phone}
         return {name: value for name, value in values.items() if value is not None}
 
@@ -474,7 +473,7 @@ def erase_reporter(
     """Destroy a reporter's key and lookup digests, and append a ReporterErased event.
 
     Both happen in one transaction. The event, in the tenant's `reporters-<tenant>` stream,
-    carries the reporter id and the reason, and no personal data. Every event that holds the
+    carries the reporter id and the reason, and no personal data. Every event that contains the
     reporter's ciphertext stays unchanged, so hash chains still verify.
 
     Idempotent: erasing an erased reporter changes nothing and returns the first erasure

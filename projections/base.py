@@ -175,7 +175,7 @@ class IncidentRowProjection(Projection, Generic[State]):
 
 
 def _is_json_object(hint: Any) -> bool:
-    """Tell whether a field's type is a dict, or a dict or None."""
+    """Return True when a field's type is a dict or an optional dict."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_is_json_object(member) for member in typing.get_args(hint))
     return hint is dict or typing.get_origin(hint) is dict

@@ -404,7 +404,7 @@ def test_reused_reporter_keeps_each_reports_values(
         lambda text: text.strip() != ""
     )
 )
-def test_any_unicode_name_round_trips_through_ledger(
+def test_unicode_name_round_trips_through_ledger(
     commands: IncidentCommands, tenant_id: str, name: str
 ) -> None:
     incident = submit_with_reporter(commands, tenant_id, reporter={"name": name})

@@ -152,7 +152,9 @@ class IncidentRowProjection(Projection, Generic[State]):
 
     def _row(self, state: State) -> tuple[Any, ...]:
         values: tuple[Any, ...] = self._values(state)
-        if not self._json_indexes:
+        # Most rows (every imported incident) have no JSON value, and a rebuild writes them
+        # without copying the tuple.
+        if all(values[index] is None for index in self._json_indexes):
             return values
         row = list(values)
         for index in self._json_indexes:

@@ -430,11 +430,19 @@ def test_fold_and_read_model_keep_ciphertext(
     incidents_projection = default_projections()[0]
     with fresh_database.connect_worker() as conn:
         projected = incidents_projection.read_all(conn)  # type: ignore[attr-defined]
+    assert state.reporter_id is not None
+    erase_reporter(fresh_store, tenant, state.reporter_id, reason="request 8", actor=ADMIN)
+    applied, _ = catch_up(fresh_database, default_projections())
+    with fresh_database.connect_worker() as conn:
+        after_erasure = incidents_projection.read_all(conn)  # type: ignore[attr-defined]
 
     assert state.contact is not None
     assert row == (state.reporter_id, state.contact)
     assert projected[(tenant, incident)] == state
     assert all(plain not in str(state.contact) for plain in PLAIN_FORMS)
+    # The ReporterErased event is read by every projection and changes no incident row.
+    assert applied == len(default_projections())
+    assert after_erasure == projected
 
 
 # Idempotency

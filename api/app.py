@@ -24,11 +24,12 @@ from api.observability import RequestContext, readiness_checks
 from api.problems import install_problem_handlers
 from ledger.commands import IncidentCommands
 from ledger.database import Database
-from ledger.errors import IncidentNotFound, InvalidRequest
+from ledger.errors import ContactNotGiven, IncidentNotFound, InvalidRequest
 from ledger.ids import incident_stream_id
 from ledger.keys import Principal, Role, issue_key, list_keys, revoke_key
 from ledger.lifecycle import COMMANDS
 from ledger.metrics import PROJECTION_LAG
+from ledger.personal import erase_reporter, record_contact_access
 from ledger.store import PostgresEventStore
 from ledger.tenants import require_tenant
 from projections.runtime import projection_progress
@@ -42,9 +43,20 @@ MAX_BODY_BYTES = 64 * 1024
 TenantPath = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
 
 
+# Personal data outside the `reporter` object, where it would be stored in plain text.
 PERSONAL_FIELDS = frozenset(
-    {"name", "email", "phone", "reporter", "reporter_name", "reporter_email", "reporter_phone"}
+    {"name", "email", "phone", "reporter_name", "reporter_email", "reporter_phone", "contact"}
 )
+
+
+class ReporterIn(BaseModel):
+    """The reporter's contact details, stored encrypted under a key that erasure destroys."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    email: str | None = Field(default=None, min_length=3, max_length=254)
+    phone: str | None = Field(default=None, min_length=3, max_length=32)
 
 
 class ProblemOut(BaseModel):
@@ -91,19 +103,24 @@ class ReportIn(BaseModel):
     latitude: float | None = Field(default=None, ge=-90, le=90, allow_inf_nan=False)
     longitude: float | None = Field(default=None, ge=-180, le=180, allow_inf_nan=False)
     source_channel: str = Field(default="api", max_length=50)
+    reporter: ReporterIn | None = Field(
+        default=None,
+        description="Contact details of the reporter, encrypted at rest; shown to staff, to "
+        "officers with a recorded reason, and never in public views.",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _no_personal_data(cls, data: Any) -> Any:
-        # NOTE: events are never deleted, so personal data must not enter them until it can
-        # be stored encrypted with a key that can be destroyed.
+        # Events are never deleted, so personal data may enter them only encrypted, under a
+        # key that erasure destroys: through the `reporter` object.
         if isinstance(data, dict):
             personal = sorted(PERSONAL_FIELDS & set(data))
             if personal:
                 raise PydanticCustomError(
                     "personal_data",
-                    "personal data ({fields}) is not accepted yet: reports cannot store a "
-                    "reporter's contact details; leave these fields out",
+                    "personal data ({fields}) outside the reporter object would be stored "
+                    "in plain text; send it as reporter.name, reporter.email or reporter.phone",
                     {"fields": ", ".join(personal)},
                 )
         return data
@@ -273,6 +290,30 @@ def parse_as_of(value: str | None, zone_name: str) -> datetime:
     return moment
 
 
+class ContactOut(BaseModel):
+    reporter_id: UUID
+    erased: bool
+    erased_at: datetime | None = None
+    name: str | None = None
+    email: str | None = None
+    phone: str | None = None
+
+
+class EraseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(
+        min_length=1,
+        max_length=2000,
+        description="Why, for the record. It is kept for good: write no personal data in it.",
+    )
+
+
+class ErasureOut(BaseModel):
+    reporter_id: UUID
+    erased_at: datetime
+    already_erased: bool
+
+
 class KeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -418,7 +459,8 @@ def create_app(
         """Submit a report. Send an Idempotency-Key to make retries safe."""
         result = service.submit(
             tenant_id,
-            report.model_dump(exclude_none=True),
+            report.model_dump(exclude_none=True, exclude={"reporter"}),
+            reporter=report.reporter.model_dump(exclude_none=True) if report.reporter else None,
             actor=actor_of(principal),
             idempotency_key=idempotency_key,
             correlation_id=_request_id(request),
@@ -517,8 +559,11 @@ def create_app(
         state = service.load(tenant_id, incident_id)
         if principal.role == Reporter:
             _require_own(state, principal, incident_id)
+        data = _state_dict(state)
+        if principal.role == Reporter:
+            data.pop("reporter_id")
         response.headers["ETag"] = f'"{state.version}"'
-        return {"tenant_id": tenant_id, **_state_dict(state)}
+        return {"tenant_id": tenant_id, **data}
 
     @app.get(
         TENANT + "/incidents/{incident_id}/events", responses=PROBLEM_RESPONSES, tags=["queries"]
@@ -541,7 +586,7 @@ def create_app(
                 "schema_version": event.schema_version,
                 "occurred_at": event.occurred_at,
                 "recorded_at": event.recorded_at,
-                "payload": event.payload,
+                "payload": _without_ciphertext(event.payload),
                 "metadata": {k: v for k, v in event.metadata.items() if k != "request_hash"},
                 "hash": event.hash.hex(),
             }
@@ -640,6 +685,73 @@ def create_app(
         )
         return KeyOut(**key.to_json())
 
+    @app.get(
+        TENANT + "/incidents/{incident_id}/contact",
+        response_model=ContactOut,
+        responses=PROBLEM_RESPONSES,
+        tags=["personal data"],
+    )
+    def get_contact(
+        tenant_id: TenantPath,
+        incident_id: UUID,
+        service: Commands,
+        principal: Annotated[
+            Principal, allow(Staff, Officer, action="read reporters' contact details")
+        ],
+        reason: Annotated[
+            str | None,
+            Query(
+                max_length=2000,
+                description="Why you need the details. Required for officers, and recorded "
+                "as a ContactDetailsAccessed event before the details are returned.",
+            ),
+        ] = None,
+    ) -> ContactOut:
+        """Return the reporter's contact details, decrypted, or marked erased."""
+        state = service.load(tenant_id, incident_id)
+        if state.reporter_id is None:
+            raise ContactNotGiven(tenant_id, str(incident_id))
+        if principal.role == Officer:
+            if not reason or not reason.strip():
+                raise InvalidRequest(
+                    "missing reason: officers must say why they need a reporter's contact "
+                    "details, as ?reason=...; the access is recorded"
+                )
+            record_contact_access(
+                store,
+                tenant_id,
+                incident_id,
+                state.reporter_id,
+                reason=reason,
+                actor=actor_of(principal),
+            )
+        details = service.contact_details(tenant_id, incident_id)
+        assert details is not None
+        return ContactOut(**details.as_dict())
+
+    @app.post(
+        TENANT + "/reporters/{reporter_id}/erase",
+        response_model=ErasureOut,
+        responses=PROBLEM_RESPONSES,
+        tags=["personal data"],
+    )
+    def post_erase_reporter(
+        tenant_id: TenantPath,
+        reporter_id: UUID,
+        erase_in: EraseIn,
+        principal: Annotated[Principal, allow(Admin, action="erase reporters")],
+    ) -> ErasureOut:
+        """Destroy the reporter's key: every event stays, and their contact details read
+        back as erased from then on. Erasing an erased reporter changes nothing."""
+        erasure = erase_reporter(
+            store, tenant_id, reporter_id, reason=erase_in.reason, actor=actor_of(principal)
+        )
+        return ErasureOut(
+            reporter_id=erasure.reporter_id,
+            erased_at=erasure.erased_at,
+            already_erased=erasure.already_erased,
+        )
+
     document_roles(app)
     return app
 
@@ -655,8 +767,19 @@ def _sorted(groups: dict[str | None, SlaCounts]) -> list[tuple[str | None, SlaCo
 
 
 def _state_dict(state: Any) -> dict[str, Any]:
+    """Return the incident state for the API, without the contact ciphertext."""
     from dataclasses import asdict
 
     data = asdict(state)
     data.pop("resume_status", None)
+    data.pop("contact", None)
     return data
+
+
+def _without_ciphertext(payload: dict[str, Any]) -> dict[str, Any]:
+    """Replace encrypted contact fields by their names: GET .../contact decrypts them."""
+    contact = payload.get("contact")
+    if not isinstance(contact, dict):
+        return payload
+    fields = sorted(contact.get("fields") or {})
+    return {**payload, "contact": {"reporter_id": contact.get("reporter_id"), "fields": fields}}

@@ -11,6 +11,7 @@ import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
+from uuid import UUID
 
 import typer
 from psycopg_pool import ConnectionPool
@@ -29,10 +30,12 @@ tenant_app = typer.Typer(help="Create tenants.", no_args_is_help=True)
 import_app = typer.Typer(help="Import city 311 exports.", no_args_is_help=True)
 sla_app = typer.Typer(help="SLA figures.", no_args_is_help=True)
 key_app = typer.Typer(help="Issue, list and revoke API keys.", no_args_is_help=True)
+reporter_app = typer.Typer(help="Reporters' personal data.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.add_typer(import_app, name="import")
 app.add_typer(sla_app, name="sla")
+app.add_typer(reporter_app, name="reporter")
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -205,6 +208,62 @@ def key_revoke(
         key = revoke_key(store, tenant, parsed, revoked_by="cli", reason=reason)
     assert key.revoked_at is not None
     console.print(f"key {key.key_id} revoked at {key.revoked_at.isoformat(timespec='seconds')}")
+
+
+@reporter_app.command("erase")
+def reporter_erase(
+    tenant_id: Annotated[str, typer.Argument(help="Tenant id")],
+    reporter_id: Annotated[
+        str, typer.Argument(help="Reporter id, from the contact object of the reporter's reports")
+    ],
+    reason: Annotated[
+        str,
+        typer.Option(
+            help="Why the reporter is erased, such as an erasure request's reference; it is "
+            "stored in an event for good, so write no personal data in it"
+        ),
+    ],
+    actor: Annotated[str, typer.Option(help="Who erases, recorded in the event")] = "cli",
+) -> None:
+    """Erase a reporter by destroying the key that decrypts their name, e-mail and phone.
+
+    Events stay unchanged, and a ReporterErased event records the erasure.
+    """
+    from ledger.commands import Actor
+    from ledger.personal import erase_reporter
+    from ledger.tenants import require_tenant
+
+    try:
+        reporter = UUID(reporter_id)
+    except ValueError as error:
+        raise _fail(
+            f"invalid reporter id {reporter_id!r}: expected a UUID such as "
+            "0b5c1f4e-2d7a-4c61-9a8e-3f6b2d1c0e9a"
+        ) from error
+    _, database = _migrated()
+    pool, store = _store(database)
+    with pool:
+        try:
+            require_tenant(store, tenant_id)
+            erasure = erase_reporter(
+                store,
+                tenant_id,
+                reporter,
+                reason=reason,
+                actor=Actor(name=actor, role="admin", channel="cli"),
+            )
+        except LedgerError as error:
+            raise _fail(str(error)) from error
+    if erasure.already_erased:
+        console.print(
+            f"reporter {reporter} of tenant {tenant_id} was already erased at "
+            f"{erasure.erased_at.isoformat()} (reason: {erasure.reason}); nothing changed"
+        )
+        return
+    console.print(
+        f"erased reporter {reporter} of tenant {tenant_id}: destroyed the encryption key and "
+        f"the e-mail and phone lookups; ReporterErased recorded at position {erasure.position}"
+    )
 
 
 @import_app.command("boston")

@@ -37,6 +37,14 @@ _LEDGER_ERRORS: list[tuple[type[errors.LedgerError], int, str, str]] = [
     (errors.AuthenticationFailed, 401, "unauthenticated", "API key missing or not valid"),
     (errors.Forbidden, 403, "forbidden", "Role not allowed"),
     (errors.KeyNotFound, 404, "key-not-found", "API key not found"),
+    (errors.ReporterNotFound, 404, "reporter-not-found", "Reporter not found"),
+    (errors.ContactNotGiven, 404, "contact-not-given", "No contact details"),
+    (
+        errors.ContactDecryptionFailed,
+        500,
+        "contact-unreadable",
+        "Stored contact details cannot be decrypted",
+    ),
 ]
 
 
@@ -124,6 +132,8 @@ def install_problem_handlers(app: FastAPI) -> None:
                 response = problem(request, status, slug, title, str(error), **_extra_fields(error))
                 if status == 401:
                     response.headers["WWW-Authenticate"] = 'Bearer realm="civicpulse"'
+                if status >= 500:
+                    logger.error("%s on %s %s: %s", title, request.method, request.url.path, error)
                 return response
         return problem(request, 400, "bad-request", "Bad request", str(error))
 

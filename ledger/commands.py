@@ -4,23 +4,54 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import psycopg
+
 from ledger.database import set_tenant
-from ledger.errors import CommandInvalid, ConcurrencyError, IncidentNotFound
+from ledger.errors import (
+    CommandInvalid,
+    ConcurrencyError,
+    IdempotencyKeyReused,
+    IncidentNotFound,
+)
 from ledger.events import NewEvent, canonical_json
 from ledger.ids import derived_id, incident_stream_id, new_id
 from ledger.lifecycle import REPORT_SUBMITTED, IncidentState, decide, fold_incident
-from ledger.store import AppendResult, PostgresEventStore, find_stored
+from ledger.personal import (
+    ContactDetails,
+    ReporterContact,
+    find_or_create_reporter,
+    open_contact,
+    seal_contact,
+    validate_reporter,
+)
+from ledger.store import AppendResult, PostgresEventStore, find_stored, read_stream
 from ledger.tenants import require_tenant
 
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+
+# Report fields that would put personal data, or a forged contact object, into the payload
+# in plain text. A reporter's details go in the `reporter` argument of `submit` instead.
+PERSONAL_REPORT_FIELDS = frozenset(
+    {
+        "name",
+        "email",
+        "phone",
+        "reporter",
+        "reporter_name",
+        "reporter_email",
+        "reporter_phone",
+        "reporter_id",
+        "contact",
+    }
+)
 
 
 def utc_now() -> datetime:
@@ -45,6 +76,15 @@ class CommandResult:
 
 def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def _hashed_body(report: dict[str, Any], contact: ReporterContact | None) -> dict[str, Any]:
+    """Return the request body the idempotency hash covers: the report and the names of the
+    reporter fields that were sent, never their values.
+    """
+    if contact is None:
+        return report
+    return {**report, "reporter": sorted(contact.fields())}
 
 
 def _metadata(
@@ -80,12 +120,26 @@ class IncidentCommands:
         actor: Actor,
         idempotency_key: str | None = None,
         correlation_id: str | None = None,
+        reporter: Mapping[str, Any] | None = None,
     ) -> CommandResult:
         """Append a ReportSubmitted event to a new incident stream.
 
         With an idempotency key, the incident id and event id derive from it, so a retry of
         the same request returns the first incident instead of making a second one.
+
+        `reporter` contains the reporter's `name`, `email` and `phone`, each optional. They are
+        encrypted under the key of the reporter with that e-mail address or phone number (a
+        new reporter when there is none) and stored only as ciphertext in the payload's
+        `contact` object. The key is created in the same transaction as the append. Raises
+        CommandInvalid when `report` has a personal field or a reporter value is invalid.
         """
+        personal = sorted(PERSONAL_REPORT_FIELDS & set(report))
+        if personal:
+            raise CommandInvalid(
+                f"report field(s) {', '.join(personal)} would store personal data in plain "
+                "text; pass the reporter's name, email and phone in `reporter` instead"
+            )
+        contact = validate_reporter(reporter)
         tenant = require_tenant(self.store, tenant_id)
         now = self.clock()
         if idempotency_key is not None:
@@ -109,15 +163,101 @@ class IncidentCommands:
             payload,
             now,
             event_id=event_id,
-            metadata=_metadata(actor, idempotency_key, report, correlation_id),
+            metadata=_metadata(
+                actor, idempotency_key, _hashed_body(report, contact), correlation_id
+            ),
         )
-        result = self.store.append(
-            tenant_id, incident_stream_id(incident_id), [event], expected_version=0
-        )
+        stream_id = incident_stream_id(incident_id)
+        if contact is None:
+            result = self.store.append(tenant_id, stream_id, [event], expected_version=0)
+        else:
+            result = self._append_with_contact(tenant_id, stream_id, event, contact)
         if result.replayed:
             # The stream id derives from the key, so the first incident is this one.
             logger.info("submit replayed for tenant %s incident %s", tenant_id, incident_id)
         return CommandResult(incident_id, result)
+
+    def _append_with_contact(
+        self, tenant_id: str, stream_id: str, event: NewEvent, contact: ReporterContact
+    ) -> AppendResult:
+        """Find or create the reporter, encrypt the contact into the event and append it,
+        all in one transaction.
+
+        A retry of a stored request creates and encrypts nothing: its reporter values are
+        compared with the first request's by decrypting them.
+        """
+        replayed: AppendResult | None = None
+        with self.store.pool.connection() as conn, conn.transaction() as transaction:
+            set_tenant(conn, tenant_id)
+            replayed = find_stored(conn, tenant_id, stream_id, [event])
+            if replayed is None:
+                key = find_or_create_reporter(conn, tenant_id, contact)
+                sealed_payload = {**event.payload, "contact": seal_contact(key, contact)}
+                result = self.store.append(
+                    tenant_id,
+                    stream_id,
+                    [replace(event, payload=sealed_payload)],
+                    expected_version=0,
+                    conn=conn,
+                )
+                if not result.replayed:
+                    return result
+                # A concurrent retry of this request committed first.
+                replayed = result
+            self._require_same_contact(conn, tenant_id, stream_id, event, contact)
+            # Keep nothing this attempt wrote, such as a reporter created for a name.
+            raise psycopg.Rollback(transaction)
+        return replayed
+
+    def _require_same_contact(
+        self,
+        conn: psycopg.Connection[Any],
+        tenant_id: str,
+        stream_id: str,
+        event: NewEvent,
+        contact: ReporterContact,
+    ) -> None:
+        """Raise IdempotencyKeyReused unless the stored event has the same reporter values.
+
+        The request hash covers only which reporter fields were sent, so that no event
+        contains a hash of personal data that could be matched against guesses after an
+        erasure. Once the reporter is erased the values cannot be compared, and the retry
+        gets the first result.
+        """
+        key_text = str(event.metadata.get("idempotency_key") or event.event_id)
+        stored = next(
+            (e for e in read_stream(conn, tenant_id, stream_id) if e.event_id == event.event_id),
+            None,
+        )
+        sealed = stored.payload.get("contact") if stored is not None else None
+        if sealed is None:
+            raise IdempotencyKeyReused(key_text)
+        details = open_contact(conn, tenant_id, sealed)
+        if details.erased:
+            logger.info(
+                "submit retry for tenant %s stream %s matched an erased reporter %s; "
+                "returning the first result",
+                tenant_id,
+                stream_id,
+                details.reporter_id,
+            )
+            return
+        if details.fields() != contact.fields():
+            raise IdempotencyKeyReused(key_text)
+
+    def contact_details(self, tenant_id: str, incident_id: UUID) -> ContactDetails | None:
+        """Return the incident's reporter contact, decrypted, or marked erased.
+
+        Returns None when the report was submitted without a reporter. Raises
+        IncidentNotFound, and ContactDecryptionFailed when the stored ciphertext does not
+        decrypt under the reporter's key.
+        """
+        state = self.load(tenant_id, incident_id)
+        if state.contact is None:
+            return None
+        with self.store.pool.connection() as conn, conn.transaction():
+            set_tenant(conn, tenant_id)
+            return open_contact(conn, tenant_id, state.contact)
 
     def load(self, tenant_id: str, incident_id: UUID) -> IncidentState:
         events = self.store.read_stream(tenant_id, incident_stream_id(incident_id))

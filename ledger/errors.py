@@ -107,3 +107,40 @@ class Forbidden(LedgerError):
 class KeyNotFound(LedgerError):
     def __init__(self, tenant_id: str, key_id: object) -> None:
         super().__init__(f"tenant {tenant_id!r} has no API key {key_id}")
+
+
+class ReporterNotFound(LedgerError):
+    """No key of this reporter is stored for the tenant (or it belongs to another tenant)."""
+
+    def __init__(self, tenant_id: str, reporter_id: str) -> None:
+        self.tenant_id = tenant_id
+        self.reporter_id = reporter_id
+        super().__init__(
+            f"reporter {reporter_id} not found in tenant {tenant_id!r}; check the reporter id, "
+            "which the incident's contact object carries"
+        )
+
+
+class ContactDecryptionFailed(LedgerError):
+    """A contact field cannot be decrypted: it was altered, or sealed for another reporter,
+    tenant or field. An erased reporter is not this error: see ContactDetails.erased.
+    """
+
+    def __init__(self, tenant_id: str, reporter_id: str, field: str, reason: str) -> None:
+        self.tenant_id = tenant_id
+        self.reporter_id = reporter_id
+        self.field = field
+        super().__init__(
+            f"cannot decrypt the {field} of reporter {reporter_id} in tenant {tenant_id!r}: "
+            f"{reason}. The stored value was altered or written for another reporter, tenant "
+            "or field, and cannot be recovered"
+        )
+
+
+class ContactNotGiven(LedgerError):
+    """An incident reported without contact details."""
+
+    def __init__(self, tenant_id: str, incident_id: str) -> None:
+        super().__init__(
+            f"incident {incident_id} of tenant {tenant_id!r} was reported without contact details"
+        )

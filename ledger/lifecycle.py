@@ -13,7 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from ledger.errors import CommandInvalid, CommandRejected
-from ledger.events import RecordedEvent
+from ledger.events import JsonObject, RecordedEvent
 
 REPORT_SUBMITTED = "ReportSubmitted"
 INCIDENT_ACKNOWLEDGED = "IncidentAcknowledged"
@@ -101,6 +101,10 @@ class IncidentState:
     resolved_at: datetime | None = None
     closed_at: datetime | None = None
     submitted_by: str | None = None  # id of the API key that submitted the report
+    # The report's `contact` object: the reporter id and the encrypted name, e-mail and
+    # phone. Reading them takes the reporter's key from the vault (ledger.personal).
+    reporter_id: UUID | None = None
+    contact: JsonObject | None = None
 
 
 def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState | None:
@@ -113,6 +117,7 @@ def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState |
     payload = event.payload
     at = event.occurred_at
     if kind == REPORT_SUBMITTED:
+        contact = payload.get("contact")
         return IncidentState(
             incident_id=UUID(payload["incident_id"]),
             version=event.stream_version,
@@ -131,6 +136,8 @@ def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState |
             latitude=payload.get("latitude"),
             longitude=payload.get("longitude"),
             submitted_by=event.metadata.get("actor_id"),
+            reporter_id=UUID(contact["reporter_id"]) if contact else None,
+            contact=contact,
         )
     if state is None:
         return None

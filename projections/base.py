@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import types
+import typing
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
@@ -11,6 +13,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from ledger.events import RecordedEvent
 from ledger.lifecycle import INCIDENT_EVENT_TYPES
@@ -54,6 +57,11 @@ class IncidentRowProjection(Projection, Generic[State]):
             raise ValueError(f"{state_type.__name__} must start with its incident_id field")
         self._column_list = sql.SQL(", ").join(map(sql.Identifier, self.columns))
         self._values = operator.attrgetter(*self.columns)
+        # COPY cannot adapt a dict, so fields typed as JSON objects go out wrapped as jsonb.
+        hints = typing.get_type_hints(state_type)
+        self._json_indexes = [
+            index for index, name in enumerate(self.columns) if _is_json_object(hints[name])
+        ]
 
     def fold(self, events: Iterable[RecordedEvent]) -> dict[tuple[str, UUID], State]:
         """Fold events from nothing: the table this projection should hold for them."""
@@ -120,7 +128,7 @@ class IncidentRowProjection(Projection, Generic[State]):
             with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)) as copy:
                 for (tenant_id, _), state in states.items():
                     if state is not None:
-                        copy.write_row((tenant_id, *self._values(state)))
+                        copy.write_row((tenant_id, *self._row(state)))
             updates = sql.SQL(", ").join(
                 sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name))
                 for name in self.columns
@@ -142,6 +150,18 @@ class IncidentRowProjection(Projection, Generic[State]):
                     (tenant_id, stream_id.removeprefix(INCIDENT_STREAM_PREFIX)),
                 )
 
+    def _row(self, state: State) -> tuple[Any, ...]:
+        values: tuple[Any, ...] = self._values(state)
+        # Most rows (every imported incident) have no JSON value, and a rebuild writes them
+        # without copying the tuple.
+        if all(values[index] is None for index in self._json_indexes):
+            return values
+        row = list(values)
+        for index in self._json_indexes:
+            if row[index] is not None:
+                row[index] = Jsonb(row[index])
+        return tuple(row)
+
     def read_all(self, conn: psycopg.Connection[Any]) -> dict[tuple[str, UUID], State]:
         """Read the whole table back as states, for comparisons with a fresh fold."""
         loaded: dict[tuple[str, UUID], State] = {}
@@ -154,3 +174,10 @@ class IncidentRowProjection(Projection, Generic[State]):
             for tenant_id, *values in cur:
                 loaded[(tenant_id, values[0])] = self.state_type(*values)
         return loaded
+
+
+def _is_json_object(hint: Any) -> bool:
+    """Return True when a field's type is a dict or an optional dict."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_json_object(member) for member in typing.get_args(hint))
+    return hint is dict or typing.get_origin(hint) is dict

@@ -12,10 +12,16 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from ledger.commands import Actor, IncidentCommands
+from ledger.database import Database
+from ledger.store import PostgresEventStore
+from ledger.tenants import create_tenant
 
 
 def cli_env(data_dir: Path) -> dict[str, str]:
@@ -208,3 +214,48 @@ def test_keys_issued_listed_and_revoked(tmp_path: Path) -> None:
     assert f"key {key_id} revoked" in revoked.stderr
     assert listed_after.stdout.count(key_id) == 1
     assert listed_after.stdout != listed.stdout
+
+
+def test_reporter_erase(fresh_database: Database, fresh_store: PostgresEventStore) -> None:
+    tenant = "erase-town"
+    create_tenant(
+        fresh_store,
+        tenant,
+        name=tenant,
+        time_zone="UTC",
+        occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    commands = IncidentCommands(fresh_store)
+    incident = commands.submit(
+        tenant,
+        {"description": "Broken gate"},
+        actor=Actor("resident", "reporter"),
+        reporter={"name": "Ines", "email": "ines@example.org"},
+    ).incident_id
+    reporter_id = str(commands.load(tenant, incident).reporter_id)
+    env = {**os.environ, "DATABASE_URL": fresh_database.owner_conninfo}
+    env["CIVICPULSE_LOG_LEVEL"] = "WARNING"
+
+    erased = civicpulse("reporter", "erase", tenant, reporter_id, "--reason", "request 12", env=env)
+    again = civicpulse("reporter", "erase", tenant, reporter_id, "--reason", "request 13", env=env)
+    unknown = civicpulse(
+        "reporter", "erase", tenant, str(uuid.uuid4()), "--reason", "request 14", env=env
+    )
+    malformed = civicpulse("reporter", "erase", tenant, "not-a-uuid", "--reason", "x", env=env)
+    no_reason = civicpulse("reporter", "erase", tenant, reporter_id, "--reason", " ", env=env)
+    details = commands.contact_details(tenant, incident)
+
+    assert erased.returncode == 0, erased.stderr
+    assert f"erased reporter {reporter_id} of tenant {tenant}" in erased.stderr
+    assert "ReporterErased recorded at position" in erased.stderr
+    assert again.returncode == 0, again.stderr
+    assert "was already erased at" in again.stderr
+    assert "(reason: request 12)" in again.stderr
+    assert unknown.returncode == 2
+    assert "not found in tenant 'erase-town'" in unknown.stderr
+    assert malformed.returncode == 2
+    assert "invalid reporter id 'not-a-uuid'" in malformed.stderr
+    assert no_reason.returncode == 2
+    assert "missing erasure reason" in no_reason.stderr
+    assert details is not None
+    assert details.erased

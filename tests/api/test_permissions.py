@@ -52,8 +52,9 @@ def app_routes(app: Any) -> list[APIRoute]:
 class Tenant:
     tenant_id: str
     tokens: dict[Role, str]
-    incident_id: str  # submitted by the tenant's reporter key
+    incident_id: str  # submitted by the tenant's reporter key, with contact details
     key_id: str  # a staff key to revoke
+    reporter_id: str  # the reporter of that incident
 
 
 def _make_tenant(store: PostgresEventStore) -> Tenant:
@@ -73,13 +74,18 @@ def _make_tenant(store: PostgresEventStore) -> Tenant:
         )
         keys[role] = key
     reporter = keys[Role.REPORTER]
-    result = IncidentCommands(store).submit(
+    commands = IncidentCommands(store)
+    result = commands.submit(
         tenant_id,
         {"description": "Streetlight out on Elm St"},
         actor=Actor(reporter.name, "reporter", key_id=reporter.key_id),
+        reporter={"name": "Lee Park", "phone": "617 555 0199"},
     )
+    contact = commands.load(tenant_id, result.incident_id)
     spare, _ = issue_key(store, tenant_id, role=Role.STAFF, name="spare", issued_by="test")
-    return Tenant(tenant_id, tokens, str(result.incident_id), str(spare.key_id))
+    return Tenant(
+        tenant_id, tokens, str(result.incident_id), str(spare.key_id), str(contact.reporter_id)
+    )
 
 
 @pytest.fixture
@@ -101,6 +107,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "reopen": {"reason": "Still broken"},
     "reject": {"reason": "Not ours", "redirect_to": "the state highway agency"},
     "keys": {"role": "staff", "name": "new clerk"},
+    "erase": {"reason": "erasure request"},
 }
 
 
@@ -108,14 +115,20 @@ def call(
     client: TestClient, method: str, path: str, tenant: Tenant, ids: Tenant, token: str | None
 ) -> Any:
     """Call `path` for `tenant`, with the incident and key ids of `ids` filled in."""
-    url = path.format(tenant_id=tenant.tenant_id, incident_id=ids.incident_id, key_id=ids.key_id)
+    url = path.format(
+        tenant_id=tenant.tenant_id,
+        incident_id=ids.incident_id,
+        key_id=ids.key_id,
+        reporter_id=ids.reporter_id,
+    )
     last = path.rstrip("/").rsplit("/", 1)[-1]
     body = BODIES.get(last)
     if last == "mark-duplicate":
         body = {"duplicate_of": ids.incident_id}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if method == "GET":
-        return client.get(url, headers=headers)
+        # Officers must give a reason for contact details; others may and it is ignored.
+        return client.get(url, headers=headers, params={"reason": "permission walk"})
     return client.post(url, json=body, headers=headers)
 
 
@@ -186,7 +199,7 @@ def test_keys_of_one_tenant_see_nothing_of_another(
 
             assert across.status_code == 404, (method, path, role, across.text)
             assert across.json()["detail"].startswith(f"tenant {theirs.tenant_id!r} not found")
-            if "{incident_id}" in path or "{key_id}" in path:
+            if any(name in path for name in ("{incident_id}", "{key_id}", "{reporter_id}")):
                 assert their_ids.status_code in (403, 404), (method, path, role)
 
     assert their_events(database, theirs) == before

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from uuid import UUID
 
+import psycopg
 import typer
 from psycopg_pool import ConnectionPool
 from rich.console import Console
@@ -535,6 +536,11 @@ def main() -> None:
         app()
     except LedgerError as error:
         console.print(f"[red]error:[/red] {error}")
+        sys.exit(2)
+    except psycopg.OperationalError as error:
+        # Unreachable server, unknown role, wrong password: one line, not a traceback.
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+        console.print(f"[red]error:[/red] cannot connect to the database: {reason}")
         sys.exit(2)
 
 

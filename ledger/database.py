@@ -132,6 +132,15 @@ def _required(conninfo: str, variable: str) -> str:
     return conninfo
 
 
+def _with_password(conninfo: str | None, password: SecretStr | None) -> str:
+    """Add `password` to a connection string that has none, so a secret can stay apart."""
+    if not conninfo:
+        return ""
+    if password is None or "password" in conninfo_to_dict(conninfo):
+        return conninfo
+    return make_conninfo(conninfo, password=password.get_secret_value())
+
+
 def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
 
@@ -185,9 +194,11 @@ def resolve_database(settings: Settings) -> Database:
         # password: each connection string is used as given.
         return Database(
             owner_conninfo="",
-            app_conninfo=settings.app_database_url or "",
+            app_conninfo=_with_password(settings.app_database_url, settings.app_role_password),
             app_role=settings.app_role,
-            worker_conninfo=settings.worker_database_url or "",
+            worker_conninfo=_with_password(
+                settings.worker_database_url, settings.worker_role_password
+            ),
             worker_role=settings.worker_role,
         )
     else:

@@ -34,6 +34,8 @@ ADVISORY_LOCK_CLASS = 0x4350  # "CP"
 NOTIFY_CHANNEL = "civicpulse_events"
 # Maximum time a worker waiting for events takes to notice a stop request, in seconds.
 STOP_CHECK_SECONDS = 0.5
+# Shortest interval between two measurements of a worker's lag for its metrics.
+LAG_MEASURE_SECONDS = 5.0
 
 
 def default_projections() -> list[Projection]:
@@ -186,6 +188,7 @@ class ProjectionWorker(threading.Thread):
         self.poll_seconds = poll_seconds
         self.stop_event = stop
         self.applied = 0
+        self._lag_measured_at = -LAG_MEASURE_SECONDS
 
     def run(self) -> None:
         logger.info("projection worker %s started", self.projection.name)
@@ -242,15 +245,26 @@ class ProjectionWorker(threading.Thread):
                 )
                 continue
             self.applied += applied
+            self._measure_lag(work_conn)
             if applied:
                 PROJECTION_EVENTS.labels(self.projection.name).inc(applied)
                 logger.debug("projection %s applied %d events", self.projection.name, applied)
                 continue
-            PROJECTION_LAG.labels(self.projection.name).set(0)
             # Caught up: sleep until a notification or the poll interval. Notifications only
             # shorten the wait; polling finds events whose notification was missed. The wait
             # runs in short slices so that a stop request is seen within one of them.
             self._wait_for_notification(listen_conn)
+
+    def _measure_lag(self, conn: psycopg.Connection[Any]) -> None:
+        """Update the lag gauge, at most once per LAG_MEASURE_SECONDS: counting costs a query."""
+        now = time.monotonic()
+        if now - self._lag_measured_at < LAG_MEASURE_SECONDS:
+            return
+        self._lag_measured_at = now
+        with conn.transaction():
+            progress = projection_progress(conn).get(self.projection.name)
+        if progress is not None:
+            PROJECTION_LAG.labels(self.projection.name).set(progress.events_behind)
 
     def _wait_for_notification(self, listen_conn: psycopg.Connection[Any]) -> None:
         deadline = time.monotonic() + self.poll_seconds

@@ -259,3 +259,13 @@ def test_reporter_erase(fresh_database: Database, fresh_store: PostgresEventStor
     assert "missing erasure reason" in no_reason.stderr
     assert details is not None
     assert details.erased
+
+
+def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "pgdata")
+    env["CIVICPULSE_APP_DATABASE_URL"] = "postgresql://civicpulse_app@127.0.0.1:1/civicpulse"
+    result = civicpulse("sla", "summary", "--tenant", "demo", env=env)
+
+    assert result.returncode == 2
+    assert "cannot connect to the database" in result.stderr
+    assert "Traceback" not in result.stderr

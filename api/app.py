@@ -19,7 +19,7 @@ from pydantic_core import PydanticCustomError
 from api.auth import actor_of, allow, document_roles
 from api.problems import install_problem_handlers
 from ledger.commands import IncidentCommands
-from ledger.database import Database
+from ledger.database import Database, checked_pool
 from ledger.errors import IncidentNotFound, InvalidRequest
 from ledger.ids import incident_stream_id
 from ledger.keys import Principal, Role, issue_key, list_keys, revoke_key
@@ -306,7 +306,8 @@ def _request_id(request: Request) -> str:
 def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -> FastAPI:
     """Build the API over `database`. The app opens its own pool unless one is given."""
     owned_pool = pool is None
-    pool = pool or ConnectionPool(database.app_conninfo, min_size=1, max_size=10, open=False)
+    # A checked pool replaces the connections a database restart closed.
+    pool = pool or checked_pool(database.app_conninfo, min_size=1, max_size=10, name="api")
     store = PostgresEventStore(pool)
     commands = IncidentCommands(store)
 

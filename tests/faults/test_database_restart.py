@@ -417,11 +417,11 @@ def test_reports_survive_database_restarts(private_server: PrivateServer, tmp_pa
         stored = stored_reports(private_server.owner_url)
         # Shown when the test fails, or with -s.
         failed = Counter(a.outcome for a in attempts if not a.outcome.startswith("2"))
+        retried = sum(len(record.attempts) > 1 for record in records.values())
+        replayed = sum(any(record.replayed) for record in records.values())
         print(
-            f"keys {len(records)}, attempts {len(attempts)}, keys retried "
-            f"{sum(len(record.attempts) > 1 for record in records.values())}, keys replayed "
-            f" {sum(any(record.replayed) for record in records.values())}, "
-            f"failed attempts {sorted(failed.items())}"
+            f"keys {len(records)}, attempts {len(attempts)}, keys retried {retried}, "
+            f"keys replayed {replayed}, failed attempts {sorted(failed.items())}"
         )
 
         # The server really restarted, and clients were submitting while it was down.

@@ -342,8 +342,8 @@ def test_checked_pool_replaces_dead_idle_connections(private_server: PrivateServ
         elapsed = time.monotonic() - started
 
     assert row == (1,)
-    # Checked one by one, eight dead connections would take psycopg_pool's backoff
-    # 0 + 1 + 2 + 4 + 8 s and more before a working connection.
+    # Checked one by one, eight dead connections would wait out psycopg_pool's backoff of
+    # 0, 1, 2, 4, 8 s and more between checks, past the 10 s timeout.
     assert elapsed < IDLE_RESTART_RESPONSE_SECONDS
 
 
@@ -359,7 +359,7 @@ def wait_for_more_reports(clients: Clients, count: int) -> None:
 def restart_under_load(
     server: PrivateServer, clients: Clients, processes: list[subprocess.Popen[bytes]]
 ) -> list[tuple[float, float]]:
-    """Restart the server RESTARTS times while the clients submit; return each outage.
+    """Restart the server RESTARTS times while the clients submit, and return each outage.
 
     Before each restart and after the last one, the clients must store new reports, which
     shows that the API works again after a restart without being restarted itself.

@@ -23,7 +23,7 @@ from api.auth import actor_of, allow, document_roles
 from api.observability import RequestContext, readiness_checks
 from api.problems import install_problem_handlers
 from ledger.commands import IncidentCommands
-from ledger.database import Database
+from ledger.database import Database, checked_pool
 from ledger.errors import ContactNotGiven, IncidentNotFound, InvalidRequest
 from ledger.ids import incident_stream_id
 from ledger.keys import Principal, Role, issue_key, list_keys, revoke_key
@@ -365,7 +365,8 @@ def create_app(
     `max_lag` is the number of events a projection may be behind before GET /ready fails.
     """
     owned_pool = pool is None
-    pool = pool or ConnectionPool(database.app_conninfo, min_size=1, max_size=10, open=False)
+    # A checked pool replaces the connections a database restart closed.
+    pool = pool or checked_pool(database.app_conninfo, min_size=1, max_size=10, name="api")
     store = PostgresEventStore(pool)
     commands = IncidentCommands(store)
 

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import orjson
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -16,6 +17,8 @@ from ledger import errors
 logger = logging.getLogger(__name__)
 
 PROBLEM_TYPE_BASE = "https://civicpulse.example/problems/"
+# Seconds a client is asked to wait before retrying when the database is unreachable.
+DATABASE_RETRY_AFTER_SECONDS = 1
 
 # Ledger error -> (HTTP status, problem type slug, title)
 _LEDGER_ERRORS: list[tuple[type[errors.LedgerError], int, str, str]] = [
@@ -154,6 +157,31 @@ def install_problem_handlers(app: FastAPI) -> None:
             str(error.detail),
         )
 
+    async def database_unavailable(request: Request, error: Exception) -> ProblemResponse:
+        # OperationalError covers a lost or refused connection (a server restart or
+        # failover), a pool timeout and other transient failures, so a retry may succeed. A
+        # command may have committed before its connection was lost, and a retry with the
+        # same Idempotency-Key then returns the stored result.
+        logger.warning(
+            "database unavailable on %s %s (request id %s): %s: %s",
+            request.method,
+            request.url.path,
+            request.headers.get("x-request-id", "-"),
+            type(error).__name__,
+            str(error).strip(),
+        )
+        response = problem(
+            request,
+            503,
+            "database-unavailable",
+            "Database unavailable",
+            "the database could not be reached or failed to complete the request, so retry "
+            "later. Send a command again with the same Idempotency-Key, which returns the "
+            "first result if the command was stored",
+        )
+        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+        return response
+
     async def unexpected_error(request: Request, error: Exception) -> ProblemResponse:
         # Starlette raises the error again after this response, and the server logs it with
         # its traceback; this line adds the request id.
@@ -175,4 +203,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.LedgerError, ledger_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(psycopg.OperationalError, database_unavailable)
     app.add_exception_handler(Exception, unexpected_error)

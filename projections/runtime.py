@@ -36,6 +36,9 @@ NOTIFY_CHANNEL = "civicpulse_events"
 STOP_CHECK_SECONDS = 0.5
 # Shortest interval between two measurements of a worker's lag for its metrics.
 LAG_MEASURE_SECONDS = 5.0
+# While the database stays unreachable, a worker repeats its warning at most this often, in
+# seconds, and logs the failed attempts in between at debug level.
+RECONNECT_WARNING_SECONDS = 30.0
 
 
 def default_projections() -> list[Projection]:
@@ -189,6 +192,11 @@ class ProjectionWorker(threading.Thread):
         self.stop_event = stop
         self.applied = 0
         self._lag_measured_at = -LAG_MEASURE_SECONDS
+        # Set while the database is unreachable: when the connection was lost, how many
+        # reconnect attempts have failed since, and when the last warning was logged.
+        self._lost_at: float | None = None
+        self._failed_reconnects = 0
+        self._warned_at = 0.0
 
     def run(self) -> None:
         logger.info("projection worker %s started", self.projection.name)
@@ -196,12 +204,7 @@ class ProjectionWorker(threading.Thread):
             try:
                 self._own_and_project()
             except psycopg.OperationalError as error:
-                logger.warning(
-                    "projection worker %s lost its database connection: %s; retrying in %.1fs",
-                    self.projection.name,
-                    error,
-                    self.poll_seconds,
-                )
+                self._log_connection_error(error)
                 self.stop_event.wait(self.poll_seconds)
             except BatchFailed as error:
                 PROJECTION_FAILURES.labels(self.projection.name).inc()
@@ -213,9 +216,49 @@ class ProjectionWorker(threading.Thread):
             "projection worker %s stopped after %d events", self.projection.name, self.applied
         )
 
+    def _log_connection_error(self, error: psycopg.OperationalError) -> None:
+        now = time.monotonic()
+        name = self.projection.name
+        if self._lost_at is None:
+            self._lost_at = self._warned_at = now
+            self._failed_reconnects = 0
+            logger.warning(
+                "projection worker %s lost its database connection: %s; reconnecting every %.1fs",
+                name,
+                error,
+                self.poll_seconds,
+            )
+            return
+        self._failed_reconnects += 1
+        if now - self._warned_at >= RECONNECT_WARNING_SECONDS:
+            self._warned_at = now
+            logger.warning(
+                "projection worker %s still cannot reach the database after %d attempts in "
+                "%.0fs: %s",
+                name,
+                self._failed_reconnects,
+                now - self._lost_at,
+                error,
+            )
+        else:
+            logger.debug("projection worker %s reconnect attempt failed: %s", name, error)
+
+    def _log_reconnected(self) -> None:
+        if self._lost_at is None:
+            return
+        logger.info(
+            "projection worker %s reconnected %.1fs after losing its connection "
+            "(%d failed attempts)",
+            self.projection.name,
+            time.monotonic() - self._lost_at,
+            self._failed_reconnects,
+        )
+        self._lost_at = None
+
     def _own_and_project(self) -> None:
         name = f"civicpulse-projector-{self.projection.name}"
         with self.database.connect_worker(autocommit=True, application_name=name) as lock_conn:
+            self._log_reconnected()
             # Wait for ownership: the lock is held by this connection's session and released
             # by the server when the owning process dies.
             while not self.stop_event.is_set():

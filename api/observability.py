@@ -24,8 +24,8 @@ logger = logging.getLogger("civicpulse.access")
 
 _TENANT_PATH = re.compile(r"^/tenants/([a-z0-9][a-z0-9-]{1,62})(?:/|$)")
 _INCIDENT_PATH = re.compile(r"/incidents/([0-9a-fA-F-]{32,36})(?:/|$)")
-# A client's X-Request-ID is kept when it is short and printable; otherwise a new one is made,
-# so log lines never carry a client's control characters or a payload.
+# A client's X-Request-ID is kept when it is short and printable. Any other value is replaced
+# by a new id, so log lines never carry a client's control characters or a payload.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -46,8 +46,8 @@ class RequestContext:
     lines from endpoint code that runs in the thread pool. Writes one access log line and
     the request metrics when the response ends.
 
-    It also limits request bodies to `max_body_bytes`: a larger Content-Length answers 413 at
-    once, and a body without one stops with 413 as soon as it grows past the limit.
+    It also limits request bodies to `max_body_bytes`. A larger Content-Length gets a 413
+    response at once, and a body without one fails with 413 as soon as it grows past the limit.
     """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
@@ -78,7 +78,7 @@ class RequestContext:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    # Raised inside the endpoint's body read, so the problem handlers answer.
+                    # Raised inside the endpoint's body read, so the problem handlers respond.
                     raise HTTPException(413, too_large)
             return message
 

@@ -86,3 +86,7 @@ class CommandInvalid(LedgerError):
 
 class InvalidRequest(LedgerError):
     """A request parameter or header (not a command argument) is malformed."""
+
+
+class InvalidSeal(LedgerError):
+    """A tenant's seal stream holds an event that cannot be read as a seal."""

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     projector_batch_size: int = Field(default=2000, ge=1, le=100_000)
     projector_poll_seconds: float = Field(default=1.0, gt=0, le=600)
 
+    seal_interval_seconds: int = Field(
+        default=300,
+        ge=1,
+        le=86_400,
+        description="Seconds between two runs of the scheduler's seal job.",
+    )
+
     log_level: str = "INFO"
     log_format: str = Field(default="console", pattern="^(console|json)$")
 

@@ -277,13 +277,18 @@ def _hash_mismatch(event: RecordedEvent, matches_recomputed_chain: bool) -> Mism
             f"as recomputed from its content, but not to the stored hash of version "
             f"{version - 1}: that stored hash was changed",
         )
-    previous = "the stream's start" if version == 1 else f"the stored hash of version {version - 1}"
-    return _event_mismatch(
-        MismatchKind.CONTENT_HASH,
-        event,
-        f"the stored hash does not match this event's content chained to {previous}: the "
-        "event's content or its stored hash was changed",
-    )
+    if version == 1:
+        detail = (
+            "the stored hash does not match this event's content at the stream's start: "
+            "the event's content or its stored hash was changed"
+        )
+    else:
+        detail = (
+            f"the stored hash does not match this event's content chained to the stored "
+            f"hash of version {version - 1}: the event's content or its stored hash was "
+            f"changed, or version {version - 1} was rewritten together with its hash"
+        )
+    return _event_mismatch(MismatchKind.CONTENT_HASH, event, detail)
 
 
 def _version_gap(event: RecordedEvent, expected_version: int) -> Mismatch:

@@ -89,4 +89,4 @@ class InvalidRequest(LedgerError):
 
 
 class InvalidSeal(LedgerError):
-    """A tenant's seal stream holds an event that cannot be read as a seal."""
+    """A tenant's seal stream contains an event that cannot be read as a seal."""

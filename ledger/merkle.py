@@ -2,7 +2,7 @@
 
 A leaf hashes as SHA-256(0x00 || data) and an inner node as SHA-256(0x01 || left || right),
 so no leaf can pass for a node. A tree of n > 1 leaves splits at k, the largest power of two
-below n: its left subtree holds the first k leaves and its right subtree the rest. The tree
+below n: its left subtree contains the first k leaves and its right subtree the rest. The tree
 of no leaves hashes as SHA-256 of the empty string.
 """
 

@@ -1,7 +1,7 @@
 """Time-driven jobs, run by APScheduler in the one process that holds the scheduler lock.
 
 Several scheduler processes may run, on one machine or many. The active one holds a
-session-level advisory lock on a connection of its own and runs the jobs; the others try
+session-level advisory lock on a connection of its own and runs the jobs. The others try
 to take the lock every few seconds. When the active process dies, its connection closes,
 the server releases the lock, and a standby takes over at its next try.
 """
@@ -52,7 +52,7 @@ class ScheduledJob:
 
 
 def seal_job(database: Database, interval_seconds: float) -> ScheduledJob:
-    """The job that seals each tenant's new events."""
+    """Build the job that seals each tenant's new events."""
 
     def seal(stop: threading.Event) -> None:
         report = seal_all(database, actor="scheduler", should_stop=stop.is_set)
@@ -127,14 +127,15 @@ class Scheduler:
             else:
                 return
 
-            logger.info("scheduler is active: it holds the scheduler lock")
+            logger.info("scheduler is active: it acquired the scheduler lock")
             scheduler = self._start_jobs()
             self.active.set()
             try:
                 # The session that holds the lock must stay alive. When the connection
                 # breaks, the server has released the lock and a standby may take over, so
-                # the jobs stop here. NOTE: a job run already under way finishes first; the
-                # seal job's expected-version append keeps such an overlap harmless.
+                # the jobs stop here. NOTE: a job run already under way finishes first, and a
+                # new active scheduler may start before it ends. The seal job's append names
+                # the expected version, so such an overlap stores one seal at most.
                 while not self.stop_event.wait(self.lock_check_seconds):
                     lock_conn.execute("SELECT 1")
             finally:

@@ -42,8 +42,8 @@ from ledger.store import Checkpoint, PostgresEventStore
 logger = logging.getLogger(__name__)
 
 SEAL_EVENT_TYPE = "LedgerSealed"
-# Written into each seal so that a later change of the tree or of the leaf layout can be
-# told apart from tampering.
+# Written into each seal, so that a later change of the tree or of the leaf layout is not
+# mistaken for tampering.
 MERKLE_ALGORITHM = "rfc6962-sha256"
 LEAF_VERSION = 1
 # Each seal also stores this many leading bytes of every leaf hash, in order. They add
@@ -141,7 +141,7 @@ def decode_leaf_prefixes(text: str) -> list[bytes]:
         raise InvalidSeal(f"leaf_prefixes is not valid base64: {error}") from error
     if len(raw) % LEAF_PREFIX_BYTES:
         raise InvalidSeal(
-            f"leaf_prefixes holds {len(raw)} bytes, not a multiple of {LEAF_PREFIX_BYTES}"
+            f"leaf_prefixes contains {len(raw)} bytes, not a multiple of {LEAF_PREFIX_BYTES}"
         )
     return [
         raw[index : index + LEAF_PREFIX_BYTES] for index in range(0, len(raw), LEAF_PREFIX_BYTES)
@@ -375,7 +375,7 @@ def seal_tenant(
 
 @dataclass(slots=True)
 class SealReport:
-    """What one sealing run did, tenant by tenant."""
+    """The outcome of one sealing run: new seals, tenants with nothing new, failures."""
 
     sealed: list[Seal] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)

@@ -2,9 +2,9 @@
 
 All reads run as the worker role in one repeatable-read transaction, so chains, stream
 heads and seals are checked against one consistent snapshot of the log while appends go
-on. Tenants are read one at a time through server-side cursors: memory grows with the
-number of seals, not with the number of events, until a seal fails to match (finding the
-event it no longer matches keeps a few bytes per event of that seal's range).
+on. Tenants are read one at a time through server-side cursors, so memory grows with the
+number of seals, not with the number of events. The exception is a seal that no longer
+matches: naming its changed events keeps each event's leaf prefix and position in memory.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ _cursor_numbers = itertools.count()
 
 
 class MismatchKind(StrEnum):
-    """What did not match."""
+    """The kind of check that failed."""
 
     CONTENT_HASH = "content hash"
     PREVIOUS_LINK = "link to previous"
@@ -89,7 +89,7 @@ class Mismatch:
 
 @dataclass(slots=True)
 class TenantVerification:
-    """What was checked for one tenant."""
+    """Counts of what `verify` checked for one tenant, and its latest seal."""
 
     tenant_id: str
     streams: int = 0
@@ -151,9 +151,9 @@ def verify(
 ) -> VerificationResult:
     """Check the hash chain of every stream and every seal, of one tenant or of all.
 
-    For each stream, versions must run 1..n and each stored hash must match the event's
-    content chained to the previous event's stored hash; the stream head must name the
-    last event. For each seal, the Merkle root and count over its range must match, it
+    For each stream, versions must run 1..n, each stored hash must match the event's
+    content chained to the previous event's stored hash, and the stream head must name the
+    last event. For each seal, the Merkle root and count over its range must match, and it
     must link to the previous seal's root and start where that seal ended. Checking stops
     after `max_mismatches` mismatches. Raises TenantNotFound for an unknown `tenant_id`.
     """
@@ -507,8 +507,8 @@ def _locate_seal_mismatch(conn: psycopg.Connection[Any], seal: Seal, count: int)
     """Name the events of a seal's range that no longer match its leaves.
 
     Compares the leaf hash prefixes stored in the seal with those of the range as stored
-    now, as multisets: an event whose leaf is not among the sealed ones was changed or
-    added, and a sealed leaf with no event was deleted or changed. Events that still
+    now, as multisets. An event whose leaf is not among the sealed ones was changed or
+    added. A sealed leaf with no event was deleted or changed. Events that still
     match keep their relative order, so they mark where a deleted event was.
     """
     mismatches: list[Mismatch] = []
@@ -583,7 +583,7 @@ def _locate_seal_mismatch(conn: psycopg.Connection[Any], seal: Seal, count: int)
             )
         )
     # With an unchanged count, each unmatched sealed leaf is the old form of a changed
-    # event named above. Otherwise say where each sealed leaf without an event was.
+    # event reported above. Otherwise report where each sealed leaf without an event was.
     if count != seal.event_count:
         for index, matched_before in _unmatched_leaves(sealed, shared):
             located += 1

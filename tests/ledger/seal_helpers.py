@@ -16,7 +16,7 @@ from ledger.store import EVENT_COLUMNS, PostgresEventStore, row_to_event
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 
-# Other test runs may share the server, and a transaction of theirs that stays open holds
+# Other test runs may share the server, and a transaction of theirs that stays open keeps
 # the horizon back for every database on it.
 HORIZON_TIMEOUT_SECONDS = 60
 
@@ -102,7 +102,7 @@ def stored_seals(database: Database, tenant_id: str) -> list[RecordedEvent]:
 
 def tamper(database: Database, statement: str, params: tuple[Any, ...] = ()) -> int:
     """Run a statement as the superuser with the append-only triggers switched off, as an
-    attacker with full access would; return the number of rows it changed."""
+    attacker with full access would. Return the number of rows it changed."""
     with database.connect_owner() as conn:
         conn.execute("SET session_replication_role = replica")
         cursor = conn.execute(statement, params)

@@ -349,8 +349,8 @@ def test_rewritten_seal_breaks_the_next_seal(
     seal_now(fresh_database, "acme")
     first, second = stored_seals(fresh_database, "acme")
 
-    # Rewrite the first seal's root and its stream hash consistently, as an attacker who
-    # knows the hash function would. Only rewriting every later seal too would hide it.
+    # Rewrite the first seal's root and recompute its stream hash, as an attacker with
+    # write access would. Only rewriting every later seal too would hide the change.
     forged = replace(first, payload={**first.payload, "merkle_root": "00" * 32})
     tamper(
         fresh_database,
@@ -511,7 +511,7 @@ def test_racing_seals_of_different_ranges_store_one(
     wait_for_horizon(fresh_database, "acme")
     reports: list[SealReport] = []
 
-    # While an open transaction holds the horizon back, the first run sees less of the
+    # While an open transaction keeps the horizon back, the first run sees less of the
     # log than the second one, which starts after it commits.
     with caplog.at_level(logging.INFO, logger="ledger.seals"):
         with fresh_database.connect_worker() as open_conn:

@@ -183,6 +183,10 @@ def log_rows(
     through a server-side cursor in batches, so a large tenant is never held in memory.
     `conn` must be inside a transaction.
     """
+    # No index leads with the tenant in log order, and none is added, because one more
+    # index on events slowed the Boston import by about 15%. PostgreSQL 15 walks the
+    # (tx_id, position) index for a large share of the log or a short range, and reads a
+    # small tenant by its primary key and sorts it.
     query = """
         SELECT position, tx_id, recorded_at, hash, stream_id
         FROM events
@@ -195,7 +199,7 @@ def log_rows(
     if below_tx_id is not None:
         query += " AND tx_id < %s::text::xid8"
         params.append(str(below_tx_id))
-    query += " ORDER BY tenant_id, tx_id, position"
+    query += " ORDER BY tx_id, position"
     with conn.cursor(name=f"log_rows_{next(_cursor_numbers)}") as cur:
         cur.itersize = SCAN_BATCH_ROWS
         cur.execute(query, params)

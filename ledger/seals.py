@@ -272,8 +272,9 @@ def _scan_unsealed(
     conn: psycopg.Connection[Any], tenant_id: str, after: Checkpoint
 ) -> _PendingSeal | None:
     # The horizon is read before the scan starts, so every transaction below it has ended
-    # and its events are visible to the scan. Transactions from the horizon on stay out:
-    # one of them could still commit an event with a lower position.
+    # and its events are visible to the scan. Transactions from the horizon on stay out,
+    # because one of them may still be in flight and later commit an event that sorts
+    # before events already committed by a newer transaction.
     horizon = transaction_horizon(conn)
     seal_stream = seal_stream_id(tenant_id)
     pending: _PendingSeal | None = None

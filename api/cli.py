@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ import psycopg
 import typer
 from psycopg_pool import ConnectionPool
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
@@ -454,6 +456,84 @@ def serve_metrics(settings: Settings) -> None:
     logger.info("serving metrics on %s:%d", settings.metrics_host, settings.metrics_port)
 
 
+EveryTenantOption = Annotated[
+    str | None, typer.Option("--tenant", help="Tenant id (default: every tenant)")
+]
+
+
+@app.command("verify")
+def verify_command(tenant: EveryTenantOption = None) -> None:
+    """Recompute every stream's hash chain and every seal; exit 1 on a mismatch."""
+    from ledger.verification import verify
+
+    _, database = _migrated()
+    started = time.monotonic()
+    result = verify(database, tenant)
+    seconds = time.monotonic() - started
+    if not result.ok:
+        typer.echo(f"MISMATCH: {result.mismatches[0]}")
+        others = len(result.mismatches) - 1
+        if others:
+            stopped = " (checking stopped there)" if result.truncated else ""
+            typer.echo(f"{others} more mismatches found{stopped}")
+        raise typer.Exit(code=1)
+    for checked in result.tenants:
+        latest = checked.latest_seal
+        seal_text = (
+            f"latest root {latest.merkle_root.hex()} (seal {latest.stream_version})"
+            if latest is not None
+            else "not sealed yet"
+        )
+        typer.echo(
+            f"tenant {checked.tenant_id}: events {checked.events}, streams "
+            f"{checked.streams}, seals {checked.seals} covering {checked.sealed_events} "
+            f"events, events after the last seal {checked.unsealed_events}; {seal_text}"
+        )
+    typer.echo(
+        f"OK: verified tenants {len(result.tenants)}, events {result.events}, streams "
+        f"{result.streams}, seals {result.seals} in {seconds:.1f} s"
+    )
+
+
+@app.command("seal")
+def seal_command(tenant: EveryTenantOption = None) -> None:
+    """Seal each tenant's events appended since its last seal, now."""
+    from ledger.seals import seal_all
+
+    _, database = _migrated()
+    report = seal_all(database, tenant_id=tenant, actor="cli")
+    for seal in report.sealed:
+        typer.echo(
+            f"sealed tenant {seal.tenant_id}: {seal.event_count} events through position "
+            f"{seal.through.position} (seal {seal.stream_version}), root "
+            f"{seal.merkle_root.hex()}"
+        )
+    for unchanged in report.unchanged:
+        typer.echo(f"tenant {unchanged}: no new events to seal")
+    for failed, message in report.failed.items():
+        console.print(f"[red]error:[/red] sealing tenant {failed} failed: {escape(message)}")
+    if report.failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def schedule() -> None:
+    """Run the scheduled jobs (seals every CIVICPULSE_SEAL_INTERVAL_SECONDS).
+
+    Only one scheduler process runs jobs at a time; others wait on standby and take over
+    within seconds when it stops or dies.
+    """
+    from ledger.scheduler import Scheduler, default_jobs
+
+    settings, database = _migrated()
+    serve_metrics(settings)
+    scheduler = Scheduler(
+        database, default_jobs(database, seal_interval_seconds=settings.seal_interval_seconds)
+    )
+    _stop_on_signals(scheduler.stop_event)
+    scheduler.run_forever()
+
+
 def _stop_on_signals(stop: threading.Event) -> None:
     def handle(signum: int, _: Any) -> None:
         logger.info("received signal %d, stopping", signum)
@@ -491,11 +571,13 @@ def run(
     host: HostOption = None,
     port: PortOption = None,
 ) -> None:
-    """Run the API and the projector in one process, on the embedded database by default."""
+    """Run the API, the projector and the scheduler in one process, on the embedded
+    database by default."""
     import uvicorn
 
     from api.app import create_app
     from ledger.demo import DEMO_KEY_FILE, ensure_demo_key, seed_demo
+    from ledger.scheduler import Scheduler, default_jobs
     from projections.runtime import Projector
 
     settings, database = _migrated()
@@ -516,7 +598,12 @@ def run(
     # uvicorn handles SIGTERM and SIGINT itself while it runs, then restores these handlers
     # and raises the signal again: ours stop the projector, so the process exits normally.
     _stop_on_signals(projector.stop_event)
+    scheduler = Scheduler(
+        database, default_jobs(database, seal_interval_seconds=settings.seal_interval_seconds)
+    )
+    scheduler_thread = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)
     projector.start()
+    scheduler_thread.start()
     try:
         uvicorn.run(
             create_app(database, max_lag=settings.ready_max_lag_events),
@@ -525,7 +612,9 @@ def run(
             log_config=None,
         )
     finally:
+        scheduler.stop()
         projector.stop()
+        scheduler_thread.join(10)
 
 
 def main() -> None:

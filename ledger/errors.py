@@ -144,3 +144,7 @@ class ContactNotGiven(LedgerError):
         super().__init__(
             f"incident {incident_id} of tenant {tenant_id!r} was reported without contact details"
         )
+
+
+class InvalidSeal(LedgerError):
+    """A tenant's seal stream contains an event that cannot be read as a seal."""

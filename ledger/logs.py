@@ -44,3 +44,5 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     # pgserver logs every pg_ctl call at info.
     logging.getLogger("pgserver").setLevel("WARNING")
     logging.getLogger("alembic").setLevel("WARNING")
+    # APScheduler logs every job run at info; the scheduler logs what the runs did.
+    logging.getLogger("apscheduler").setLevel("WARNING")

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         "The API serves them at /metrics.",
     )
     metrics_host: str = "127.0.0.1"
+    seal_interval_seconds: int = Field(
+        default=300,
+        ge=1,
+        le=86_400,
+        description="Seconds between two runs of the scheduler's seal job.",
+    )
 
     log_level: str = "INFO"
     log_format: str = Field(default="console", pattern="^(console|json)$")

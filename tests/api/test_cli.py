@@ -22,6 +22,14 @@ from ledger.commands import Actor, IncidentCommands
 from ledger.database import Database
 from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant
+from tests.ledger.seal_helpers import (
+    T0,
+    add_incidents,
+    stored_seals,
+    stream_event,
+    tamper,
+    wait_for_horizon,
+)
 
 
 def cli_env(data_dir: Path) -> dict[str, str]:
@@ -269,3 +277,105 @@ def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cannot connect to the database" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# Seals and verification, against a database of the test's own on the test server -------
+
+
+def database_env(database: Database, **settings: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": database.owner_conninfo,
+        "CIVICPULSE_LOG_LEVEL": "WARNING",
+        **settings,
+    }
+
+
+@pytest.fixture
+def acme(fresh_database: Database, fresh_store: PostgresEventStore) -> list[str]:
+    """Tenant acme with four incidents of three events each, all below the horizon."""
+    create_tenant(fresh_store, "acme", name="Acme", time_zone="UTC", occurred_at=T0)
+    streams = add_incidents(fresh_store, "acme", 4)
+    wait_for_horizon(fresh_database, "acme")
+    return streams
+
+
+def test_seal_then_verify_prints_ok(fresh_database: Database, acme: list[str]) -> None:
+    env = database_env(fresh_database)
+
+    sealed = civicpulse("seal", env=env)
+    again = civicpulse("seal", "--tenant", "acme", env=env)
+    checked = civicpulse("verify", env=env)
+    one_tenant = civicpulse("verify", "--tenant", "acme", env=env)
+
+    assert sealed.returncode == 0, sealed.stderr
+    assert "sealed tenant acme: 13 events through position" in sealed.stdout
+    assert again.returncode == 0, again.stderr
+    assert "tenant acme: no new events to seal" in again.stdout
+    assert checked.returncode == 0, checked.stderr
+    assert "tenant acme: events 14, streams 6, seals 1 covering 13 events" in checked.stdout
+    assert "OK: verified tenants 1, events 14, streams 6, seals 1" in checked.stdout
+    assert one_tenant.returncode == 0, one_tenant.stderr
+    assert "OK: verified tenants 1" in one_tenant.stdout
+
+
+def test_verify_prints_tampered_event(fresh_database: Database, acme: list[str]) -> None:
+    env = database_env(fresh_database)
+    assert civicpulse("seal", env=env).returncode == 0
+    target = stream_event(fresh_database, acme[1], 2)
+    changed = tamper(
+        fresh_database,
+        """UPDATE events SET payload = '{"note": "forged"}' WHERE position = %s""",
+        (target.position,),
+    )
+
+    checked = civicpulse("verify", env=env)
+
+    assert changed == 1
+    assert checked.returncode == 1, checked.stderr
+    assert checked.stdout.startswith(
+        f"MISMATCH: content hash mismatch at tenant acme, stream {acme[1]}, version 2, "
+        f"position {target.position}, event {target.event_id}: "
+    )
+    assert "OK" not in checked.stdout
+
+
+def test_seal_and_verify_reject_unknown_tenant(fresh_database: Database, acme: list[str]) -> None:
+    env = database_env(fresh_database)
+
+    for command in ("seal", "verify"):
+        result = civicpulse(command, "--tenant", "nowhere", env=env)
+
+        assert result.returncode == 2, command
+        assert "tenant 'nowhere' not found" in result.stderr, command
+
+
+@pytest.mark.slow
+def test_run_seals_in_its_scheduler(
+    fresh_database: Database, acme: list[str], tmp_path: Path
+) -> None:
+    env = database_env(fresh_database, CIVICPULSE_SEAL_INTERVAL_SECONDS="1")
+    log = tmp_path / "run.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "run", "--no-demo", "--port", str(free_port())],
+            env=env,
+            stdout=output,
+            stderr=output,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not stored_seals(fresh_database, "acme") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        seals = stored_seals(fresh_database, "acme")
+
+        assert len(seals) == 1, log.read_text()
+        assert seals[0].metadata["actor"] == "scheduler"
+        assert seals[0].metadata["process"].endswith(f":{server.pid}")
+
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0, log.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from ledger.database import Database
+from ledger.database import Database, set_tenant
 from ledger.imports.pipeline import import_boston
 from projections.runtime import catch_up, default_projections
 from projections.sla_queries import sla_summary, sla_verdicts
@@ -42,6 +42,7 @@ def test_boston_verdicts_match_city(fresh_database: Database) -> None:
 
     with fresh_database.connect() as conn:
         verdicts = sla_verdicts(conn, "boston", AS_OF)
+        set_tenant(conn, "boston")
         case_ids = dict(
             conn.execute("SELECT incident_id, source_id FROM incidents WHERE tenant_id = 'boston'")
         )

@@ -19,7 +19,8 @@ READERS = {name: LocalTimeReader(ZoneInfo(name)) for name in ZONES}
     moment=st.datetimes(min_value=datetime(2014, 1, 1), max_value=datetime(2016, 12, 31)),
 )
 def test_local_time_matches_zoneinfo(zone: str, moment: datetime) -> None:
-    moment = moment.replace(microsecond=0)
+    # The text has no fold, and the reader reads a repeated hour as its first occurrence.
+    moment = moment.replace(microsecond=0, fold=0)
     text = moment.strftime("%m/%d/%Y %I:%M:%S %p")
 
     # One reader per zone across examples, so its per-hour cache is exercised too.

@@ -157,26 +157,40 @@ def verify(
     must link to the previous seal's root and start where that seal ended. Checking stops
     after `max_mismatches` mismatches. Raises TenantNotFound for an unknown `tenant_id`.
     """
+    with database.connect_worker(application_name="civicpulse-verify") as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        return verify_on(conn, tenant_id, max_mismatches=max_mismatches)
+
+
+def verify_on(
+    conn: psycopg.Connection[Any],
+    tenant_id: str | None = None,
+    *,
+    max_mismatches: int = DEFAULT_MAX_MISMATCHES,
+) -> VerificationResult:
+    """Run `verify` on `conn`, which the caller gives one snapshot (repeatable read).
+
+    With the application role, the caller also sets the tenant, and only that tenant's
+    rows are visible.
+    """
     if max_mismatches < 1:
         raise ValueError(f"max_mismatches = {max_mismatches} must be at least 1")
     findings = _Findings(max_mismatches)
     result = VerificationResult()
-    with database.connect_worker(application_name="civicpulse-verify") as conn:
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        conn.read_only = True
-        tenants = _tenants(conn) if tenant_id is None else [tenant_id]
-        if tenant_id is not None and tenant_id not in _tenants(conn, tenant_id):
-            raise TenantNotFound(tenant_id)
-        for tenant in tenants:
-            if findings.full:
-                break
-            checked = TenantVerification(tenant)
-            result.tenants.append(checked)
-            _verify_chains(conn, checked, findings)
-            if not findings.full:
-                _verify_stream_heads(conn, checked, findings)
-            if not findings.full:
-                _verify_seals(conn, checked, findings)
+    tenants = _tenants(conn) if tenant_id is None else [tenant_id]
+    if tenant_id is not None and tenant_id not in _tenants(conn, tenant_id):
+        raise TenantNotFound(tenant_id)
+    for tenant in tenants:
+        if findings.full:
+            break
+        checked = TenantVerification(tenant)
+        result.tenants.append(checked)
+        _verify_chains(conn, checked, findings)
+        if not findings.full:
+            _verify_stream_heads(conn, checked, findings)
+        if not findings.full:
+            _verify_seals(conn, checked, findings)
     result.mismatches = findings.mismatches
     result.truncated = findings.full
     return result

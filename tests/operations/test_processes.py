@@ -1,7 +1,7 @@
 """The service's processes under signals: SIGTERM during load, two copies of each, SIGKILL.
 
-Each process runs as a user would run it, `civicpulse serve` or `civicpulse project` in a
-subprocess, connected as its own role only (no owner password), against a test database.
+Each process runs as a user would run it (`civicpulse serve`, `project` or `schedule` in a
+subprocess), connected as its own role only (no owner password), against a test database.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ledger.database import Database
 from ledger.keys import Role, issue_key
 from ledger.store import Checkpoint, PostgresEventStore, read_after
 from ledger.tenants import create_tenant
+from ledger.verification import verify
 from projections.runtime import default_projections
 
 EXIT_SECONDS = 10
@@ -50,6 +51,7 @@ class Processes:
                 "CIVICPULSE_APP_DATABASE_URL": database.app_conninfo,
                 "CIVICPULSE_WORKER_DATABASE_URL": database.worker_conninfo,
                 "CIVICPULSE_PROJECTOR_POLL_SECONDS": "0.2",
+                "CIVICPULSE_SEAL_INTERVAL_SECONDS": "1",
                 "CIVICPULSE_LOG_LEVEL": "INFO",
             }
         )
@@ -190,6 +192,17 @@ def read_models_match_a_fresh_fold(database: Database) -> bool:
         )
 
 
+def seals_verify(database: Database) -> tuple[bool, int]:
+    """Verify every chain and seal; return whether all match and how many seals there are.
+
+    Two schedulers sealing the same range would show as a seal that does not start where the
+    previous one ended.
+    """
+    result = verify(database)
+    assert result.ok, [str(item) for item in result.mismatches]
+    return result.ok, result.seals
+
+
 def new_tenant(store: PostgresEventStore) -> tuple[str, str]:
     tenant = f"ops-{uuid.uuid4().hex[:8]}"
     create_tenant(store, tenant, name="Ops", time_zone="UTC", occurred_at=datetime.now(UTC))
@@ -207,6 +220,7 @@ def test_sigterm_during_load_loses_nothing(
     serve = ["serve", "--port", str(port)]
     api = processes.start("api", *serve)
     projector = processes.start("projector", "project")
+    scheduler = processes.start("scheduler", "schedule")
     wait_until(lambda: healthy(base), 60, "the API did not start")
     exits: dict[str, tuple[int, float]] = {}
 
@@ -214,13 +228,18 @@ def test_sigterm_during_load_loses_nothing(
         time.sleep(2)
         exits["projector"] = terminate(projector)
         projector = processes.start("projector-2", "project")
-        time.sleep(2)
+        time.sleep(1)
+        exits["scheduler"] = terminate(scheduler)
+        scheduler = processes.start("scheduler-2", "schedule")
+        time.sleep(1)
         exits["api"] = terminate(api)
         api = processes.start("api-2", *serve)
         wait_until(lambda: healthy(base), 60, "the restarted API did not start")
         time.sleep(2)
 
     exits["api-2"] = terminate(api)
+    time.sleep(2)  # a seal run after the last report
+    exits["scheduler-2"] = terminate(scheduler)
     wait_until(
         lambda: read_models_match_a_fresh_fold(fresh_database),
         60,
@@ -238,10 +257,13 @@ def test_sigterm_during_load_loses_nothing(
         assert stored.get(key) == list(incidents), key  # stored exactly once
     assert all(len(incidents) == 1 for incidents in stored.values())
     assert read_models_match_a_fresh_fold(fresh_database)
+    ok, seals = seals_verify(fresh_database)
+    assert ok
+    assert seals >= 2
 
 
 @pytest.mark.slow
-def test_second_projector_takes_over_after_sigkill(
+def test_second_copies_take_over_after_sigkill(
     fresh_database: Database, fresh_store: PostgresEventStore, processes: Processes
 ) -> None:
     tenant, token = new_tenant(fresh_store)
@@ -249,14 +271,25 @@ def test_second_projector_takes_over_after_sigkill(
     base = f"http://127.0.0.1:{port}"
     processes.start("api", "serve", "--port", str(port))
     first = processes.start("projector-1", "project")
+    first_scheduler = processes.start("scheduler-1", "schedule")
     wait_until(lambda: healthy(base), 60, "the API did not start")
+    wait_until(
+        lambda: "scheduler is active" in processes.log("scheduler-1"),
+        30,
+        "the first scheduler did not become active",
+    )
     time.sleep(1)  # the first projector takes both projections
     second = processes.start("projector-2", "project")
+    second_scheduler = processes.start("scheduler-2", "schedule")
 
     with Reporters(base, tenant, token, threads=2):
-        time.sleep(2)
+        time.sleep(3)
+        assert "scheduler is active" not in processes.log("scheduler-2")
+        _, seals_before = seals_verify(fresh_database)
         first.send_signal(signal.SIGKILL)
+        first_scheduler.send_signal(signal.SIGKILL)
         first.wait(5)
+        first_scheduler.wait(5)
         killed_at = time.monotonic()
         time.sleep(1)
     wait_until(
@@ -264,10 +297,19 @@ def test_second_projector_takes_over_after_sigkill(
         10,
         "the second projector did not take over within 10 s",
     )
-    took = time.monotonic() - killed_at
+    projector_took = time.monotonic() - killed_at
+    wait_until(
+        lambda: seals_verify(fresh_database)[1] > seals_before,
+        10,
+        "the second scheduler did not seal within 10 s",
+    )
+    scheduler_took = time.monotonic() - killed_at
 
     assert second.poll() is None, processes.log("projector-2")
-    assert took < 10 + 1
+    assert projector_took < 10 + 1
+    assert scheduler_took < 10 + 1
     assert "owns its projection" in processes.log("projector-2")
-    code, _ = terminate(second)
-    assert code == 0
+    assert "scheduler is active" in processes.log("scheduler-2")
+    for process in (second, second_scheduler):
+        code, _ = terminate(process)
+        assert code == 0

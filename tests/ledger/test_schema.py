@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import psycopg
 import pytest
 
 from ledger.database import Database
-from ledger.schema import SchemaNotCurrent, check_schema, head_revision, migrate
+from ledger.schema import MIGRATIONS_DIR, SchemaNotCurrent, check_schema, head_revision, migrate
 from ledger.settings import Settings
+from ledger.store import PostgresEventStore
 
 
 def test_migrate_sets_hashed_role_passwords(fresh_database: Database) -> None:
@@ -63,3 +67,53 @@ def test_app_role_reads_an_empty_database_as_unmigrated(server_conninfo: str) ->
     finally:
         with psycopg.connect(server_conninfo, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_a_migration_that_rewrites_events_is_rolled_back(
+    fresh_database: Database, fresh_store: PostgresEventStore, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime
+
+    from alembic import command
+
+    from ledger.schema import alembic_config
+    from ledger.tenants import create_tenant
+
+    create_tenant(
+        fresh_store, "history", name="History", time_zone="UTC", occurred_at=datetime.now(UTC)
+    )
+    head = head_revision()
+    (tmp_path / "9999_tamper.py").write_text(
+        f'''
+from alembic import op
+
+revision = "9999"
+down_revision = "{head}"
+
+
+def upgrade() -> None:
+    op.execute("CREATE TABLE innocent (id int)")
+    op.execute("ALTER TABLE events DISABLE TRIGGER events_append_only")
+    op.execute("UPDATE events SET payload = payload || jsonb_build_object('name', 'Someone')")
+    op.execute("ALTER TABLE events ENABLE TRIGGER events_append_only")
+'''
+    )
+    settings = Settings(database_url=fresh_database.owner_conninfo)
+    config = alembic_config(fresh_database, settings)
+    config.set_main_option("path_separator", "os")
+    config.set_main_option(
+        "version_locations", os.pathsep.join([str(MIGRATIONS_DIR / "versions"), str(tmp_path)])
+    )
+    with fresh_database.connect_owner() as conn:
+        before = conn.execute("SELECT payload FROM events ORDER BY position").fetchall()
+
+    with pytest.raises(Exception, match="changed stored events"):
+        command.upgrade(config, "heads")
+
+    with fresh_database.connect_owner() as conn:
+        after = conn.execute("SELECT payload FROM events ORDER BY position").fetchall()
+        revision = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        innocent = conn.execute("SELECT to_regclass('innocent')").fetchone()
+    assert after == before
+    assert revision == (head,)
+    assert innocent == (None,)

@@ -16,6 +16,7 @@ from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from api.audit import add_audit_routes
 from api.auth import actor_of, allow, document_roles
 from api.problems import install_problem_handlers
 from ledger.commands import IncidentCommands
@@ -586,6 +587,7 @@ def create_app(database: Database, *, pool: ConnectionPool[Any] | None = None) -
         )
         return KeyOut(**key.to_json())
 
+    add_audit_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
     document_roles(app)
     return app
 

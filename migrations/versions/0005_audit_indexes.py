@@ -25,10 +25,15 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
+# Audit pages and exports list events in (tx_id, position) order, as the log readers do. The
+# indexes for equality filters end with those two columns, so that a page is a range scan
+# that needs no sort. A stream's events are found through the (stream_id, stream_version)
+# index of migration 0001.
 INDEXES = {
-    "events_audit_actor": "(tenant_id, (metadata->>'actor'), position)",
-    "events_audit_role": "(tenant_id, (metadata->>'role'), position)",
-    "events_audit_type": "(tenant_id, event_type, position)",
+    "events_audit_log": "(tenant_id, tx_id, position)",
+    "events_audit_actor": "(tenant_id, (metadata->>'actor'), tx_id, position)",
+    "events_audit_role": "(tenant_id, (metadata->>'role'), tx_id, position)",
+    "events_audit_type": "(tenant_id, event_type, tx_id, position)",
     "events_audit_occurred": "(tenant_id, occurred_at)",
     "events_audit_recorded": "(tenant_id, recorded_at)",
     # Only ReportSubmitted events carry an incident's category. The stream id in the key

@@ -6,15 +6,17 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import orjson
 import pytest
 
 from ledger.commands import Actor, IncidentCommands
 from ledger.database import Database
 from ledger.events import RecordedEvent
+from ledger.imports.copytext import EVENT_COPY_COLUMNS
 from ledger.keys import Role, issue_key
 from ledger.store import EVENT_COLUMNS, PostgresEventStore, row_to_event
 from ledger.tenants import create_tenant
@@ -134,3 +136,41 @@ def wait_for_horizon(database: Database, tx_id: int, timeout: float = 120.0) -> 
                     f"transactions holding it back: {running}"
                 )
             time.sleep(0.05)
+
+
+def copy_events(database: Database, tenant_id: str, count: int) -> None:
+    """Append `count` ReportSubmitted events to the tenant with one COPY, as the owner.
+
+    Imports append this way too. The events carry a placeholder hash, so their chains do
+    not verify: they are for tests of reading in bulk.
+    """
+    occurred = datetime(2016, 1, 1, tzinfo=UTC)
+    metadata = orjson.dumps({"actor": "import", "role": "system", "channel": "import"}).decode()
+    description = "Streetlight flickering at the corner of the block, " * 3
+    with (
+        database.connect_owner() as conn,
+        conn.cursor() as cur,
+        cur.copy(f"COPY events ({EVENT_COPY_COLUMNS}) FROM STDIN") as copy,
+    ):
+        for number in range(count):
+            incident = uuid.uuid4()
+            payload = {
+                "incident_id": str(incident),
+                "category": "Streetlight",
+                "description": description,
+                "source_id": str(number),
+            }
+            copy.write_row(
+                (
+                    tenant_id,
+                    f"incident-{incident}",
+                    1,
+                    "ReportSubmitted",
+                    1,
+                    orjson.dumps(payload).decode(),
+                    metadata,
+                    occurred + timedelta(minutes=number),
+                    uuid.uuid4(),
+                    bytes(32),
+                )
+            )

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
+from api.audit_cli import audit_app
 from ledger.database import Database, resolve_database
 from ledger.errors import LedgerError
 from ledger.logs import configure_logging
@@ -33,6 +34,7 @@ app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.add_typer(import_app, name="import")
 app.add_typer(sla_app, name="sla")
+app.add_typer(audit_app, name="audit")
 
 console = Console(stderr=True, soft_wrap=True)
 

@@ -6,8 +6,10 @@ import base64
 import csv
 import io
 import json
+import tracemalloc
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,12 +35,14 @@ from ledger.events import NewEvent, RecordedEvent, recorded_event_hash
 from ledger.ids import incident_stream_id
 from ledger.lifecycle import ACKNOWLEDGED, ASSIGNED, SUBMITTED
 from ledger.store import PostgresEventStore
+from ledger.tenants import create_tenant
 from tests.ledger.audit_scenario import (
     MARCH_1,
     MARCH_2,
     MARCH_3,
     AuditScenario,
     build_scenario,
+    copy_events,
     tenant_events,
     wait_for_horizon,
 )
@@ -639,3 +643,45 @@ def test_audit_transaction_needs_an_idle_connection(
             audit_transaction(conn, scenario.tenant_id),
         ):
             pass
+
+
+def test_export_memory_does_not_grow_with_result(
+    database: Database, session_pool: ConnectionPool[Any]
+) -> None:
+    # The same export of a result four times larger: holding the result in memory would
+    # make the peak about four times higher, streaming it in batches keeps it level.
+    # bench/audit_export.py measures the whole process on a million events.
+    small = export_peak(database, session_pool, 2_500)
+    large = export_peak(database, session_pool, 10_000)
+
+    assert large.exported_bytes > 3 * small.exported_bytes
+    assert large.peak < 1.5 * small.peak, f"peak {small.peak} bytes, then {large.peak}"
+    assert large.peak < large.exported_bytes / 5
+
+
+@dataclass
+class ExportPeak:
+    exported_bytes: int
+    peak: int  # bytes allocated by Python at most during the export, from tracemalloc
+
+
+def export_peak(database: Database, pool: ConnectionPool[Any], count: int) -> ExportPeak:
+    tenant = f"mem-{uuid.uuid4().hex[:8]}"
+    create_tenant(
+        PostgresEventStore(pool),
+        tenant,
+        name="Memory",
+        time_zone="UTC",
+        occurred_at=datetime(2015, 1, 1, tzinfo=UTC),
+    )
+    copy_events(database, tenant, count)
+    exported_bytes = 0
+    with pool.connection() as conn:
+        tracemalloc.start()
+        try:
+            for chunk in export_events(conn, tenant, AuditFilter(), "csv", batch_size=100):
+                exported_bytes += len(chunk)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    return ExportPeak(exported_bytes, peak)

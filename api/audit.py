@@ -213,7 +213,7 @@ Cursor = Annotated[
 class ExportResponse(StreamingResponse):
     """Streams a blocking generator of chunks, and closes it however the response ends.
 
-    The generator holds a pool connection with an open transaction. When a client
+    The generator keeps a pool connection checked out, with an open transaction. When a client
     disconnects, Starlette stops iterating but does not close the generator, which would
     keep the connection until the garbage collector finalizes it. Closing it here returns
     the connection to the pool at once.
@@ -306,7 +306,7 @@ def add_audit_routes(
 
         stream = chunks()
         # The first chunk comes after the query has run, so a bad filter or a database
-        # error is still answered with a problem document rather than a cut-off 200.
+        # error still gets a problem document rather than a cut-off 200.
         # A generator that raises is finished, and has returned its connection.
         first = next(stream, b"")
         filename = f"{tenant_id}-audit-events.{export_format}"
@@ -353,9 +353,9 @@ def add_audit_routes(
     ) -> Any:
         """List the tenant's events that match every filter given, oldest transaction first.
 
-        Pages hold events up to the transaction horizon: an event appears once every
-        transaction that began before it has ended. Exports stream every event committed
-        when they start."""
+        Pages hold events up to the transaction horizon: an event appears once no
+        transaction that started writing before it is still running. Exports stream every
+        event committed when they start."""
         tenant = require_tenant(store, tenant_id)
         audit_filter = filters.build(
             tenant.time_zone,

@@ -8,9 +8,10 @@ exports all of them twice, each time read and discarded by this process:
 - through the command line: `civicpulse audit events --format F` to standard output.
 
 It prints events per second, megabytes per second and the peak resident memory of each
-child process. For the server, the peak before the export (after one small warm-up
-export) is printed too, so the growth due to the export is visible: an export that held
-its result would grow by gigabytes, one that streams by a few megabytes.
+child process. For the server it also prints the peak before the export, after one small
+warm-up export, so the growth due to the export shows. An export that held its result in
+memory would grow by more than the size of the result, estimated at several hundred
+megabytes for a million events. One that streams grows by a few megabytes.
 
     python bench/audit_export.py [--events N] [--format csv|jsonl]
 
@@ -158,7 +159,7 @@ def download(port: int, path: str, token: str) -> tuple[int, int, float]:
     conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
     response = conn.getresponse()
     if response.status != 200:
-        raise RuntimeError(f"GET {path} answered {response.status}: {response.read()[:500]!r}")
+        raise RuntimeError(f"GET {path} returned {response.status}: {response.read()[:500]!r}")
     lines = size = 0
     while chunk := response.read(MIB):
         lines += chunk.count(b"\n")

@@ -185,7 +185,7 @@ class AuditFilter:
             # An incident's category is in its ReportSubmitted event. The filter reads it
             # from the log, not from the incidents read model: the read model lags behind
             # the log while the projector catches up, and it would not share this query's
-            # snapshot. The partial index events_audit_category holds (tenant, category,
+            # snapshot. The partial index events_audit_category contains (tenant, category,
             # stream id) for ReportSubmitted events only, so the subquery reads the
             # matching streams from the index, and the outer query takes their events
             # through the (stream_id, stream_version) index. The event type is a literal,
@@ -213,7 +213,7 @@ class AuditFilter:
 
 @contextmanager
 def audit_transaction(conn: psycopg.Connection[Any], tenant_id: str) -> Iterator[None]:
-    """Open a read-only REPEATABLE READ transaction that sees one tenant's events.
+    """Open a read-only REPEATABLE READ transaction scoped to one tenant's events.
 
     Every statement inside reads the same snapshot, so a page and the histories folded for
     it agree. The connection must not be inside a transaction already: PostgreSQL only
@@ -363,8 +363,8 @@ def read_page(
     only remembered a position would step past an event whose transaction commits after a
     later position was read. Below that horizon no event can appear later, so walking the
     pages returns each event once, also while events are appended. The cost is that an
-    event shows up only when every transaction that began before it has ended, anywhere on
-    the server: usually within milliseconds.
+    event shows up only when no transaction that started writing before it is still
+    running, in any database of the server: usually within milliseconds.
 
     `has_more` is False when the page reached the last matching event below the horizon.
     Its `next_cursor` still works later, to read the events appended since.
@@ -406,9 +406,9 @@ def iter_event_batches(
     """Yield every matching event in (transaction id, position) order, `batch_size` at a time.
 
     Run it inside `audit_transaction`. A server-side cursor fetches one batch per round
-    trip, so memory holds one batch whatever the size of the result. The whole result comes
-    from the transaction's snapshot: unlike pages, it needs no horizon and includes every
-    event committed when the transaction began.
+    trip, so memory contains one batch at a time whatever the size of the result. The
+    whole result comes from the transaction's snapshot. Unlike pages, it needs no horizon
+    and includes every event committed when the transaction began.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")

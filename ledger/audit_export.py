@@ -146,9 +146,9 @@ def export_events(
 ) -> Generator[bytes, None, None]:
     """Yield the tenant's matching events, encoded, in (transaction id, position) order.
 
-    The generator opens its own `audit_transaction` on `conn` (which must not be in a
-    transaction) and keeps it open until it is exhausted or closed: close it when stopping
-    early, so that the transaction ends and the connection can be reused. Raises
+    The generator opens its own `audit_transaction` on `conn`, which must not be in a
+    transaction, and keeps it open until the generator is exhausted or closed. Close it
+    when stopping early, so that the transaction ends and the connection can be reused. Raises
     InvalidRequest from the first `next()` when a filter value is unknown.
     """
     if export_format not in EXPORT_FORMATS:

@@ -304,6 +304,8 @@ def add_audit_routes(
             with pool.connection() as conn:
                 yield from export_events(conn, tenant_id, audit_filter, export_format)
 
+        # NOTE: each running export keeps one pool connection until it ends, so as many
+        # simultaneous exports as the pool has connections make other requests wait.
         stream = chunks()
         # The first chunk comes after the query has run, so a bad filter or a database
         # error still gets a problem document rather than a cut-off 200.

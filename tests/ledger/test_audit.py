@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
@@ -685,3 +687,65 @@ def export_peak(database: Database, pool: ConnectionPool[Any], count: int) -> Ex
         finally:
             tracemalloc.stop()
     return ExportPeak(exported_bytes, peak)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    # For each writer transaction: the step at which it appends, and how many steps later it
+    # commits. The reader reads one page after every step.
+    schedule=st.lists(st.tuples(st.integers(0, 10), st.integers(0, 10)), min_size=2, max_size=5),
+    limit=st.integers(1, 3),
+)
+def test_pages_see_each_event_once_whatever_commit_order(
+    database: Database,
+    session_pool: ConnectionPool[Any],
+    schedule: list[tuple[int, int]],
+    limit: int,
+) -> None:
+    store = PostgresEventStore(session_pool)
+    tenant = f"order-{uuid.uuid4().hex[:8]}"
+    create_tenant(
+        store, tenant, name="Order", time_zone="UTC", occurred_at=datetime(2015, 1, 1, tzinfo=UTC)
+    )
+    steps: list[tuple[int, int, str]] = []
+    for writer, (append_at, commit_after) in enumerate(schedule):
+        steps.append((append_at, writer, "append"))
+        steps.append((append_at + commit_after + 1, writer, "commit"))
+    steps.sort()
+
+    walked: list[RecordedEvent] = []
+    cursor = None
+
+    def read_one_page() -> bool:
+        nonlocal cursor
+        with session_pool.connection() as conn, audit_transaction(conn, tenant):
+            page = read_page(conn, tenant, AuditFilter(), cursor=cursor, limit=limit)
+        walked.extend(page.events)
+        cursor = page.next_cursor
+        return page.has_more
+
+    connections = [database.connect() for _ in schedule]
+    try:
+        for _, writer, action in steps:
+            conn = connections[writer]
+            if action == "append":
+                # Each writer has a stream of its own, so no writer waits for another.
+                events = [NewEvent("NoteAdded", {"n": n}, datetime.now(UTC)) for n in range(2)]
+                store.append(
+                    tenant, f"writer-{writer}-{tenant}", events, expected_version=0, conn=conn
+                )
+            else:
+                conn.commit()
+            read_one_page()
+    finally:
+        for conn in connections:
+            conn.close()
+    every = tenant_events(database, tenant)
+    wait_for_horizon(database, every[-1].tx_id)
+    while read_one_page():
+        pass
+
+    assert len(every) == 1 + 2 * len(schedule)
+    assert positions(walked) == positions(every)

@@ -83,6 +83,15 @@ def parse_time(name: str, value: str | None, time_zone: str) -> datetime | None:
             ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=ZoneInfo(time_zone))
+    try:
+        # Times near the ends of the calendar fall outside Python's years 1 to 9999 once
+        # moved to UTC, which the filter's digest and the database both need.
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise InvalidRequest(
+            f"invalid {name} {value!r}: the time is out of range; use a year from 1 to 9999 "
+            "that stays in range in UTC"
+        ) from None
     return moment
 
 

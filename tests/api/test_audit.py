@@ -165,6 +165,7 @@ def test_export_matches_pages(
     [
         ("events", {"occurred_from": "yesterday"}, ["invalid occurred_from 'yesterday'"]),
         ("events", {"recorded_to": "2015-02-30"}, ["invalid recorded_to"]),
+        ("events", {"occurred_to": "9999-12-31T23:59"}, ["invalid occurred_to", "out of range"]),
         ("events", {"event_type": "Reported"}, ["unknown event_type 'Reported'", "Report"]),
         ("events", {"role": "mayor"}, ["unknown role 'mayor'", "officer"]),
         ("events", {"incident_id": "not-a-uuid"}, ["query.incident_id"]),

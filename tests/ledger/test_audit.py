@@ -6,6 +6,7 @@ import base64
 import csv
 import io
 import json
+import re
 import tracemalloc
 import uuid
 from collections.abc import Callable
@@ -376,10 +377,17 @@ def test_parse_time_reads_tenant_zone(text: str, expected: datetime) -> None:
     assert parsed == expected
 
 
-@pytest.mark.parametrize("text", ["yesterday", "2015-13-01", "2015-03-01T25:00", "1e9"])
+@pytest.mark.parametrize("text", ["yesterday", "2015-13-01", "2015-03-01T25:00", "1e9", ""])
 def test_parse_time_rejects_malformed(text: str) -> None:
     with pytest.raises(InvalidRequest, match=f"invalid occurred_from {text!r}: use ISO 8601"):
         parse_time("occurred_from", text, "UTC")
+
+
+@pytest.mark.parametrize("text", ["9999-12-31T23:59", "0001-01-01T00:00+14:00"])
+def test_parse_time_rejects_out_of_range(text: str) -> None:
+    expected = re.escape(f"invalid occurred_to {text!r}: the time is out of range")
+    with pytest.raises(InvalidRequest, match=expected):
+        parse_time("occurred_to", text, "America/New_York")
 
 
 def _parse_csv(data: bytes) -> list[dict[str, Any]]:

@@ -16,8 +16,8 @@ the planner may use every index. The application role gets SELECT on the view on
 
 NOTE: CREATE INDEX blocks appends to `events` while it runs; on a large log, run this
 migration when appends may pause. Every append also maintains these seven indexes: the
-Boston import ran about 30 to 40 percent slower with them (docs/benchmarks.md). Which of
-them earn that cost is still open.
+Boston import ran about a third slower with them (docs/benchmarks.md). Which of them
+earn that cost is still open.
 """
 
 from alembic import context, op

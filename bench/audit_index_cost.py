@@ -1,4 +1,4 @@
-"""What the audit indexes of migration 0005 cost the Boston import.
+"""Benchmark of the audit indexes of migration 0005: their cost to the Boston import.
 
 In each round it imports the Boston export into fresh databases, one per variant, in
 turn: without the audit indexes, with all of them, and with all but one of some. It prints

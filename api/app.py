@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from api.audit import add_audit_routes
 from api.auth import actor_of, allow, document_roles
 from api.observability import RequestContext, readiness_checks
 from api.problems import install_problem_handlers
@@ -859,6 +860,7 @@ def create_app(
             truncated=result.truncated,
         )
 
+    add_audit_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
     document_roles(app)
     return app
 

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
+from api.audit_cli import audit_app
 from ledger.database import Database, resolve_database
 from ledger.errors import LedgerError
 from ledger.logs import configure_logging
@@ -39,6 +40,7 @@ app.add_typer(key_app, name="key")
 app.add_typer(import_app, name="import")
 app.add_typer(sla_app, name="sla")
 app.add_typer(reporter_app, name="reporter")
+app.add_typer(audit_app, name="audit")
 
 console = Console(stderr=True, soft_wrap=True)
 

@@ -281,6 +281,10 @@ def parse_as_of(value: str | None, zone_name: str) -> datetime:
 
     if value is None:
         return datetime.now(UTC)
+    # An unescaped "+" in a query string arrives as a space: "...05:00:00 00:00".
+    date_and_time, _, offset = value.partition(" ")
+    if "T" in date_and_time and offset[:2].isdigit() and " " not in offset:
+        value = value.replace(" ", "+")
     try:
         moment = datetime.fromisoformat(value)
     except ValueError as error:
@@ -715,7 +719,8 @@ def create_app(
             role=key_in.role,
             name=key_in.name,
             expires_at=key_in.expires_at,
-            issued_by=f"key:{principal.key_id}",
+            issued_by=principal.name,
+            issuer_key_id=principal.key_id,
         )
         return IssuedKeyOut(**key.to_json(), token=token)
 
@@ -736,7 +741,8 @@ def create_app(
             store,
             tenant_id,
             key_id,
-            revoked_by=f"key:{principal.key_id}",
+            revoked_by=principal.name,
+            revoker_key_id=principal.key_id,
             reason=revoke_in.reason if revoke_in else None,
         )
         return KeyOut(**key.to_json())

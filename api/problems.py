@@ -117,7 +117,7 @@ def _invalid_item(item: Any, json_body: bool) -> dict[str, Any]:
         # An error about the body as a whole: never echo the body back, which may contain
         # what the error is about (personal data, say).
         if item.get("type") == "missing":
-            message = "missing: send a JSON object with the command's arguments (see /docs)"
+            message = "missing: send a JSON object with the command's arguments (see /openapi.json)"
         elif item.get("type") in ("model_attributes_type", "dict_type") and not json_body:
             message += "; send the body as JSON with Content-Type: application/json"
         entry["message"] = message

@@ -47,11 +47,11 @@ class InvalidEventData(LedgerError):
 
 
 class TenantNotFound(LedgerError):
-    def __init__(self, tenant_id: str) -> None:
+    def __init__(
+        self, tenant_id: str, hint: str = "create it with `civicpulse tenant create`"
+    ) -> None:
         self.tenant_id = tenant_id
-        super().__init__(
-            f"tenant {tenant_id!r} not found; create it with `civicpulse tenant create`"
-        )
+        super().__init__(f"tenant {tenant_id!r} not found; {hint}")
 
 
 class TenantExists(LedgerError):

@@ -96,6 +96,7 @@ def issue_key(
     name: str,
     expires_at: datetime | None = None,
     issued_by: str,
+    issuer_key_id: UUID | None = None,
     now: datetime | None = None,
 ) -> tuple[ApiKey, str]:
     """Issue a key; return it and its token, which is shown this once and never stored."""
@@ -126,7 +127,7 @@ def issue_key(
             "secret_sha256": digest.hex(),
         },
         now,
-        metadata={"actor": issued_by, "role": Role.ADMIN.value},
+        metadata=_actor_metadata(issued_by, issuer_key_id),
     )
     with store.pool.connection() as conn, conn.transaction():
         set_tenant(conn, tenant_id)
@@ -151,6 +152,7 @@ def revoke_key(
     key_id: UUID,
     *,
     revoked_by: str,
+    revoker_key_id: UUID | None = None,
     reason: str | None = None,
     now: datetime | None = None,
 ) -> ApiKey:
@@ -169,7 +171,7 @@ def revoke_key(
                 KEY_REVOKED,
                 {"key_id": str(key_id), "reason": reason},
                 now,
-                metadata={"actor": revoked_by, "role": Role.ADMIN.value},
+                metadata=_actor_metadata(revoked_by, revoker_key_id),
             )
             store.append(
                 tenant_id, keys_stream_id(tenant_id), [event], expected_version=None, conn=conn
@@ -179,6 +181,14 @@ def revoke_key(
                 (now, tenant_id, key_id),
             )
         return _get_key(conn, tenant_id, key_id)
+
+
+def _actor_metadata(actor: str, key_id: UUID | None) -> dict[str, Any]:
+    """Metadata of a key event, in the form command events use: name, role, key id."""
+    metadata: dict[str, Any] = {"actor": actor, "role": Role.ADMIN.value}
+    if key_id is not None:
+        metadata["actor_id"] = str(key_id)
+    return metadata
 
 
 def list_keys(store: PostgresEventStore, tenant_id: str) -> list[ApiKey]:

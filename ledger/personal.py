@@ -515,7 +515,12 @@ def erase_reporter(
             REPORTER_ERASED,
             {"reporter_id": str(reporter_id), "reason": reason},
             moment,
-            metadata={"actor": actor.name, "role": actor.role, "channel": actor.channel},
+            metadata={
+                "actor": actor.name,
+                "role": actor.role,
+                "channel": actor.channel,
+                **({"actor_id": str(actor.key_id)} if actor.key_id else {}),
+            },
         )
         result = store.append(
             tenant_id, reporter_stream_id(tenant_id), [event], expected_version=None, conn=conn

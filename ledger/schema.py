@@ -45,8 +45,13 @@ def migrate(database: Database, settings: Settings) -> None:
     with database.connect_owner(autocommit=True) as lock_conn:
         lock_conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
-            logger.info("running migrations")
-            command.upgrade(alembic_config(database, settings), "head")
+            # Checked first because a run that migrates also fingerprints every event,
+            # which takes seconds on a large ledger.
+            if schema_revision(lock_conn) == head_revision():
+                logger.info("schema is at revision %s; nothing to migrate", head_revision())
+            else:
+                logger.info("running migrations")
+                command.upgrade(alembic_config(database, settings), "head")
             _set_role_passwords(lock_conn, database, settings)
         finally:
             lock_conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))

@@ -144,3 +144,15 @@ def test_oversized_chunked_body_is_413(
     assert response.status_code == 413
     assert response.headers["content-type"].startswith("application/problem+json")
     assert event_count(store, tenant_id) == before
+
+
+def test_unescaped_plus_in_as_of_is_read_as_an_offset(client: TestClient, tenant_id: str) -> None:
+    # A "+" left unescaped in a query string arrives as a space.
+    response = client.get(f"/tenants/{tenant_id}/sla/summary?as_of=2016-01-13T05:00:00+00:00")
+    spaced_date = client.get(
+        f"/tenants/{tenant_id}/sla/summary", params={"as_of": "2016-01-13 05:00"}
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["as_of"].startswith("2016-01-13T05:00:00")
+    assert spaced_date.status_code == 200, spaced_date.text

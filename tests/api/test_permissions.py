@@ -18,7 +18,7 @@ from psycopg_pool import ConnectionPool
 from api.app import create_app
 from api.auth import route_roles
 from ledger.commands import Actor, IncidentCommands
-from ledger.database import Database
+from ledger.database import Database, set_tenant
 from ledger.keys import Role, issue_key, revoke_key
 from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant
@@ -283,7 +283,7 @@ def test_revoked_and_expired_keys_answer_401(
 
 
 def test_admin_issues_and_revokes_keys_through_the_api(
-    client: TestClient, tenants: tuple[Tenant, Tenant]
+    client: TestClient, tenants: tuple[Tenant, Tenant], store: PostgresEventStore
 ) -> None:
     tenant, _ = tenants
     admin = {"Authorization": f"Bearer {tenant.tokens[Role.ADMIN]}"}
@@ -306,3 +306,12 @@ def test_admin_issues_and_revokes_keys_through_the_api(
     assert after.status_code == 401
     assert all("token" not in key and token not in str(key) for key in listed)
     assert bad_role.status_code == 422
+    with store.pool.connection() as conn:
+        set_tenant(conn, tenant.tenant_id)
+        actors = conn.execute(
+            "SELECT metadata->>'actor', metadata->>'actor_id' FROM events "
+            "WHERE stream_id = %s AND payload->>'key_id' = %s ORDER BY stream_version",
+            (f"keys-{tenant.tenant_id}", issued.json()["key_id"]),
+        ).fetchall()
+    admin_key_id = str(uuid.UUID(hex=tenant.tokens[Role.ADMIN].split("_")[1]))
+    assert actors == [("admin key", admin_key_id), ("admin key", admin_key_id)]

@@ -117,3 +117,13 @@ def upgrade() -> None:
     assert after == before
     assert revision == (head,)
     assert innocent == (None,)
+
+
+def test_migrate_skips_a_current_schema(
+    fresh_database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="ledger.schema")
+    migrate(fresh_database, Settings(database_url=fresh_database.owner_conninfo))
+
+    assert "nothing to migrate" in caplog.text
+    assert "running migrations" not in caplog.text

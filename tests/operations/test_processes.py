@@ -274,7 +274,7 @@ def test_second_copies_take_over_after_sigkill(
     first_scheduler = processes.start("scheduler-1", "schedule")
     wait_until(lambda: healthy(base), 60, "the API did not start")
     wait_until(
-        lambda: "scheduler is active" in processes.log("scheduler-1"),
+        lambda: "scheduler is active: it acquired" in processes.log("scheduler-1"),
         30,
         "the first scheduler did not become active",
     )
@@ -284,7 +284,7 @@ def test_second_copies_take_over_after_sigkill(
 
     with Reporters(base, tenant, token, threads=2):
         time.sleep(3)
-        assert "scheduler is active" not in processes.log("scheduler-2")
+        assert "scheduler is active: it acquired" not in processes.log("scheduler-2")
         _, seals_before = seals_verify(fresh_database)
         first.send_signal(signal.SIGKILL)
         first_scheduler.send_signal(signal.SIGKILL)
@@ -309,7 +309,7 @@ def test_second_copies_take_over_after_sigkill(
     assert projector_took < 10 + 1
     assert scheduler_took < 10 + 1
     assert "owns its projection" in processes.log("projector-2")
-    assert "scheduler is active" in processes.log("scheduler-2")
+    assert "scheduler is active: it acquired" in processes.log("scheduler-2")
     for process in (second, second_scheduler):
         code, _ = terminate(process)
         assert code == 0

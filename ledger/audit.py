@@ -39,6 +39,7 @@ from ledger.lifecycle import (
     evolve,
     fold_incident,
 )
+from ledger.personal import CONTACT_ACCESSED, reporter_stream_id
 from ledger.store import EVENT_COLUMNS, row_to_event
 from ledger.tenants import TENANT_CREATED
 
@@ -187,7 +188,16 @@ class AuditFilter:
         elif self.event_types:
             add("event_type = ANY(%s)", sorted(set(self.event_types)))
         if self.incident_id is not None:
-            add("stream_id = %s", incident_stream_id(self.incident_id))
+            # An officer's reading of the incident's contact details is recorded in the
+            # tenant's reporters stream, and belongs to the incident's trail too.
+            add(
+                "(stream_id = %s OR (stream_id = %s AND event_type = %s"
+                " AND payload->>'incident_id' = %s))",
+                incident_stream_id(self.incident_id),
+                reporter_stream_id(tenant_id),
+                CONTACT_ACCESSED,
+                str(self.incident_id),
+            )
         if self.stream_id is not None:
             add("stream_id = %s", self.stream_id)
         if self.category is not None:

@@ -168,3 +168,31 @@ def test_plain_personal_fields_are_rejected(
     assert "reporter.email" in response.json()["detail"]
     assert "ada.quinn@example.org" not in response.text
     assert bad_email.status_code == 422
+
+
+def test_officer_access_shows_in_the_incident_audit_trail(
+    client: TestClient, tenant_id: str, keys: dict[Role, dict[str, str]]
+) -> None:
+    incident = submit(client, tenant_id, keys[Role.REPORTER])
+    client.get(
+        f"/tenants/{tenant_id}/incidents/{incident}/contact",
+        params={"reason": "complaint review"},
+        headers=keys[Role.OFFICER],
+    )
+    other = submit(client, tenant_id, keys[Role.REPORTER])
+    trail = client.get(
+        f"/tenants/{tenant_id}/audit/events",
+        params={"incident_id": incident},
+        headers=keys[Role.OFFICER],
+    )
+    other_trail = client.get(
+        f"/tenants/{tenant_id}/audit/events",
+        params={"incident_id": other},
+        headers=keys[Role.OFFICER],
+    )
+
+    assert trail.status_code == 200, trail.text
+    types = [event["event_type"] for event in trail.json()["events"]]
+    assert types == ["ReportSubmitted", "ContactDetailsAccessed"]
+    other_types = [event["event_type"] for event in other_trail.json()["events"]]
+    assert other_types == ["ReportSubmitted"]

@@ -217,7 +217,7 @@ def key_revoke(
 
 @reporter_app.command("erase")
 def reporter_erase(
-    tenant_id: Annotated[str, typer.Argument(help="Tenant id")],
+    tenant_id: TenantOption,
     reporter_id: Annotated[
         str, typer.Argument(help="Reporter id, from the contact object of the reporter's reports")
     ],

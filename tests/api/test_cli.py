@@ -244,13 +244,28 @@ def test_reporter_erase(fresh_database: Database, fresh_store: PostgresEventStor
     env = {**os.environ, "DATABASE_URL": fresh_database.owner_conninfo}
     env["CIVICPULSE_LOG_LEVEL"] = "WARNING"
 
-    erased = civicpulse("reporter", "erase", tenant, reporter_id, "--reason", "request 12", env=env)
-    again = civicpulse("reporter", "erase", tenant, reporter_id, "--reason", "request 13", env=env)
-    unknown = civicpulse(
-        "reporter", "erase", tenant, str(uuid.uuid4()), "--reason", "request 14", env=env
+    erased = civicpulse(
+        "reporter", "erase", "--tenant", tenant, reporter_id, "--reason", "request 12", env=env
     )
-    malformed = civicpulse("reporter", "erase", tenant, "not-a-uuid", "--reason", "x", env=env)
-    no_reason = civicpulse("reporter", "erase", tenant, reporter_id, "--reason", " ", env=env)
+    again = civicpulse(
+        "reporter", "erase", "--tenant", tenant, reporter_id, "--reason", "request 13", env=env
+    )
+    unknown = civicpulse(
+        "reporter",
+        "erase",
+        "--tenant",
+        tenant,
+        str(uuid.uuid4()),
+        "--reason",
+        "request 14",
+        env=env,
+    )
+    malformed = civicpulse(
+        "reporter", "erase", "--tenant", tenant, "not-a-uuid", "--reason", "x", env=env
+    )
+    no_reason = civicpulse(
+        "reporter", "erase", "--tenant", tenant, reporter_id, "--reason", " ", env=env
+    )
     details = commands.contact_details(tenant, incident)
 
     assert erased.returncode == 0, erased.stderr

@@ -145,3 +145,29 @@ def tenant_id(store: PostgresEventStore) -> str:
         occurred_at=datetime(2015, 1, 1, tzinfo=UTC),
     )
     return tenant
+
+
+def project_everything(database: Database, batch_size: int = 2000, timeout: float = 60.0) -> int:
+    """Bring every read model up to every committed event; return the events applied.
+
+    The projector reads only below the server-wide transaction horizon, so a transaction
+    open in another database on the same server (another test run, say) can hold it back
+    for a while. This waits it out instead of failing the test.
+    """
+    import time
+
+    from projections.runtime import catch_up, default_projections, projection_progress
+
+    deadline = time.monotonic() + timeout
+    applied = 0
+    while True:
+        applied += catch_up(database, default_projections(), batch_size=batch_size)[0]
+        with database.connect_worker() as conn:
+            progress = projection_progress(conn)
+        if len(progress) == len(default_projections()) and all(
+            item.caught_up for item in progress.values()
+        ):
+            return applied
+        if time.monotonic() > deadline:
+            raise AssertionError(f"projections did not catch up within {timeout} s: {progress}")
+        time.sleep(0.1)

@@ -15,9 +15,8 @@ import pytest
 
 from ledger.database import Database, set_tenant
 from ledger.imports.pipeline import import_boston
-from projections.runtime import catch_up, default_projections
 from projections.sla_queries import sla_summary, sla_verdicts
-from tests.conftest import boston_file
+from tests.conftest import boston_file, project_everything
 
 AS_OF = datetime(2016, 1, 13, tzinfo=ZoneInfo("America/New_York"))
 
@@ -38,7 +37,7 @@ def test_boston_verdicts_match_city(fresh_database: Database) -> None:
         )
     assert report.rejected == []
     assert report.cases == 121_145
-    catch_up(fresh_database, default_projections(), batch_size=5000)
+    project_everything(fresh_database, batch_size=5000, timeout=600)
 
     with fresh_database.connect() as conn:
         verdicts = sla_verdicts(conn, "boston", AS_OF)

@@ -12,7 +12,7 @@ from api.app import create_app
 from ledger.database import Database
 from ledger.keys import Role, issue_key
 from ledger.store import PostgresEventStore
-from projections.runtime import catch_up, default_projections
+from tests.conftest import project_everything
 
 PROBLEM = "application/problem+json"
 REPORT = {
@@ -176,7 +176,7 @@ def test_sla_summary_as_of(client: TestClient, tenant_id: str, database: Databas
     incident = submit(client, tenant_id).json()["incident_id"]
     client.post(f"/tenants/{tenant_id}/incidents/{incident}/resolve", json={})
     submit(client, tenant_id)
-    catch_up(database, default_projections())
+    project_everything(database)
 
     now = client.get(f"/tenants/{tenant_id}/sla/summary").json()
     far = client.get(

@@ -12,7 +12,7 @@ from ledger.commands import Actor, IncidentCommands
 from ledger.database import Database, set_tenant
 from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant
-from projections.runtime import catch_up, default_projections
+from tests.conftest import project_everything
 
 STAFF = Actor(name="clerk", role="staff")
 
@@ -51,7 +51,7 @@ def two_tenants(fresh_database: Database, fresh_store: PostgresEventStore) -> tu
     tenants = (_tenant(fresh_store), _tenant(fresh_store))
     for tenant in tenants:
         commands.submit(tenant, {"description": "Broken light"}, actor=STAFF)
-    catch_up(fresh_database, default_projections())
+    project_everything(fresh_database)
     return tenants
 
 

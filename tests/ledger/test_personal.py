@@ -39,6 +39,7 @@ from ledger.personal import (
 from ledger.store import EVENT_COLUMNS, PostgresEventStore, row_to_event
 from ledger.tenants import create_tenant
 from projections.runtime import catch_up, default_projections
+from tests.conftest import project_everything
 
 RESIDENT = Actor("resident", "reporter", "web")
 ADMIN = Actor("privacy-officer", "admin", "cli")
@@ -421,7 +422,7 @@ def test_fold_and_read_model_keep_ciphertext(
     commands = IncidentCommands(fresh_store, clock=Clock())
     incident = submit_with_reporter(commands, tenant)
     state = commands.load(tenant, incident)
-    catch_up(fresh_database, default_projections())
+    project_everything(fresh_database)
     with fresh_database.connect_owner() as conn:
         row = conn.execute(
             "SELECT reporter_id, contact FROM incidents WHERE tenant_id = %s AND incident_id = %s",

@@ -21,6 +21,7 @@ from ledger.lifecycle import REPORT_SUBMITTED
 from ledger.store import Checkpoint, PostgresEventStore, read_after
 from projections.base import Projection
 from projections.runtime import catch_up, default_projections, load_checkpoint, project_batch
+from tests.conftest import project_everything
 
 T0 = datetime(2026, 2, 1, 9, 0, tzinfo=UTC)
 
@@ -114,7 +115,7 @@ def test_streaming_equals_fresh_fold(
     projections = default_projections()
 
     # Small batches: many checkpoints, incidents split across batches.
-    catch_up(fresh_database, projections, batch_size=7)
+    project_everything(fresh_database, batch_size=7)
 
     with fresh_database.connect_worker() as conn:
         events = read_after(conn, Checkpoint(), 100_000)

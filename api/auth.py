@@ -54,7 +54,7 @@ class Allow:
             raise
         path_tenant = request.path_params.get("tenant_id")
         if path_tenant is not None and path_tenant != principal.tenant_id:
-            # The same answer whether or not the tenant exists, so keys learn nothing.
+            # The same response whether or not the tenant exists, so keys learn nothing.
             raise TenantNotFound(
                 path_tenant, "check the tenant id in the path: a key works for its own tenant only"
             )

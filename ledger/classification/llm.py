@@ -57,9 +57,11 @@ def decode_json_object(text: str) -> Any:
     candidates = [stripped, *(match.strip() for match in _FENCE.findall(text))]
     for candidate in candidates:
         try:
-            return json.loads(candidate)
+            value = json.loads(candidate)
         except json.JSONDecodeError:
             continue
+        if isinstance(value, dict):
+            return value
     decoder = json.JSONDecoder()
     for start in (index for index, char in enumerate(text) if char == "{"):
         try:

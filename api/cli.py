@@ -34,6 +34,7 @@ from ledger.store import PostgresEventStore
 
 app = typer.Typer(help="CivicPulse: an append-only incident ledger.", no_args_is_help=True)
 tenant_app = typer.Typer(help="Create tenants.", no_args_is_help=True)
+classify_app = typer.Typer(help="Measure the report classifiers.", no_args_is_help=True)
 import_app = typer.Typer(help="Import city 311 exports.", no_args_is_help=True)
 sla_app = typer.Typer(help="SLA figures.", no_args_is_help=True)
 key_app = typer.Typer(help="Issue, list and revoke API keys.", no_args_is_help=True)
@@ -44,6 +45,7 @@ app.add_typer(import_app, name="import")
 app.add_typer(sla_app, name="sla")
 app.add_typer(reporter_app, name="reporter")
 app.add_typer(audit_app, name="audit")
+app.add_typer(classify_app, name="classify")
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -470,6 +472,55 @@ ClassifyOption = Annotated[
         help="Run the classifier pool in this process (default: CIVICPULSE_CLASSIFIER_ENABLED)",
     ),
 ]
+
+
+@classify_app.command("evaluate")
+def classify_evaluate(
+    boston: Annotated[
+        Path,
+        typer.Option(exists=True, dir_okay=False, help="Boston 311 export (.csv.gz)"),
+    ],
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Evaluate only the first N held-out cases")
+    ] = None,
+) -> None:
+    """Evaluate the rule-based classifier on a Boston 311 export.
+
+    Categories are the REASON values; their keywords are the TYPE values of cases whose
+    CASE_TITLE equals TYPE. The cases whose CASE_TITLE differs are classified by their title
+    and scored against their REASON.
+    """
+    from ledger.classification.evaluation import (
+        boston_labelled_set,
+        evaluate_rules,
+        majority_baseline,
+    )
+
+    labelled = boston_labelled_set(boston, limit)
+    if not labelled.cases:
+        raise _fail(f"no case in {boston} has a CASE_TITLE that differs from its TYPE")
+    result = evaluate_rules(labelled)
+    baseline = majority_baseline([label for _, label in labelled.cases])
+
+    table = Table("category", "cases", "precision", "recall", "F1")
+    for item in result.per_category:
+        table.add_row(
+            item.category,
+            str(item.support),
+            f"{item.precision:.3f}",
+            f"{item.recall:.3f}",
+            f"{item.f1:.3f}",
+        )
+    out = Console()
+    out.print(table)
+    out.print(
+        f"rules: {result.cases} cases, {len(labelled.categories)} categories, "
+        f"accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}"
+    )
+    out.print(
+        f"majority-class baseline: accuracy {baseline.accuracy:.3f}, "
+        f"macro-F1 {baseline.macro_f1:.3f}"
+    )
 
 
 @app.command()

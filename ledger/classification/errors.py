@@ -1,4 +1,4 @@
-"""How a classification attempt failed, sorted by what the worker pool does next."""
+"""Classification errors, one class for each action the worker pool takes next."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ class ClassifierError(Exception):
 
 
 class TransientError(ClassifierError):
-    """A timeout, a lost connection or a 5xx answer: worth retrying after a backoff."""
+    """A timeout, a lost connection or a 5xx response: worth retrying after a backoff."""
 
 
 class InvalidAnswerError(ClassifierError):
-    """The model answered, but not with a valid classification: retrying would not help."""
+    """The model responded, but not with a valid classification: retrying would not help."""
 
 
 class RateLimited(ClassifierError):
-    """A 429 answer: the pool pauses for `retry_after` seconds, then tries the item again."""
+    """A 429 response: the pool pauses for `retry_after` seconds, then tries the item again."""
 
     def __init__(self, reason: str, retry_after: float) -> None:
         super().__init__(reason)

@@ -29,7 +29,7 @@ from ledger.tenants import Category
 
 logger = logging.getLogger(__name__)
 
-# Pause used when a 429 answer has no usable Retry-After header.
+# Pause used when a 429 response has no usable Retry-After header.
 DEFAULT_RETRY_AFTER_SECONDS = 5.0
 MAX_RETRY_AFTER_SECONDS = 600.0
 
@@ -47,11 +47,11 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def decode_json_object(text: str) -> Any:
-    """Decode the JSON object in a model's answer.
+    """Decode the JSON object in a model response.
 
     Reads a bare object, an object inside a ``` fence, or the first object surrounded by
     prose. Raises InvalidClassification when there is no complete JSON object, for instance
-    when the answer was cut off.
+    when the response was cut off.
     """
     stripped = text.strip()
     candidates = [stripped, *(match.strip() for match in _FENCE.findall(text))]
@@ -71,7 +71,7 @@ def decode_json_object(text: str) -> Any:
         if isinstance(value, dict):
             return value
     preview = stripped[:80] + ("…" if len(stripped) > 80 else "")
-    raise InvalidClassification(f"no complete JSON object in the answer: {preview!r}")
+    raise InvalidClassification(f"no complete JSON object in the response: {preview!r}")
 
 
 class LLMClassifier:
@@ -165,10 +165,10 @@ class LLMClassifier:
             raise InvalidAnswerError(f"request rejected: {_describe(error)}") from error
 
         if not completion.choices:
-            raise InvalidAnswerError("the answer has no choices")
+            raise InvalidAnswerError("the response has no choices")
         message = completion.choices[0].message.content
         if not isinstance(message, str) or not message:
-            raise InvalidAnswerError("the answer has no content")
+            raise InvalidAnswerError("the response has no content")
         return message
 
 

@@ -72,7 +72,7 @@ class PendingReport:
 
 @dataclass(frozen=True, slots=True)
 class ClassifierStatus:
-    """What the pool is doing, for the status endpoint and the logs."""
+    """The pool state, for the status endpoint and the logs."""
 
     state: str  # "running", "paused" (after a 429) or "stopped" (credentials or quota)
     classifier: str  # "llm" or "rules"
@@ -84,7 +84,7 @@ class ClassifierStatus:
 class ClassifierPool:
     """Classify pending reports with `concurrency` threads until stopped.
 
-    With `llm` None, the rules decide. Timeouts and 5xx answers are tried `max_attempts`
+    With `llm` None, the rules decide. Timeouts and 5xx responses are tried `max_attempts`
     times in all, with a backoff that doubles from `backoff_seconds`. A 429 pauses every
     thread for its Retry-After time and does not count as an attempt. Rejected credentials or
     an exhausted quota stop the pool: the reports stay pending, and `status()` gives the
@@ -344,7 +344,7 @@ class ClassifierPool:
         except IdempotencyKeyReused:
             # NOTE: with the fallback off, a failure recorded by one pool and a result
             # recorded by another have different ids, and both are kept.
-            # Another pool recorded a different answer for this report first; it stands.
+            # Another pool recorded a different result for this report first, so that one is kept.
             logger.info(
                 "incident %s of tenant %s already has a classification outcome; kept it",
                 item.incident_id,

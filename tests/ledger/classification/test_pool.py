@@ -351,3 +351,29 @@ def test_pool_skips_tenant_without_categories(
     pool = make_pool(fresh_database, fresh_store, None)
     assert pool.drain() == 0
     assert outcomes(fresh_store, tenant_id, incident) == []
+
+
+def test_rebuild_reads_recorded_classifications(
+    fresh_database: Database, fresh_store: PostgresEventStore, tenant: str
+) -> None:
+    incidents = submit(fresh_database, fresh_store, tenant, count=3)
+    with scripted_server([completion(GOOD)]) as server:
+        assert make_pool(fresh_database, fresh_store, server).drain() == 3
+    projection = incidents_projection()
+    catch_up(fresh_database, [projection])
+    with fresh_database.connect_worker() as conn:
+        before = projection.read_all(conn)
+
+    # The server is closed: the rebuild reads the recorded classifications.
+    with fresh_database.connect_owner() as conn:
+        conn.execute("TRUNCATE incidents")
+        conn.execute("DELETE FROM projection_checkpoints WHERE projection = 'incidents'")
+    catch_up(fresh_database, [projection])
+    with fresh_database.connect_worker() as conn:
+        after = projection.read_all(conn)
+
+    assert after == before
+    for incident in incidents:
+        state = after[(tenant, incident)]
+        assert state.category == "Streetlight"
+        assert state.classifier == "llm"

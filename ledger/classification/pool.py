@@ -44,10 +44,14 @@ from ledger.tenants import TenantConfig, load_tenant
 logger = logging.getLogger(__name__)
 
 ATTEMPT_KEY = "automatic"
-METADATA = {"actor": "classifier", "role": "worker", "channel": "classifier"}
+# The role of automated writers in event metadata, as for imports.
+METADATA = {"actor": "classifier", "role": "system", "channel": "classifier"}
 
-# Candidates come from the incidents read model; the events decide, because the read model
+# Candidates come from the incidents read model, but the events decide, because the read model
 # may not have folded an outcome that was just appended.
+# NOTE: unclassified incidents of tenants without categories are scanned again at every
+# poll, and imported incidents are classified like new ones once their tenant has
+# categories (with a model configured, one request each).
 PENDING_QUERY = """
     SELECT i.tenant_id, i.incident_id, i.title, i.description, i.address
     FROM incidents i

@@ -127,6 +127,8 @@ class ClassifierPool:
         self._stopped_reason: str | None = None
         self._outcomes: dict[str, int] = {}
         self._thread: threading.Thread | None = None
+        # One pool runs per process, and a new one starts unstopped.
+        CLASSIFIER_STOPPED.set(0)
 
     # Status
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from ledger.classification.llm import LLMClassifier
 from ledger.classification.pool import ClassifierPool
@@ -175,6 +176,7 @@ def test_pool_without_fallback_records_failure_only(
 
     recorded = outcomes(fresh_store, tenant, incident)
     assert [e.event_type for e in recorded] == [CLASSIFICATION_FAILED]
+    assert recorded[0].metadata["role"] == "system"
     assert pool.status().outcomes == {"failed": 1}
 
 
@@ -183,8 +185,12 @@ def test_pool_retries_server_error(
 ) -> None:
     incident = submit(fresh_database, fresh_store, tenant)[0]
     script = [error(500, "internal error"), completion(GOOD)]
+    retries_before = REGISTRY.get_sample_value("civicpulse_classifier_retries_total") or 0.0
     with scripted_server(script) as server:
         assert make_pool(fresh_database, fresh_store, server).drain() == 1
+
+    retries = REGISTRY.get_sample_value("civicpulse_classifier_retries_total")
+    assert retries == retries_before + 1
 
     recorded = outcomes(fresh_store, tenant, incident)
     assert [e.event_type for e in recorded] == [REPORT_CLASSIFIED]
@@ -283,13 +289,24 @@ def _paused_state(pool: ClassifierPool) -> str:
     ids=["401", "403", "quota"],
 )
 def test_pool_stops_on_rejected_credentials(
-    fresh_database: Database, fresh_store: PostgresEventStore, tenant: str, reply: Reply
+    fresh_database: Database,
+    fresh_store: PostgresEventStore,
+    tenant: str,
+    reply: Reply,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     incidents = submit(fresh_database, fresh_store, tenant, count=3)
     with scripted_server([reply]) as server:
         pool = make_pool(fresh_database, fresh_store, server, concurrency=1)
+        stopped_before = REGISTRY.get_sample_value("civicpulse_classifier_stopped")
         pool.drain()
         status = pool.status()
+
+    assert stopped_before == 0
+    assert REGISTRY.get_sample_value("civicpulse_classifier_stopped") == 1
+    errors = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert str(incidents[0]) in errors[0].getMessage()
 
     assert status.state == "stopped"
     assert status.reason is not None

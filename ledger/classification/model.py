@@ -11,12 +11,12 @@ SEVERITIES = ("low", "medium", "high", "critical")
 Severity = Literal["low", "medium", "high", "critical"]
 ClassifierName = Literal["llm", "rules"]
 
-# Raised with every change to the prompt or the schema, so that results can be compared by it.
+# Changed whenever the prompt or the schema changes, so that results can be grouped by it.
 PROMPT_VERSION = "2026-12-1"
 
 
 class InvalidClassification(ValueError):
-    """An answer that is not a valid classification for the tenant; the message says why."""
+    """A response that is not a valid classification for the tenant; the message has the reason."""
 
 
 class ExtractedFields(BaseModel):
@@ -30,7 +30,7 @@ class ExtractedFields(BaseModel):
 
 
 class Provenance(BaseModel):
-    """Which classifier decided, with which model and prompt version."""
+    """The classifier, model and prompt version behind a result."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible chat completions server on loopback, answering from a script."""
+"""An OpenAI-compatible chat completions server on loopback, responding from a script."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Reply:
-    """One scripted answer: a status, headers, a body and a delay before sending it."""
+    """One scripted response: a status, headers, a body and a delay before sending it."""
 
     status: int = 200
     body: Any = None
@@ -23,7 +23,7 @@ class Reply:
 
 
 def completion(content: str) -> Reply:
-    """A 200 answer whose assistant message is `content`."""
+    """A 200 response whose assistant message is `content`."""
     return Reply(
         body={
             "id": "chatcmpl-test",

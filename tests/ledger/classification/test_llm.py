@@ -1,4 +1,4 @@
-"""Reading language-model answers, and the requests sent to the server."""
+"""Decoding language-model responses, and the requests sent to the server."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ ANSWER = {
     "confidence": 0.9,
 }
 GOOD = json.dumps(ANSWER)
-# The rules would pick Pothole for this report, so an LLM result is told apart by category.
+# The rules would pick Pothole for this report, so the category shows which classifier decided.
 REPORT = {"title": "Light out", "description": "The lamp by the pothole on Elm St is dark"}
 
 

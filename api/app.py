@@ -8,7 +8,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID, uuid4
 
 import psycopg
@@ -175,6 +175,17 @@ class DuplicateIn(BaseModel):
     duplicate_of: UUID
 
 
+class ReclassifyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    category: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="One of the tenant's categories, when it has configured any.",
+    )
+    severity: Literal["low", "medium", "high", "critical"] | None = None
+
+
 class EmptyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -190,6 +201,7 @@ COMMAND_BODIES: dict[str, type[BaseModel]] = {
     "close": ReasonIn,
     "reject": RejectIn,
     "mark-duplicate": DuplicateIn,
+    "reclassify": ReclassifyIn,
 }
 assert set(COMMAND_BODIES) == set(COMMANDS)
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import signal
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,6 +34,7 @@ from ledger.store import PostgresEventStore
 
 app = typer.Typer(help="CivicPulse: an append-only incident ledger.", no_args_is_help=True)
 tenant_app = typer.Typer(help="Create tenants.", no_args_is_help=True)
+classify_app = typer.Typer(help="Measure the report classifiers.", no_args_is_help=True)
 import_app = typer.Typer(help="Import city 311 exports.", no_args_is_help=True)
 sla_app = typer.Typer(help="SLA figures.", no_args_is_help=True)
 key_app = typer.Typer(help="Issue, list and revoke API keys.", no_args_is_help=True)
@@ -41,6 +45,7 @@ app.add_typer(import_app, name="import")
 app.add_typer(sla_app, name="sla")
 app.add_typer(reporter_app, name="reporter")
 app.add_typer(audit_app, name="audit")
+app.add_typer(classify_app, name="classify")
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -128,6 +133,39 @@ def tenant_create(
 
 
 TenantOption = Annotated[str, typer.Option("--tenant", help="Tenant id")]
+
+
+@tenant_app.command("categories")
+def tenant_categories(
+    tenant: TenantOption,
+    file: Annotated[
+        Path,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help='JSON file: {"categories": [{"name", "department", "keywords"}], '
+            '"hazard_words": [...]}',
+        ),
+    ],
+) -> None:
+    """Replace the categories reports of a tenant are classified into."""
+    from ledger.tenants import configure_categories
+
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _fail(f"invalid JSON in {file}: {error}") from error
+    _, database = _migrated()
+    pool, store = _store(database)
+    with pool:
+        try:
+            config = configure_categories(store, tenant, document, occurred_at=datetime.now(UTC))
+        except LedgerError as error:
+            raise _fail(str(error)) from error
+    console.print(
+        f"tenant {tenant} has {len(config.categories)} categories: "
+        + ", ".join(config.category_names)
+    )
 
 
 @key_app.command("issue")
@@ -427,11 +465,70 @@ def sla_summary_command(
     Console().print(table)
 
 
+ClassifyOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--classify/--no-classify",
+        help="Run the classifier pool in this process (default: CIVICPULSE_CLASSIFIER_ENABLED)",
+    ),
+]
+
+
+@classify_app.command("evaluate")
+def classify_evaluate(
+    boston: Annotated[
+        Path,
+        typer.Option(exists=True, dir_okay=False, help="Boston 311 export (.csv.gz)"),
+    ],
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Evaluate only the first N held-out cases")
+    ] = None,
+) -> None:
+    """Evaluate the rule-based classifier on a Boston 311 export.
+
+    Categories are the REASON values; their keywords are the TYPE values of cases whose
+    CASE_TITLE equals TYPE. The cases whose CASE_TITLE differs are classified by their title
+    and scored against their REASON.
+    """
+    from ledger.classification.evaluation import (
+        boston_labelled_set,
+        evaluate_rules,
+        majority_baseline,
+    )
+
+    labelled = boston_labelled_set(boston, limit)
+    if not labelled.cases:
+        raise _fail(f"no case in {boston} has a CASE_TITLE that differs from its TYPE")
+    result = evaluate_rules(labelled)
+    baseline = majority_baseline([label for _, label in labelled.cases])
+
+    table = Table("category", "cases", "precision", "recall", "F1")
+    for item in result.per_category:
+        table.add_row(
+            item.category,
+            str(item.support),
+            f"{item.precision:.3f}",
+            f"{item.recall:.3f}",
+            f"{item.f1:.3f}",
+        )
+    out = Console()
+    out.print(table)
+    out.print(
+        f"rules: {result.cases} cases, {len(labelled.categories)} categories, "
+        f"accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}"
+    )
+    out.print(
+        f"majority-class baseline: accuracy {baseline.accuracy:.3f}, "
+        f"macro-F1 {baseline.macro_f1:.3f}"
+    )
+
+
 @app.command()
 def project(
     once: Annotated[bool, typer.Option(help="Catch up and exit instead of running")] = False,
+    classify: ClassifyOption = None,
 ) -> None:
-    """Run the projector: one worker thread per read model."""
+    """Run the projector: one worker thread per read model, and the classifier pool."""
     from projections.runtime import Projector
 
     settings, database = _migrated()
@@ -445,7 +542,28 @@ def project(
         poll_seconds=settings.projector_poll_seconds,
     )
     _stop_on_signals(projector.stop_event)
-    projector.run_forever()
+    with _classifier(settings, database, classify):
+        projector.run_forever()
+
+
+@contextmanager
+def _classifier(settings: Settings, database: Database, enabled: bool | None) -> Iterator[None]:
+    """Run the classifier pool, as the worker role, while the block runs."""
+    from ledger.classification.runtime import build_pool
+
+    if not (settings.classifier_enabled if enabled is None else enabled):
+        yield
+        return
+    pool: ConnectionPool[Any] = ConnectionPool(
+        database.worker_conninfo, min_size=1, max_size=settings.classifier_concurrency + 1
+    )
+    with pool:
+        classifier_pool = build_pool(settings, database, PostgresEventStore(pool))
+        classifier_pool.start()
+        try:
+            yield
+        finally:
+            classifier_pool.stop()
 
 
 def serve_metrics(settings: Settings) -> None:
@@ -572,6 +690,7 @@ def run(
     demo: Annotated[bool, typer.Option(help="Create and fill the demo tenant if missing")] = True,
     host: HostOption = None,
     port: PortOption = None,
+    classify: ClassifyOption = None,
 ) -> None:
     """Run the API, the projector and the scheduler in one process, on the embedded
     database by default."""
@@ -607,12 +726,13 @@ def run(
     projector.start()
     scheduler_thread.start()
     try:
-        uvicorn.run(
-            create_app(database, max_lag=settings.ready_max_lag_events),
-            host=host or settings.api_host,
-            port=port or settings.api_port,
-            log_config=None,
-        )
+        with _classifier(settings, database, classify):
+            uvicorn.run(
+                create_app(database, max_lag=settings.ready_max_lag_events),
+                host=host or settings.api_host,
+                port=port or settings.api_port,
+                log_config=None,
+            )
     finally:
         scheduler.stop()
         projector.stop()

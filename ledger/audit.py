@@ -41,7 +41,7 @@ from ledger.lifecycle import (
 )
 from ledger.personal import CONTACT_ACCESSED, reporter_stream_id
 from ledger.store import EVENT_COLUMNS, row_to_event
-from ledger.tenants import TENANT_CREATED
+from ledger.tenants import CATEGORIES_CONFIGURED, TENANT_CREATED
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -51,7 +51,12 @@ MAX_CURSOR_LENGTH = 512
 # The role in the metadata of imported events (see ledger.imports.boston.import_metadata).
 IMPORT_ROLE = "system"
 
-KNOWN_EVENT_TYPES = INCIDENT_EVENT_TYPES | {TENANT_CREATED, KEY_ISSUED, KEY_REVOKED}
+KNOWN_EVENT_TYPES = INCIDENT_EVENT_TYPES | {
+    TENANT_CREATED,
+    CATEGORIES_CONFIGURED,
+    KEY_ISSUED,
+    KEY_REVOKED,
+}
 KNOWN_ROLES = frozenset({role.value for role in Role} | {IMPORT_ROLE})
 
 INCIDENT_STREAM_PREFIX = "incident-"

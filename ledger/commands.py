@@ -312,6 +312,14 @@ class IncidentCommands:
                     f"duplicate_of {original} is not an incident of tenant {tenant_id!r}"
                 )
 
+        if command == "reclassify" and "category" in payload:
+            known = require_tenant(self.store, tenant_id).category_names
+            if known and payload["category"] not in known:
+                raise CommandInvalid(
+                    f"unknown category {payload['category']!r} for tenant {tenant_id!r}; "
+                    f"use one of {', '.join(known)}"
+                )
+
         event = NewEvent(event_type, payload, self.clock(), event_id=event_id, metadata=metadata)
         result = self.store.append(tenant_id, stream_id, [event], expected_version=state.version)
         return CommandResult(incident_id, result)

@@ -26,6 +26,13 @@ INCIDENT_REOPENED = "IncidentReopened"
 INCIDENT_CLOSED = "IncidentClosed"
 INCIDENT_REJECTED = "IncidentRejected"
 INCIDENT_MARKED_DUPLICATE = "IncidentMarkedDuplicate"
+REPORT_CLASSIFIED = "ReportClassified"
+CLASSIFICATION_FAILED = "ClassificationFailed"
+CLASSIFICATION_CORRECTED = "ClassificationCorrected"
+
+# Events that end the automatic classification of a report: the worker pool skips reports
+# with one of them.
+CLASSIFICATION_OUTCOMES = frozenset({REPORT_CLASSIFIED, CLASSIFICATION_FAILED})
 
 INCIDENT_EVENT_TYPES = frozenset(
     {
@@ -40,6 +47,9 @@ INCIDENT_EVENT_TYPES = frozenset(
         INCIDENT_CLOSED,
         INCIDENT_REJECTED,
         INCIDENT_MARKED_DUPLICATE,
+        REPORT_CLASSIFIED,
+        CLASSIFICATION_FAILED,
+        CLASSIFICATION_CORRECTED,
     }
 )
 
@@ -69,7 +79,20 @@ COMMANDS: dict[str, tuple[str, frozenset[str]]] = {
     "close": (INCIDENT_CLOSED, frozenset({RESOLVED})),
     "reject": (INCIDENT_REJECTED, WORKABLE),
     "mark-duplicate": (INCIDENT_MARKED_DUPLICATE, WORKABLE),
+    # Staff may correct a classification whatever the status, closed incidents included, so
+    # that the figures over past incidents are right.
+    "reclassify": (
+        CLASSIFICATION_CORRECTED,
+        WORKABLE | {RESOLVED, CLOSED, REJECTED, DUPLICATE},
+    ),
 }
+
+SEVERITIES = ("low", "medium", "high", "critical")
+
+# Who set an incident's category: the report itself, a classifier, or staff.
+CATEGORY_FROM_REPORT = "report"
+CATEGORY_FROM_CLASSIFIER = "classifier"
+CATEGORY_FROM_STAFF = "staff"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +128,13 @@ class IncidentState:
     # phone. Reading them takes the reporter's key from the vault (ledger.personal).
     reporter_id: UUID | None = None
     contact: JsonObject | None = None
+    # Classification. A category sent with the report is kept: a classifier fills in only a
+    # missing one, and a staff correction overrides both, the latest correction winning.
+    # `classifier` is "llm" or "rules" after a ReportClassified event, "failed" after a
+    # ClassificationFailed event and "staff" after a correction.
+    severity: str | None = None
+    category_source: str | None = None
+    classifier: str | None = None
 
 
 def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState | None:
@@ -138,6 +168,7 @@ def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState |
             submitted_by=event.metadata.get("actor_id"),
             reporter_id=UUID(contact["reporter_id"]) if contact else None,
             contact=contact,
+            category_source=CATEGORY_FROM_REPORT if payload.get("category") else None,
         )
     if state is None:
         return None
@@ -187,7 +218,36 @@ def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState |
             duplicate_of=UUID(payload["duplicate_of"]),
             resume_status=None,
         )
+    elif kind in (REPORT_CLASSIFIED, CLASSIFICATION_FAILED, CLASSIFICATION_CORRECTED):
+        changes.update(_classification_changes(state, kind, payload))
     return replace(state, **changes)
+
+
+def _classification_changes(state: IncidentState, kind: str, payload: JsonObject) -> dict[str, Any]:
+    """Return the state changes of a classification event.
+
+    A classifier's result never replaces a staff correction, and never replaces a category
+    that came with the report; its severity fills in only when staff have not set one.
+    """
+    if kind == CLASSIFICATION_CORRECTED:
+        changes: dict[str, Any] = {"classifier": "staff"}
+        if payload.get("category"):
+            changes.update(category=payload["category"], category_source=CATEGORY_FROM_STAFF)
+        if payload.get("severity"):
+            changes["severity"] = payload["severity"]
+        return changes
+    if state.classifier == "staff":
+        return {}
+    if kind == CLASSIFICATION_FAILED:
+        return {"classifier": "failed"}
+    provenance = payload.get("provenance")
+    changes = {
+        "classifier": provenance.get("classifier") if isinstance(provenance, dict) else None,
+        "severity": payload.get("severity"),
+    }
+    if state.category_source != CATEGORY_FROM_REPORT and payload.get("category"):
+        changes.update(category=payload["category"], category_source=CATEGORY_FROM_CLASSIFIER)
+    return changes
 
 
 def fold_incident(events: list[RecordedEvent]) -> IncidentState | None:
@@ -257,4 +317,17 @@ def decide(state: IncidentState, command: str, args: dict[str, Any]) -> tuple[st
         if original == state.incident_id:
             raise CommandInvalid("an incident cannot be a duplicate of itself")
         payload["duplicate_of"] = str(original)
+    elif command == "reclassify":
+        category = _text(args, "category", required=False, limit=200)
+        severity = args.get("severity")
+        if severity is not None and severity not in SEVERITIES:
+            raise CommandInvalid(
+                f"invalid severity {severity!r}: use one of {', '.join(SEVERITIES)}"
+            )
+        if category is None and severity is None:
+            raise CommandInvalid("missing category and severity: reclassify needs one of them")
+        if category is not None:
+            payload["category"] = category
+        if severity is not None:
+            payload["severity"] = severity
     return event_type, payload

@@ -60,3 +60,21 @@ SCHEDULER_RUNS = Counter(
     "Scheduled job runs, by job and outcome (ok, failed)",
     ["job", "outcome"],
 )
+CLASSIFICATIONS = Counter(
+    "civicpulse_classifications_total",
+    "Classification outcomes recorded by the classifier pool, by outcome (classified, fallback, "
+    "failed, duplicate)",
+    ["outcome"],
+)
+CLASSIFIER_RETRIES = Counter(
+    "civicpulse_classifier_retries_total",
+    "Language-model requests repeated after a timeout, a lost connection or a 5xx answer",
+)
+CLASSIFIER_RATE_LIMITS = Counter(
+    "civicpulse_classifier_rate_limits_total",
+    "429 answers that paused the classifier pool",
+)
+CLASSIFIER_STOPPED = Gauge(
+    "civicpulse_classifier_stopped",
+    "1 while the classifier pool is stopped by rejected credentials or an exhausted quota",
+)

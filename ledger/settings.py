@@ -77,6 +77,21 @@ class Settings(BaseSettings):
         description="Seconds between two runs of the scheduler's seal job.",
     )
 
+    # Classification. Without llm_base_url the rule-based classifier decides; there is no
+    # default server.
+    llm_base_url: str | None = Field(
+        default=None,
+        description="Base URL of an OpenAI-compatible API, such as http://127.0.0.1:8080/v1.",
+    )
+    llm_api_key: SecretStr | None = None
+    llm_model: str | None = Field(default=None, description="Model name sent in each request.")
+    llm_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    classifier_concurrency: int = Field(default=4, ge=1, le=256)
+    classifier_enabled: bool = Field(
+        default=True,
+        description="Run the classifier pool inside `project` and `run`.",
+    )
+
     log_level: str = "INFO"
     log_format: str = Field(default="console", pattern="^(console|json)$")
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ledger.errors import CommandInvalid, ConcurrencyError, TenantExists, TenantNotFound
@@ -14,6 +15,16 @@ from ledger.store import PostgresEventStore
 TENANT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 
 TENANT_CREATED = "TenantCreated"
+CATEGORIES_CONFIGURED = "CategoriesConfigured"
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    """A category reports are classified into, with the department that handles it."""
+
+    name: str
+    department: str | None = None
+    keywords: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +38,13 @@ class TenantConfig:
     resolution_hours: float
     category_resolution_hours: dict[str, float] = field(default_factory=dict)
     version: int = 0
+    categories: tuple[Category, ...] = ()
+    # None means the classifier's default hazard words.
+    hazard_words: tuple[str, ...] | None = None
+
+    @property
+    def category_names(self) -> list[str]:
+        return [category.name for category in self.categories]
 
     @property
     def zone(self) -> ZoneInfo:
@@ -75,7 +93,106 @@ def fold_tenant(tenant_id: str, events: list[RecordedEvent]) -> TenantConfig | N
                 category_resolution_hours=dict(payload.get("category_resolution_hours", {})),
                 version=event.stream_version,
             )
+        elif event.event_type == CATEGORIES_CONFIGURED and config is not None:
+            config = replace(
+                config,
+                categories=_categories_from_payload(event.payload),
+                hazard_words=_hazard_words_from_payload(event.payload),
+                version=event.stream_version,
+            )
     return config
+
+
+def _categories_from_payload(payload: dict[str, Any]) -> tuple[Category, ...]:
+    return tuple(
+        Category(
+            name=item["name"],
+            department=item.get("department"),
+            keywords=tuple(item.get("keywords", ())),
+        )
+        for item in payload["categories"]
+    )
+
+
+def _hazard_words_from_payload(payload: dict[str, Any]) -> tuple[str, ...] | None:
+    words = payload.get("hazard_words")
+    return None if words is None else tuple(words)
+
+
+def validate_categories(document: Any) -> dict[str, Any]:
+    """Check a categories document and return it as an event payload.
+
+    The document is `{"categories": [{"name", "department", "keywords"}], "hazard_words"}`,
+    where `department`, `keywords` and `hazard_words` are optional. Raises CommandInvalid
+    naming the first invalid entry.
+    """
+    if not isinstance(document, dict):
+        raise CommandInvalid("invalid categories document: expected a JSON object")
+    unknown = sorted(set(document) - {"categories", "hazard_words"})
+    if unknown:
+        raise CommandInvalid(
+            f"unknown field(s) {', '.join(unknown)} in the categories document; "
+            "use categories and hazard_words"
+        )
+    items = document.get("categories")
+    if not isinstance(items, list) or not items:
+        raise CommandInvalid("missing categories: give a non-empty list of categories")
+    categories: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for number, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise CommandInvalid(f"invalid category #{number}: expected a JSON object")
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise CommandInvalid(
+                f"invalid name {name!r} of category #{number}: use 1 to 200 characters"
+            )
+        name = name.strip()
+        if name in seen:
+            raise CommandInvalid(f"category {name!r} is listed twice")
+        seen.add(name)
+        department = item.get("department")
+        if department is not None and not isinstance(department, str):
+            raise CommandInvalid(f"invalid department {department!r} of category {name!r}")
+        keywords = _word_list(item.get("keywords", []), f"keywords of category {name!r}")
+        entry: dict[str, Any] = {"name": name, "keywords": keywords}
+        if department:
+            entry["department"] = department
+        categories.append(entry)
+    payload: dict[str, Any] = {"categories": categories}
+    if document.get("hazard_words") is not None:
+        payload["hazard_words"] = _word_list(document["hazard_words"], "hazard_words")
+    return payload
+
+
+def _word_list(value: Any, label: str) -> list[str]:
+    if not isinstance(value, list) or not all(
+        isinstance(word, str) and word.strip() for word in value
+    ):
+        raise CommandInvalid(f"invalid {label}: expected a list of non-empty strings")
+    return [word.strip().lower() for word in value]
+
+
+def configure_categories(
+    store: PostgresEventStore,
+    tenant_id: str,
+    document: Any,
+    *,
+    occurred_at: datetime,
+    actor: str = "cli",
+) -> TenantConfig:
+    """Append a CategoriesConfigured event that replaces the tenant's categories.
+
+    Raises TenantNotFound, and CommandInvalid when the document is invalid.
+    """
+    require_tenant(store, tenant_id)
+    payload = validate_categories(document)
+    event = NewEvent(
+        CATEGORIES_CONFIGURED, payload, occurred_at, metadata={"actor": actor, "role": "admin"}
+    )
+    # The new list replaces the old one whatever came between, so no expected version.
+    store.append(tenant_id, tenant_stream_id(tenant_id), [event], expected_version=None)
+    return require_tenant(store, tenant_id)
 
 
 def create_tenant(

@@ -108,6 +108,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "reject": {"reason": "Not ours", "redirect_to": "the state highway agency"},
     "keys": {"role": "staff", "name": "new clerk"},
     "erase": {"reason": "erasure request"},
+    "reclassify": {"severity": "high"},
 }
 
 

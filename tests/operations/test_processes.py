@@ -24,12 +24,15 @@ from typing import Any
 
 import pytest
 
+from ledger.commands import Actor, IncidentCommands
 from ledger.database import Database
 from ledger.keys import Role, issue_key
+from ledger.lifecycle import REPORT_CLASSIFIED
 from ledger.store import Checkpoint, PostgresEventStore, read_after
-from ledger.tenants import create_tenant
+from ledger.tenants import configure_categories, create_tenant
 from ledger.verification import verify
 from projections.runtime import default_projections
+from tests.ledger.classification.fake_llm import completion, scripted_server
 
 EXIT_SECONDS = 10
 
@@ -313,3 +316,42 @@ def test_second_copies_take_over_after_sigkill(
     for process in (second, second_scheduler):
         code, _ = terminate(process)
         assert code == 0
+
+
+def test_projector_runs_classifier_pool(
+    processes: Processes, fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    tenant = "classified-city"
+    create_tenant(fresh_store, tenant, name="C", time_zone="UTC", occurred_at=at)
+    categories = {"categories": [{"name": "Pothole"}, {"name": "Streetlight"}]}
+    configure_categories(fresh_store, tenant, categories, occurred_at=at)
+    commands = IncidentCommands(fresh_store)
+    report = {"title": "Dark lamp", "description": "The streetlight is out"}
+    incident = commands.submit(tenant, report, actor=Actor("t", "staff")).incident_id
+    answer = {
+        "category": "Streetlight",
+        "severity": "low",
+        "fields": {"location_text": None, "asset": None, "hazards": []},
+        "summary": "Streetlight out",
+        "language": "en",
+        "confidence": 0.8,
+    }
+
+    with scripted_server([completion(json.dumps(answer))]) as server:
+        processes.env.update(
+            {"CIVICPULSE_LLM_BASE_URL": server.base_url, "CIVICPULSE_LLM_MODEL": "test-model"}
+        )
+        project = processes.start("project", "project", "--classify")
+        deadline = time.monotonic() + 60
+        recorded: list[str] = []
+        while time.monotonic() < deadline and not recorded:
+            events = fresh_store.read_stream(tenant, f"incident-{incident}")
+            recorded = [e.event_type for e in events if e.event_type == REPORT_CLASSIFIED]
+            time.sleep(0.2)
+        project.send_signal(signal.SIGTERM)
+        project.wait(30)
+
+    assert recorded == [REPORT_CLASSIFIED], processes.log("project")
+    assert len(server.requests) == 1
+    assert "classifier pool started: llm classifier" in processes.log("project")

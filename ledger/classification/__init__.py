@@ -1,0 +1,1 @@
+"""Report classification: a language model or rules decide, the ledger records the result."""

@@ -1,0 +1,401 @@
+"""The classifier pool: threads that classify reports without an outcome and record it.
+
+Each report gets at most one outcome from the pool, under a derived event id, so a retry or
+a second pool appends nothing new. The outcome is a ReportClassified event, or, when the
+language model fails for good, a ClassificationFailed event with the reason, followed in the
+same append by the rule-based classification when the fallback is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+from ledger.classification.errors import (
+    ClassifierError,
+    ClassifierUnavailable,
+    InvalidAnswerError,
+    RateLimited,
+    TransientError,
+)
+from ledger.classification.llm import LLMClassifier
+from ledger.classification.model import Classification
+from ledger.classification.rules import ReportText, RuleClassifier
+from ledger.database import Database
+from ledger.errors import IdempotencyKeyReused
+from ledger.events import NewEvent
+from ledger.ids import derived_id, incident_stream_id
+from ledger.lifecycle import CLASSIFICATION_FAILED, CLASSIFICATION_OUTCOMES, REPORT_CLASSIFIED
+from ledger.metrics import (
+    CLASSIFICATIONS,
+    CLASSIFIER_RATE_LIMITS,
+    CLASSIFIER_RETRIES,
+    CLASSIFIER_STOPPED,
+)
+from ledger.store import PostgresEventStore
+from ledger.tenants import TenantConfig, load_tenant
+
+logger = logging.getLogger(__name__)
+
+ATTEMPT_KEY = "automatic"
+# The role of automated writers in event metadata, as for imports.
+METADATA = {"actor": "classifier", "role": "system", "channel": "classifier"}
+
+# Candidates come from the incidents read model, but the events decide, because the read model
+# may not have folded an outcome that was just appended.
+# NOTE: unclassified incidents of tenants without categories are scanned again at every
+# poll, and imported incidents are classified like new ones once their tenant has
+# categories (with a model configured, one request each).
+PENDING_QUERY = """
+    SELECT i.tenant_id, i.incident_id, i.title, i.description, i.address
+    FROM incidents i
+    WHERE i.classifier IS NULL
+      AND NOT (i.tenant_id = ANY(%(skip_tenants)s))
+      AND NOT EXISTS (
+          SELECT 1 FROM events e
+          WHERE e.stream_id = 'incident-' || i.incident_id::text
+            AND e.event_type = ANY(%(outcomes)s)
+      )
+    ORDER BY i.submitted_at, i.incident_id
+    LIMIT %(limit)s
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingReport:
+    tenant_id: str
+    incident_id: UUID
+    report: ReportText
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifierStatus:
+    """The pool state, for the status endpoint and the logs."""
+
+    state: str  # "running", "paused" (after a 429) or "stopped" (credentials or quota)
+    classifier: str  # "llm" or "rules"
+    reason: str | None = None
+    paused_until: datetime | None = None
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+class ClassifierPool:
+    """Classify pending reports with `concurrency` threads until stopped.
+
+    With `llm` None, the rules decide. Timeouts and 5xx responses are tried `max_attempts`
+    times in all, with a backoff that doubles from `backoff_seconds`. A 429 pauses every
+    thread for its Retry-After time and does not count as an attempt. Rejected credentials or
+    an exhausted quota stop the pool: the reports stay pending, and `status()` gives the
+    reason.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        store: PostgresEventStore,
+        *,
+        llm: LLMClassifier | None = None,
+        fallback_to_rules: bool = True,
+        concurrency: int = 4,
+        max_attempts: int = 3,
+        backoff_seconds: float = 0.5,
+        poll_seconds: float = 1.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency = {concurrency} must be at least 1")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts = {max_attempts} must be at least 1")
+        self.database = database
+        self.store = store
+        self.llm = llm
+        self.fallback_to_rules = fallback_to_rules
+        self.concurrency = concurrency
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self.poll_seconds = poll_seconds
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._resume_at = 0.0  # time.monotonic() value before which no request is sent
+        self._stopped_reason: str | None = None
+        self._outcomes: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+        # One pool runs per process, and a new one starts unstopped.
+        CLASSIFIER_STOPPED.set(0)
+
+    # Status
+
+    def status(self) -> ClassifierStatus:
+        with self._lock:
+            wait = self._resume_at - time.monotonic()
+            outcomes = dict(self._outcomes)
+            reason = self._stopped_reason
+        classifier = "llm" if self.llm is not None else "rules"
+        if reason is not None:
+            return ClassifierStatus("stopped", classifier, reason, outcomes=outcomes)
+        if wait > 0:
+            until = self.clock() + timedelta(seconds=wait)
+            return ClassifierStatus("paused", classifier, paused_until=until, outcomes=outcomes)
+        return ClassifierStatus("running", classifier, outcomes=outcomes)
+
+    @property
+    def stopped(self) -> bool:
+        with self._lock:
+            return self._stopped_reason is not None
+
+    # Running
+
+    def start(self) -> None:
+        """Run the pool in a background thread until `stop` is called."""
+        self._thread = threading.Thread(target=self.run_forever, name="classifier", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run_forever(self) -> None:
+        logger.info(
+            "classifier pool started: %s classifier, %d threads",
+            "llm" if self.llm is not None else "rules",
+            self.concurrency,
+        )
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="classify") as executor:
+            while not self.stop_event.is_set():
+                try:
+                    handled = self.run_once(executor)
+                except Exception:
+                    # NOTE: a lost database connection lands here too; the pool waits one
+                    # poll interval and tries again.
+                    logger.exception("classifier pool batch failed; retrying after a pause")
+                    handled = 0
+                if not handled or self.stopped:
+                    self.stop_event.wait(self.poll_seconds)
+        logger.info("classifier pool stopped")
+
+    def run_once(self, executor: ThreadPoolExecutor | None = None) -> int:
+        """Classify one batch of pending reports and return how many were handled.
+
+        Returns 0 without reading anything while the pool is stopped.
+        """
+        if self.stopped:
+            return 0
+        tenants: dict[str, TenantConfig | None] = {}
+        pending = self.find_pending(self.concurrency * 4, tenants)
+        if not pending:
+            return 0
+        if executor is None:
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="classify") as own:
+                list(own.map(lambda item: self._handle(item, tenants), pending))
+        else:
+            list(executor.map(lambda item: self._handle(item, tenants), pending))
+        return len(pending)
+
+    def drain(self, max_batches: int = 1000) -> int:
+        """Run batches until none is pending or the pool stops; return the number handled."""
+        total = 0
+        for _ in range(max_batches):
+            handled = self.run_once()
+            if not handled or self.stopped:
+                break
+            total += handled
+        return total
+
+    def find_pending(
+        self, limit: int, tenants: dict[str, TenantConfig | None]
+    ) -> list[PendingReport]:
+        """Read up to `limit` reports without an outcome, skipping tenants with no categories.
+
+        `tenants` is filled with the configuration of each tenant seen.
+        """
+        skip: list[str] = []
+        while True:
+            with self.database.connect_worker() as conn:
+                rows = conn.execute(
+                    PENDING_QUERY,
+                    {
+                        "skip_tenants": skip,
+                        "outcomes": list(CLASSIFICATION_OUTCOMES),
+                        "limit": limit,
+                    },
+                ).fetchall()
+            unknown = {row[0] for row in rows} - set(tenants)
+            for tenant_id in unknown:
+                tenants[tenant_id] = load_tenant(self.store, tenant_id)
+            without = {
+                row[0] for row in rows if not (config := tenants[row[0]]) or not config.categories
+            }
+            if not without:
+                return [
+                    PendingReport(tenant_id, incident_id, ReportText(title, description, address))
+                    for tenant_id, incident_id, title, description, address in rows
+                ]
+            for tenant_id in without - set(skip):
+                logger.info("tenant %s has no categories; its reports stay unclassified", tenant_id)
+            skip.extend(without)
+
+    # One report
+
+    def _handle(self, item: PendingReport, tenants: dict[str, TenantConfig | None]) -> None:
+        config = tenants[item.tenant_id]
+        assert config is not None
+        try:
+            self._classify_and_record(item, config)
+        except Exception:
+            logger.exception(
+                "classifying incident %s of tenant %s failed; it stays pending",
+                item.incident_id,
+                item.tenant_id,
+            )
+
+    def _classify_and_record(self, item: PendingReport, config: TenantConfig) -> None:
+        rules = RuleClassifier(config.categories, config.hazard_words)
+        if self.llm is None:
+            self._record(
+                item, [self._classified_event(item, rules.classify(item.report))], "classified"
+            )
+            return
+
+        attempts = 0
+        while True:
+            if not self._wait_until_resumed():
+                return  # stopping: the report stays pending
+            attempts += 1
+            try:
+                result = self.llm.classify(item.report, config.categories)
+            except RateLimited as error:
+                attempts -= 1
+                self._pause(item, error)
+                continue
+            except ClassifierUnavailable as error:
+                self._stop_for(item, error)
+                return
+            except TransientError as error:
+                if attempts < self.max_attempts:
+                    delay = self.backoff_seconds * 2 ** (attempts - 1)
+                    logger.warning(
+                        "classifying incident %s of tenant %s: %s; attempt %d of %d, "
+                        "retrying in %.2f s",
+                        item.incident_id,
+                        item.tenant_id,
+                        error.reason,
+                        attempts,
+                        self.max_attempts,
+                        delay,
+                    )
+                    CLASSIFIER_RETRIES.inc()
+                    if self.stop_event.wait(delay):
+                        return
+                    continue
+                self._record_failure(item, rules, error, attempts)
+                return
+            except InvalidAnswerError as error:
+                self._record_failure(item, rules, error, attempts)
+                return
+            self._record(item, [self._classified_event(item, result)], "classified")
+            return
+
+    def _record_failure(
+        self, item: PendingReport, rules: RuleClassifier, error: ClassifierError, attempts: int
+    ) -> None:
+        logger.warning(
+            "classifying incident %s of tenant %s failed after %d attempt(s): %s",
+            item.incident_id,
+            item.tenant_id,
+            attempts,
+            error.reason,
+        )
+        failed = NewEvent(
+            CLASSIFICATION_FAILED,
+            {"reason": error.reason, "classifier": "llm", "attempts": attempts},
+            self.clock(),
+            event_id=derived_id(
+                item.tenant_id, str(item.incident_id), "classification", ATTEMPT_KEY, "failed"
+            ),
+            metadata=METADATA,
+        )
+        if not self.fallback_to_rules:
+            self._record(item, [failed], "failed")
+            return
+        fallback = rules.classify(item.report)
+        self._record(item, [failed, self._classified_event(item, fallback)], "fallback")
+
+    def _classified_event(self, item: PendingReport, result: Classification) -> NewEvent:
+        return NewEvent(
+            REPORT_CLASSIFIED,
+            result.model_dump(mode="json"),
+            self.clock(),
+            event_id=derived_id(
+                item.tenant_id, str(item.incident_id), "classification", ATTEMPT_KEY
+            ),
+            metadata=METADATA,
+        )
+
+    def _record(self, item: PendingReport, events: list[NewEvent], outcome: str) -> None:
+        stream_id = incident_stream_id(item.incident_id)
+        try:
+            # No expected version: the outcome may follow any lifecycle event, and its derived
+            # id keeps a second append of the same outcome out.
+            result = self.store.append(item.tenant_id, stream_id, events, expected_version=None)
+            if result.replayed:
+                outcome = "duplicate"
+        except IdempotencyKeyReused:
+            # NOTE: with the fallback off, a failure recorded by one pool and a result
+            # recorded by another have different ids, and both are kept.
+            # Another pool recorded a different result for this report first, so that one is kept.
+            logger.info(
+                "incident %s of tenant %s already has a classification outcome; kept it",
+                item.incident_id,
+                item.tenant_id,
+            )
+            outcome = "duplicate"
+        CLASSIFICATIONS.labels(outcome).inc()
+        with self._lock:
+            self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
+
+    # Pausing and stopping
+
+    def _wait_until_resumed(self) -> bool:
+        """Wait out a pause; return False when the pool is stopping or stopped."""
+        while True:
+            with self._lock:
+                if self._stopped_reason is not None:
+                    return False
+                delay = self._resume_at - time.monotonic()
+            if delay <= 0:
+                return not self.stop_event.is_set()
+            if self.stop_event.wait(delay):
+                return False
+
+    def _pause(self, item: PendingReport, error: RateLimited) -> None:
+        logger.warning(
+            "classifying incident %s of tenant %s: %s; pausing the pool for %.1f s",
+            item.incident_id,
+            item.tenant_id,
+            error.reason,
+            error.retry_after,
+        )
+        CLASSIFIER_RATE_LIMITS.inc()
+        with self._lock:
+            self._resume_at = max(self._resume_at, time.monotonic() + error.retry_after)
+
+    def _stop_for(self, item: PendingReport, error: ClassifierUnavailable) -> None:
+        logger.error(
+            "classifying incident %s of tenant %s: %s; the classifier pool stops and reports "
+            "stay pending until it is restarted with working credentials",
+            item.incident_id,
+            item.tenant_id,
+            error.reason,
+        )
+        CLASSIFIER_STOPPED.set(1)
+        with self._lock:
+            if self._stopped_reason is None:
+                self._stopped_reason = error.reason

@@ -499,7 +499,37 @@ def create_app(
         """Report each projection's checkpoint and whether it has read the whole log."""
         with pool.connection() as conn:
             progress = projection_progress(conn)
+            classifiers = conn.execute(
+                """
+                SELECT pool_id, classifier, state, reason, paused_until, started_at, updated_at,
+                       updated_at > now() - interval '1 minute' AS current
+                FROM classifier_pools
+                WHERE state <> 'exited' AND updated_at > now() - interval '1 day'
+                ORDER BY started_at
+                """
+            ).fetchall()
         return {
+            # Pools write their state every few seconds while they run; one that has not
+            # written for a minute is shown with current = false (its process may be gone).
+            "classifier_pools": [
+                dict(
+                    zip(
+                        (
+                            "pool_id",
+                            "classifier",
+                            "state",
+                            "reason",
+                            "paused_until",
+                            "started_at",
+                            "updated_at",
+                            "current",
+                        ),
+                        row,
+                        strict=True,
+                    )
+                )
+                for row in classifiers
+            ],
             "projections": [
                 {
                     "name": item.name,

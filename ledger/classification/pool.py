@@ -9,6 +9,8 @@ same append by the rule-based classification when the fallback is on.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
+
+import psycopg
 
 from ledger.classification.errors import (
     ClassifierError,
@@ -44,6 +48,8 @@ from ledger.tenants import TenantConfig, load_tenant
 logger = logging.getLogger(__name__)
 
 ATTEMPT_KEY = "automatic"
+# Longest interval between two writes of a running pool's state to classifier_pools.
+STATUS_SECONDS = 5.0
 # The role of automated writers in event metadata, as for imports.
 METADATA = {"actor": "classifier", "role": "system", "channel": "classifier"}
 
@@ -127,6 +133,9 @@ class ClassifierPool:
         self._stopped_reason: str | None = None
         self._outcomes: dict[str, int] = {}
         self._thread: threading.Thread | None = None
+        self.pool_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._started_at = clock()
+        self._published_at = -STATUS_SECONDS
         # One pool runs per process, and a new one starts unstopped.
         CLASSIFIER_STOPPED.set(0)
 
@@ -144,6 +153,36 @@ class ClassifierPool:
             until = self.clock() + timedelta(seconds=wait)
             return ClassifierStatus("paused", classifier, paused_until=until, outcomes=outcomes)
         return ClassifierStatus("running", classifier, outcomes=outcomes)
+
+    def publish_status(self, *, exiting: bool = False) -> None:
+        """Write the pool's state to `classifier_pools`, where GET /status reads it.
+
+        A failure to write is logged and otherwise ignored: the state is for display.
+        """
+        status = self.status()
+        self._published_at = time.monotonic()
+        try:
+            with self.database.connect_worker() as conn:
+                conn.execute(
+                    """
+                    INSERT INTO classifier_pools (pool_id, classifier, state, reason,
+                        paused_until, started_at, updated_at)
+                    VALUES (%s, %s, %s, %s, %s, %s, now())
+                    ON CONFLICT (pool_id) DO UPDATE SET state = excluded.state,
+                        reason = excluded.reason, paused_until = excluded.paused_until,
+                        updated_at = now()
+                    """,
+                    (
+                        self.pool_id,
+                        status.classifier,
+                        "exited" if exiting else status.state,
+                        status.reason,
+                        status.paused_until,
+                        self._started_at,
+                    ),
+                )
+        except psycopg.Error as error:
+            logger.warning("classifier pool %s could not record its state: %s", self.pool_id, error)
 
     @property
     def stopped(self) -> bool:
@@ -177,8 +216,11 @@ class ClassifierPool:
                     # poll interval and tries again.
                     logger.exception("classifier pool batch failed; retrying after a pause")
                     handled = 0
+                if time.monotonic() - self._published_at >= STATUS_SECONDS:
+                    self.publish_status()
                 if not handled or self.stopped:
                     self.stop_event.wait(self.poll_seconds)
+        self.publish_status(exiting=True)
         logger.info("classifier pool stopped")
 
     def run_once(self, executor: ThreadPoolExecutor | None = None) -> int:
@@ -397,5 +439,8 @@ class ClassifierPool:
         )
         CLASSIFIER_STOPPED.set(1)
         with self._lock:
-            if self._stopped_reason is None:
+            first = self._stopped_reason is None
+            if first:
                 self._stopped_reason = error.reason
+        if first:
+            self.publish_status()

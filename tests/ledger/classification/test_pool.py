@@ -394,3 +394,27 @@ def test_rebuild_reads_recorded_classifications(
         state = after[(tenant, incident)]
         assert state.category == "Streetlight"
         assert state.classifier == "llm"
+
+
+def test_stopped_pool_shows_in_the_status_endpoint(
+    fresh_database: Database, fresh_store: PostgresEventStore, fresh_pool: Any, tenant: str
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    submit(fresh_database, fresh_store, tenant, count=1)
+    with scripted_server([error(401, "invalid api key", code="invalid_api_key")]) as server:
+        pool = make_pool(fresh_database, fresh_store, server, concurrency=1)
+        pool.drain()
+    with TestClient(create_app(fresh_database, pool=fresh_pool)) as client:
+        shown = client.get("/status").json()["classifier_pools"]
+    pool.publish_status(exiting=True)
+    with TestClient(create_app(fresh_database, pool=fresh_pool)) as client:
+        after_exit = client.get("/status").json()["classifier_pools"]
+
+    assert [entry["pool_id"] for entry in shown] == [pool.pool_id]
+    assert shown[0]["state"] == "stopped"
+    assert "HTTP 401" in shown[0]["reason"]
+    assert shown[0]["current"] is True
+    assert after_exit == []

@@ -539,7 +539,7 @@ def create_app(
                     "caught_up": item.caught_up,
                 }
                 for item in progress.values()
-            ]
+            ],
         }
 
     @app.post(

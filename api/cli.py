@@ -654,13 +654,27 @@ def schedule() -> None:
     scheduler.run_forever()
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
+def _stop_on_signals(stop: threading.Event, server: Any = None) -> None:
+    """Stop on SIGTERM or SIGINT: set `stop`, and tell a uvicorn `server` to exit.
+
+    uvicorn installs handlers of its own only once it serves; a signal that arrives while
+    the process is still starting lands here, and must stop the server it is about to run.
+    """
+
     def handle(signum: int, _: Any) -> None:
         logger.info("received signal %d, stopping", signum)
         stop.set()
+        if server is not None:
+            server.should_exit = True
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+
+
+def _api_server(app: Any, host: str, port: int) -> Any:
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None))
 
 
 @app.command()
@@ -669,20 +683,19 @@ def serve(
     port: PortOption = None,
 ) -> None:
     """Run the HTTP API."""
-    import uvicorn
 
     from api.app import create_app
 
     settings, database = _migrated()
+    server = _api_server(
+        create_app(database, max_lag=settings.ready_max_lag_events),
+        host or settings.api_host,
+        port or settings.api_port,
+    )
     # uvicorn raises the signal that stopped it again once it is done. Without a handler of
     # our own, that would end the process with the signal instead of a normal exit.
-    _stop_on_signals(threading.Event())
-    uvicorn.run(
-        create_app(database, max_lag=settings.ready_max_lag_events),
-        host=host or settings.api_host,
-        port=port or settings.api_port,
-        log_config=None,
-    )
+    _stop_on_signals(threading.Event(), server)
+    server.run()
 
 
 @app.command()
@@ -694,7 +707,6 @@ def run(
 ) -> None:
     """Run the API, the projector and the scheduler in one process, on the embedded
     database by default."""
-    import uvicorn
 
     from api.app import create_app
     from ledger.demo import DEMO_KEY_FILE, ensure_demo_key, seed_demo
@@ -716,9 +728,14 @@ def run(
         batch_size=settings.projector_batch_size,
         poll_seconds=settings.projector_poll_seconds,
     )
+    server = _api_server(
+        create_app(database, max_lag=settings.ready_max_lag_events),
+        host or settings.api_host,
+        port or settings.api_port,
+    )
     # uvicorn handles SIGTERM and SIGINT itself while it runs, then restores these handlers
     # and raises the signal again: ours stop the projector, so the process exits normally.
-    _stop_on_signals(projector.stop_event)
+    _stop_on_signals(projector.stop_event, server)
     scheduler = Scheduler(
         database, default_jobs(database, seal_interval_seconds=settings.seal_interval_seconds)
     )
@@ -727,12 +744,7 @@ def run(
     scheduler_thread.start()
     try:
         with _classifier(settings, database, classify):
-            uvicorn.run(
-                create_app(database, max_lag=settings.ready_max_lag_events),
-                host=host or settings.api_host,
-                port=port or settings.api_port,
-                log_config=None,
-            )
+            server.run()
     finally:
         scheduler.stop()
         projector.stop()

@@ -136,6 +136,7 @@ class ClassifierPool:
         self.pool_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._started_at = clock()
         self._published_at = -STATUS_SECONDS
+        self._told_uncategorized: set[str] = set()
         # One pool runs per process, and a new one starts unstopped.
         CLASSIFIER_STOPPED.set(0)
 
@@ -280,8 +281,10 @@ class ClassifierPool:
                     PendingReport(tenant_id, incident_id, ReportText(title, description, address))
                     for tenant_id, incident_id, title, description, address in rows
                 ]
-            for tenant_id in without - set(skip):
+            for tenant_id in without - set(skip) - self._told_uncategorized:
+                # Once per tenant and pool: the same tenants come back at every poll.
                 logger.info("tenant %s has no categories; its reports stay unclassified", tenant_id)
+                self._told_uncategorized.add(tenant_id)
             skip.extend(without)
 
     # One report

@@ -34,51 +34,21 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _databases import drop, fresh_database, server  # noqa: E402
+
 from ledger.database import Database  # noqa: E402
 from ledger.imports.copytext import EVENT_COPY_COLUMNS  # noqa: E402
 from ledger.keys import Role, issue_key  # noqa: E402
-from ledger.schema import migrate  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
 from ledger.store import PostgresEventStore  # noqa: E402
 from ledger.tenants import create_tenant  # noqa: E402
 
 TENANT = "bench-audit"
 MIB = 1024 * 1024
-
-
-def server() -> str:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        return url
-    import pgserver
-
-    data_dir = Path(os.environ.get("CIVICPULSE_BENCH_PGDATA", "/tmp/civicpulse-bench-pg"))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return str(pgserver.get_server(data_dir).get_uri())
-
-
-def fresh_database(server_conninfo: str) -> tuple[str, Database]:
-    name = f"civicpulse_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_conninfo, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    owner = make_conninfo(server_conninfo, dbname=name)
-    settings = Settings(database_url=owner)
-    database = Database.for_owner(owner, settings)
-    migrate(database, settings)
-    return name, database
-
-
-def drop(server_conninfo: str, name: str) -> None:
-    with psycopg.connect(server_conninfo, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def fill(database: Database, count: int) -> str:

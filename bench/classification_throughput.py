@@ -16,28 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _databases import fresh_database, server  # noqa: E402
+
 from ledger.classification.llm import LLMClassifier  # noqa: E402
 from ledger.classification.pool import ClassifierPool  # noqa: E402
 from ledger.commands import Actor, IncidentCommands  # noqa: E402
 from ledger.database import Database  # noqa: E402
-from ledger.schema import migrate  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
 from ledger.store import PostgresEventStore  # noqa: E402
 from ledger.tenants import configure_categories, create_tenant  # noqa: E402
 from projections.incidents import incidents_projection  # noqa: E402
@@ -58,28 +55,6 @@ ANSWER = {
     "language": "en",
     "confidence": 0.9,
 }
-
-
-def server() -> str:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        return url
-    import pgserver
-
-    data_dir = Path(os.environ.get("CIVICPULSE_BENCH_PGDATA", "/tmp/civicpulse-bench-pg"))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return str(pgserver.get_server(data_dir).get_uri())
-
-
-def fresh_database(server_conninfo: str) -> tuple[str, Database]:
-    name = f"civicpulse_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_conninfo, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    owner = make_conninfo(server_conninfo, dbname=name)
-    settings = Settings(database_url=owner)
-    database = Database.for_owner(owner, settings)
-    migrate(database, settings)
-    return name, database
 
 
 def submit_reports(database: Database, store: PostgresEventStore, tenant: str, count: int) -> None:

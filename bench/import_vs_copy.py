@@ -35,20 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import psycopg
-from psycopg import Copy, sql
-from psycopg.conninfo import make_conninfo
+from psycopg import Copy
 from psycopg.types.json import Jsonb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _databases import drop, fresh_database, server  # noqa: E402
+
 from ledger.database import Database  # noqa: E402
 from ledger.imports import boston  # noqa: E402
 from ledger.imports.copytext import EventLine  # noqa: E402
 from ledger.imports.pipeline import import_boston  # noqa: E402
-from ledger.schema import migrate  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
 
 DEFAULT_FILE = ROOT.parent / "shared" / "data" / "boston311_2015.csv.gz"
 TIME_ZONE = "America/New_York"
@@ -60,33 +58,6 @@ CREATE TABLE bare_events (
     event_id uuid, hash bytea
 )
 """
-
-
-def server() -> str:
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        return url
-    import pgserver
-
-    data_dir = Path(os.environ.get("CIVICPULSE_BENCH_PGDATA", "/tmp/civicpulse-bench-pg"))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return str(pgserver.get_server(data_dir).get_uri())
-
-
-def fresh_database(server_conninfo: str) -> tuple[str, Database]:
-    name = f"civicpulse_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_conninfo, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    owner = make_conninfo(server_conninfo, dbname=name)
-    settings = Settings(database_url=owner)
-    database = Database.for_owner(owner, settings)
-    migrate(database, settings)
-    return name, database
-
-
-def drop(server_conninfo: str, name: str) -> None:
-    with psycopg.connect(server_conninfo, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def copy_text_of(path: Path) -> bytes:

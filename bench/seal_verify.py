@@ -18,43 +18,20 @@ import os
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
-
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _databases import drop, fresh_database  # noqa: E402
+
 from ledger.database import Database  # noqa: E402
 from ledger.imports.pipeline import import_boston  # noqa: E402
-from ledger.schema import migrate  # noqa: E402
 from ledger.seals import seal_all, transaction_horizon  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
 from ledger.verification import verify  # noqa: E402
 
 DEFAULT_FILE = ROOT.parent / "shared" / "data" / "boston311_2015.csv.gz"
 TENANT = "boston"
-
-
-def create_database(server: str) -> tuple[str, Database]:
-    name = f"civicpulse_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    owner = make_conninfo(server, dbname=name)
-    settings = Settings(database_url=owner)
-    database = Database.for_owner(owner, settings)
-    migrate(database, settings)
-    return name, database
-
-
-def drop_database(server: str, name: str) -> None:
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
 
 
 def timed_import(database: Database, path: Path) -> None:
@@ -86,7 +63,7 @@ def main() -> None:
     if not server:
         sys.exit("set DATABASE_URL to the server to run the benchmark on")
 
-    name, database = create_database(server)
+    name, database = fresh_database(server)
     try:
         timed_import(database, args.file)
         wait_for_horizon(database)
@@ -113,7 +90,7 @@ def main() -> None:
             f"{statistics.median(rounds):.1f} s"
         )
     finally:
-        drop_database(server, name)
+        drop(server, name)
 
 
 if __name__ == "__main__":

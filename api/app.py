@@ -41,7 +41,7 @@ from projections.sla_queries import SlaCounts, consistent_snapshot, sla_summary
 logger = logging.getLogger(__name__)
 
 TENANT = "/tenants/{tenant_id}"
-# Largest request body accepted; larger ones answer 413. Reports are a few KiB at most.
+# Largest request body accepted; larger ones get 413. Reports are a few KiB at most.
 MAX_BODY_BYTES = 64 * 1024
 TenantPath = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
 
@@ -465,7 +465,7 @@ def create_app(
 
     @app.get("/health", tags=["operations"])
     def health() -> dict[str, str]:
-        """Liveness: the process answers. It does not touch the database, so a database
+        """Liveness: the process responds. It does not touch the database, so a database
         outage makes the API unready (GET /ready) without getting it restarted."""
         return {"status": "ok"}
 
@@ -475,7 +475,7 @@ def create_app(
         responses={503: {"description": "Not ready; `checks` names the failing checks"}},
     )
     def ready(response: Response) -> dict[str, Any]:
-        """Readiness: the database answers, its schema is current and no projection is more
+        """Readiness: the database responds, its schema is current and no projection is more
         than CIVICPULSE_READY_MAX_LAG_EVENTS events behind."""
         checks = readiness_checks(pool, max_lag)
         ok = all(check["ok"] for check in checks.values())
@@ -599,7 +599,7 @@ def create_app(
             if_match: Annotated[
                 str | None,
                 Header(
-                    description='The ETag GET returned, such as "3"; a stale one answers 409',
+                    description='The ETag GET returned, such as "3"; a stale one gets 409',
                     # Documented, not enforced here: parse_if_match explains what is wrong
                     # with a value better than a pattern mismatch would.
                     json_schema_extra={"pattern": IF_MATCH_PATTERN},

@@ -657,8 +657,8 @@ def schedule() -> None:
 def _stop_on_signals(stop: threading.Event, server: Any = None) -> None:
     """Stop on SIGTERM or SIGINT: set `stop`, and tell a uvicorn `server` to exit.
 
-    uvicorn installs handlers of its own only once it serves; a signal that arrives while
-    the process is still starting lands here, and must stop the server it is about to run.
+    uvicorn installs handlers of its own only once it serves. A signal that arrives while
+    the process is still starting reaches this handler, so it must stop the server too.
     """
 
     def handle(signum: int, _: Any) -> None:

@@ -89,11 +89,11 @@ class InvalidRequest(LedgerError):
 
 
 class AuthenticationFailed(LedgerError):
-    """A request without a usable API key. The message says what is wrong with it."""
+    """A request without a usable API key. The message states what is wrong with it."""
 
 
 class Forbidden(LedgerError):
-    """An authenticated key whose role may not do what the request asks."""
+    """An authenticated key whose role does not permit the requested action."""
 
     def __init__(self, role: str, allowed: list[str], action: str) -> None:
         self.role = role

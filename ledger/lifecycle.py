@@ -89,7 +89,7 @@ COMMANDS: dict[str, tuple[str, frozenset[str]]] = {
 
 SEVERITIES = ("low", "medium", "high", "critical")
 
-# Who set an incident's category: the report itself, a classifier, or staff.
+# The source of an incident's category: the report itself, a classifier, or staff.
 CATEGORY_FROM_REPORT = "report"
 CATEGORY_FROM_CLASSIFIER = "classifier"
 CATEGORY_FROM_STAFF = "staff"

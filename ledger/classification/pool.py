@@ -48,7 +48,7 @@ from ledger.tenants import TenantConfig, load_tenant
 logger = logging.getLogger(__name__)
 
 ATTEMPT_KEY = "automatic"
-# Longest interval between two writes of a running pool's state to classifier_pools.
+# Maximum interval between two writes of a running pool's state to classifier_pools.
 STATUS_SECONDS = 5.0
 # The role of automated writers in event metadata, as for imports.
 METADATA = {"actor": "classifier", "role": "system", "channel": "classifier"}

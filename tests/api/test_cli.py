@@ -216,7 +216,8 @@ def test_keys_issued_listed_and_revoked(tmp_path: Path) -> None:
     assert "unknown role 'mayor'" in bad_role.stderr
     assert no_tenant.returncode == 2
     assert "ogdenville" in no_tenant.stderr
-    assert key_id in listed.stdout and "officer" in listed.stdout
+    assert key_id in listed.stdout
+    assert "officer" in listed.stdout
     assert token.split("_")[2] not in listed.stdout
     assert revoked.returncode == 0, revoked.stderr
     assert f"key {key_id} revoked" in revoked.stderr

@@ -1,4 +1,4 @@
-"""Schemathesis over the OpenAPI document: no 5xx, and every answer fits the schema."""
+"""Schemathesis over the OpenAPI document: no 5xx, and every response fits the schema."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ def test_operation_fits_its_schema(
     # A key of a role the operation accepts, so that cases reach the code behind the checks.
     headers = {"Authorization": f"Bearer {tokens[roles[0]]}"} if roles else {}
     # Schema-valid requests may still break a rule no schema states (an expiry in the past,
-    # an idempotency key reused for another body), and 422 is the right answer to those.
+    # an idempotency key reused for another body), and 422 is the right response to those.
     excluded = [positive_data_acceptance]
     if label == "GET /ready":
-        excluded.append(not_a_server_error)  # 503 is its documented answer when not ready
+        excluded.append(not_a_server_error)  # 503 is its documented response when not ready
 
     @given(case=operation.as_strategy())
     @settings(

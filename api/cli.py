@@ -515,7 +515,8 @@ def classify_evaluate(
     out.print(table)
     out.print(
         f"rules: {result.cases} cases, {len(labelled.categories)} categories, "
-        f"accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}"
+        f"accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f}, "
+        f"no category named for {result.unmatched} cases"
     )
     out.print(
         f"majority-class baseline: accuracy {baseline.accuracy:.3f}, "

@@ -28,22 +28,28 @@ class EvaluationResult:
     accuracy: float
     macro_f1: float
     per_category: list[CategoryScore]
+    unmatched: int = 0  # cases for which the classifier named no category
 
 
-def score(pairs: Sequence[tuple[str, str]]) -> EvaluationResult:
-    """Score (predicted, expected) pairs.
+def score(pairs: Sequence[tuple[str | None, str]]) -> EvaluationResult:
+    """Score (predicted, expected) pairs; a predicted None means no category was named.
 
     Macro-F1 averages the F1 of every category that is expected or predicted at least once,
-    so a category that the classifier never gets right counts as 0.
+    so a category that the classifier never gets right counts as 0. A case with no category
+    named counts against the recall of its label and against accuracy.
     """
     if not pairs:
         raise ValueError("no cases to score")
     true_positives: Counter[str] = Counter()
     predicted: Counter[str] = Counter()
     expected: Counter[str] = Counter()
+    unmatched = 0
     for guess, label in pairs:
-        predicted[guess] += 1
         expected[label] += 1
+        if guess is None:
+            unmatched += 1
+            continue
+        predicted[guess] += 1
         if guess == label:
             true_positives[label] += 1
 
@@ -59,6 +65,7 @@ def score(pairs: Sequence[tuple[str, str]]) -> EvaluationResult:
         accuracy=sum(true_positives.values()) / len(pairs),
         macro_f1=sum(item.f1 for item in scores) / len(scores),
         per_category=scores,
+        unmatched=unmatched,
     )
 
 
@@ -106,6 +113,6 @@ def evaluate_rules(labelled: LabelledSet) -> EvaluationResult:
 
 
 def evaluate(
-    classify: Callable[[ReportText], str], cases: Iterable[tuple[ReportText, str]]
+    classify: Callable[[ReportText], str | None], cases: Iterable[tuple[ReportText, str]]
 ) -> EvaluationResult:
     return score([(classify(report), label) for report, label in cases])

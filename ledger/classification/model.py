@@ -58,8 +58,14 @@ class Answer(BaseModel):
 
 
 class Classification(Answer):
-    """An answer with its provenance."""
+    """An answer with its provenance.
 
+    The category is None when the rule-based classifier found no category in the text: the
+    result still records the severity and the extracted fields, and the report keeps the
+    category it had. A language model's answer always names a category.
+    """
+
+    category: str | None = Field(min_length=1, max_length=200)  # type: ignore[assignment]
     provenance: Provenance
 
 

@@ -1,9 +1,11 @@
 """The classifier pool: threads that classify reports without an outcome and record it.
 
 Each report gets at most one outcome from the pool, under a derived event id, so a retry or
-a second pool appends nothing new. The outcome is a ReportClassified event, or, when the
-language model fails for good, a ClassificationFailed event with the reason, followed in the
-same append by the rule-based classification when the fallback is on.
+a second pool appends nothing new. A pool claims the reports it takes (classification_claims,
+with an expiry), so two pools running at once do not both ask a model about one report. The
+outcome is a ReportClassified event, or, when the language model fails for good, a
+ClassificationFailed event with the reason, followed in the same append by the rule-based
+classification when the fallback is on.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ logger = logging.getLogger(__name__)
 ATTEMPT_KEY = "automatic"
 # Maximum interval between two writes of a running pool's state to classifier_pools.
 STATUS_SECONDS = 5.0
+# How long a claim on a report lasts unless renewed. A pool renews it before each request to
+# the model, so it only runs out when the pool died or waited out a long rate-limit pause.
+CLAIM_SECONDS = 300.0
 # The role of automated writers in event metadata, as for imports.
 METADATA = {"actor": "classifier", "role": "system", "channel": "classifier"}
 
@@ -68,8 +73,33 @@ PENDING_QUERY = """
           WHERE e.stream_id = 'incident-' || i.incident_id::text
             AND e.event_type = ANY(%(outcomes)s)
       )
+      AND NOT EXISTS (
+          SELECT 1 FROM classification_claims c
+          WHERE c.tenant_id = i.tenant_id AND c.incident_id = i.incident_id
+            AND c.expires_at > now()
+      )
     ORDER BY i.submitted_at, i.incident_id
     LIMIT %(limit)s
+"""
+
+# A claim is taken when there is none or the one there has expired. Two pools claiming the
+# same report at once conflict on the primary key, and only one of them gets it back.
+CLAIM_QUERY = """
+    INSERT INTO classification_claims (tenant_id, incident_id, pool_id, expires_at)
+    SELECT claim.tenant_id, claim.incident_id, %(pool_id)s,
+        now() + make_interval(secs => %(seconds)s)
+    FROM unnest(%(tenants)s::text[], %(incidents)s::uuid[]) AS claim(tenant_id, incident_id)
+    ON CONFLICT (tenant_id, incident_id) DO UPDATE
+        SET pool_id = excluded.pool_id, claimed_at = excluded.claimed_at,
+            expires_at = excluded.expires_at
+        WHERE classification_claims.expires_at <= now()
+    RETURNING tenant_id, incident_id
+"""
+
+# Claimed reports whose outcome another pool recorded after the pending query read them.
+DECIDED_QUERY = """
+    SELECT DISTINCT tenant_id, substr(stream_id, 10)::uuid FROM events
+    WHERE stream_id = ANY(%(streams)s) AND event_type = ANY(%(outcomes)s)
 """
 
 
@@ -112,12 +142,15 @@ class ClassifierPool:
         max_attempts: int = 3,
         backoff_seconds: float = 0.5,
         poll_seconds: float = 1.0,
+        claim_seconds: float = CLAIM_SECONDS,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency = {concurrency} must be at least 1")
         if max_attempts < 1:
             raise ValueError(f"max_attempts = {max_attempts} must be at least 1")
+        if claim_seconds <= 0:
+            raise ValueError(f"claim_seconds = {claim_seconds} must be positive")
         self.database = database
         self.store = store
         self.llm = llm
@@ -126,6 +159,7 @@ class ClassifierPool:
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self.poll_seconds = poll_seconds
+        self.claim_seconds = claim_seconds
         self.clock = clock
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
@@ -232,15 +266,20 @@ class ClassifierPool:
         if self.stopped:
             return 0
         tenants: dict[str, TenantConfig | None] = {}
-        pending = self.find_pending(self.concurrency * 4, tenants)
-        if not pending:
+        found = self.find_pending(self.concurrency * 4, tenants)
+        if not found:
             return 0
+        pending = self.claim(found)
+        if not pending:
+            # Other pools took every report found; they count as handled, so that the pool
+            # looks again at once rather than after a poll interval.
+            return len(found)
         if executor is None:
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="classify") as own:
                 list(own.map(lambda item: self._handle(item, tenants), pending))
         else:
             list(executor.map(lambda item: self._handle(item, tenants), pending))
-        return len(pending)
+        return len(found)
 
     def drain(self, max_batches: int = 1000) -> int:
         """Run batches until none is pending or the pool stops; return the number handled."""
@@ -287,6 +326,63 @@ class ClassifierPool:
                 self._told_uncategorized.add(tenant_id)
             skip.extend(without)
 
+    # Claims
+
+    def claim(self, found: list[PendingReport]) -> list[PendingReport]:
+        """Claim the reports found and return those this pool got and still has to classify."""
+        with self.database.connect_worker() as conn:
+            claimed = {
+                (tenant_id, incident_id)
+                for tenant_id, incident_id in conn.execute(
+                    CLAIM_QUERY,
+                    {
+                        "pool_id": self.pool_id,
+                        "seconds": self.claim_seconds,
+                        "tenants": [item.tenant_id for item in found],
+                        "incidents": [item.incident_id for item in found],
+                    },
+                )
+            }
+        if not claimed:
+            return []
+        with self.database.connect_worker() as conn:
+            decided = set(
+                conn.execute(
+                    DECIDED_QUERY,
+                    {
+                        "streams": [incident_stream_id(incident) for _, incident in claimed],
+                        "outcomes": list(CLASSIFICATION_OUTCOMES),
+                    },
+                ).fetchall()
+            )
+        mine = [item for item in found if (item.tenant_id, item.incident_id) in claimed]
+        for item in mine:
+            if (item.tenant_id, item.incident_id) in decided:
+                self.release(item)
+        return [item for item in mine if (item.tenant_id, item.incident_id) not in decided]
+
+    def renew(self, item: PendingReport) -> bool:
+        """Extend this pool's claim on a report; return False when the claim was lost."""
+        with self.database.connect_worker() as conn:
+            renewed = conn.execute(
+                """
+                UPDATE classification_claims
+                SET expires_at = now() + make_interval(secs => %s)
+                WHERE tenant_id = %s AND incident_id = %s AND pool_id = %s
+                """,
+                (self.claim_seconds, item.tenant_id, item.incident_id, self.pool_id),
+            ).rowcount
+        return renewed == 1
+
+    def release(self, item: PendingReport) -> None:
+        """Drop this pool's claim on a report, recorded or not."""
+        with self.database.connect_worker() as conn:
+            conn.execute(
+                "DELETE FROM classification_claims "
+                "WHERE tenant_id = %s AND incident_id = %s AND pool_id = %s",
+                (item.tenant_id, item.incident_id, self.pool_id),
+            )
+
     # One report
 
     def _handle(self, item: PendingReport, tenants: dict[str, TenantConfig | None]) -> None:
@@ -300,6 +396,17 @@ class ClassifierPool:
                 item.incident_id,
                 item.tenant_id,
             )
+        finally:
+            try:
+                self.release(item)
+            except psycopg.Error as error:
+                # The claim runs out by itself; until then no other pool takes the report.
+                logger.warning(
+                    "could not release the claim on incident %s of tenant %s: %s",
+                    item.incident_id,
+                    item.tenant_id,
+                    error,
+                )
 
     def _classify_and_record(self, item: PendingReport, config: TenantConfig) -> None:
         rules = RuleClassifier(config.categories, config.hazard_words)
@@ -313,6 +420,14 @@ class ClassifierPool:
         while True:
             if not self._wait_until_resumed():
                 return  # stopping: the report stays pending
+            if not self.renew(item):
+                logger.warning(
+                    "the claim on incident %s of tenant %s ran out and another pool took it; "
+                    "leaving the report to that pool",
+                    item.incident_id,
+                    item.tenant_id,
+                )
+                return
             attempts += 1
             try:
                 result = self.llm.classify(item.report, config.categories)

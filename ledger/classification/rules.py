@@ -55,8 +55,9 @@ class RuleClassifier:
 
     A category scores 100 when its name or one of its keywords appears in the text as whole
     words, and otherwise the best `rapidfuzz.fuzz.partial_ratio` of them against the text.
-    The highest score wins, ties going to the category listed first; when no score reaches
-    MATCH_THRESHOLD the first category is chosen with confidence 0.
+    The highest score wins, ties going to the category listed first. When no score reaches
+    MATCH_THRESHOLD the result names no category, with confidence 0, and still gives the
+    severity from the hazard words.
     """
 
     def __init__(
@@ -70,18 +71,19 @@ class RuleClassifier:
 
     def classify(self, report: ReportText) -> Classification:
         text = _normalize(report.text())
-        best, best_score = self.categories[0], 0.0
+        best: Category | None = None
+        best_score = 0.0
         for category in self.categories:
             score = _category_score(category, text)
             if score > best_score:
                 best, best_score = category, score
         confidence = best_score / 100
         if best_score < MATCH_THRESHOLD:
-            best, confidence = self.categories[0], 0.0
+            best, confidence = None, 0.0
 
         hazards = [word for word in self.hazard_words if _contains_words(text, word)]
         return Classification(
-            category=best.name,
+            category=best.name if best is not None else None,
             severity=_severity(hazards),
             fields=ExtractedFields(location_text=report.address, hazards=hazards),
             summary=_summary(report),

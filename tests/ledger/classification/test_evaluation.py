@@ -83,8 +83,12 @@ def test_boston_set_holds_out_retitled(export: Path) -> None:
     ]
     result = evaluate_rules(labelled)
     assert result.cases == 3
-    # "PRINTED" matches nothing and gets the first category.
+    # "PRINTED" matches nothing: no category is named, which counts as a miss.
     assert result.accuracy == pytest.approx(2 / 3)
+    assert result.unmatched == 1
+    street_lights = next(s for s in result.per_category if s.category == "Street Lights")
+    assert street_lights.recall == pytest.approx(1 / 2)
+    assert street_lights.precision == 1.0
 
 
 def test_cli_evaluate_prints_figures(export: Path) -> None:

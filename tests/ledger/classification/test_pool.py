@@ -355,6 +355,67 @@ def test_two_pools_record_one_outcome(
         for outcome, count in pool.status().outcomes.items():
             counts[outcome] = counts.get(outcome, 0) + count
     assert counts.get("classified", 0) == 6
+    # Claims keep the second pool from asking about a report the first one took.
+    assert len(server.requests) == 6
+
+
+def test_expired_claim_is_taken_over(
+    fresh_database: Database, fresh_store: PostgresEventStore, tenant: str
+) -> None:
+    incident = submit(fresh_database, fresh_store, tenant)[0]
+    # A pool that died with a claim: it claimed the report and never recorded an outcome.
+    dead = make_pool(fresh_database, fresh_store, None, claim_seconds=60)
+    found = dead.find_pending(10, {})
+    assert [item.incident_id for item in dead.claim(found)] == [incident]
+
+    live = make_pool(fresh_database, fresh_store, None)
+    assert live.drain() == 0
+    assert outcomes(fresh_store, tenant, incident) == []
+
+    with fresh_database.connect_owner() as conn:
+        conn.execute("UPDATE classification_claims SET expires_at = now() - interval '1 second'")
+    assert live.drain() == 1
+    assert [e.event_type for e in outcomes(fresh_store, tenant, incident)] == [REPORT_CLASSIFIED]
+    # The claim is released once the outcome is recorded.
+    with fresh_database.connect_owner() as conn:
+        assert conn.execute("SELECT count(*) FROM classification_claims").fetchone() == (0,)
+
+
+def test_claim_skips_decided_report(
+    fresh_database: Database, fresh_store: PostgresEventStore, tenant: str
+) -> None:
+    submit(fresh_database, fresh_store, tenant)
+    late = make_pool(fresh_database, fresh_store, None)
+    # `late` read the report as pending, then another pool recorded its outcome.
+    found = late.find_pending(10, {})
+    assert make_pool(fresh_database, fresh_store, None).drain() == 1
+
+    assert late.claim(found) == []
+    with fresh_database.connect_owner() as conn:
+        assert conn.execute("SELECT count(*) FROM classification_claims").fetchone() == (0,)
+
+
+def test_rules_no_match_keeps_category(
+    fresh_database: Database, fresh_store: PostgresEventStore, tenant: str
+) -> None:
+    commands = IncidentCommands(fresh_store)
+    report = {"title": "Noise", "description": "Sparking fuse box in the basement"}
+    incident = commands.submit(tenant, report, actor=STAFF).incident_id
+    catch_up(fresh_database, [incidents_projection()])
+    assert make_pool(fresh_database, fresh_store, None).drain() == 1
+
+    recorded = outcomes(fresh_store, tenant, incident)
+    assert [e.event_type for e in recorded] == [REPORT_CLASSIFIED]
+    assert recorded[0].payload["category"] is None
+    assert recorded[0].payload["confidence"] == 0.0
+    assert recorded[0].payload["severity"] == "high"
+    catch_up(fresh_database, [incidents_projection()])
+    with fresh_database.connect_worker() as conn:
+        row = conn.execute(
+            "SELECT category, severity, classifier FROM incidents WHERE incident_id = %s",
+            (incident,),
+        ).fetchone()
+    assert row == (None, "high", "rules")
 
 
 def test_pool_skips_tenant_without_categories(

@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 from api.audit import add_audit_routes
 from api.auth import actor_of, allow, document_roles
 from api.observability import RequestContext, readiness_checks
+from api.open311 import add_open311_routes
 from api.problems import install_problem_handlers
 from ledger.commands import IncidentCommands
 from ledger.database import Database, checked_pool, set_tenant
@@ -909,6 +910,7 @@ def create_app(
         )
 
     add_audit_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
+    add_open311_routes(app, pool=pool, commands=commands)
     document_roles(app)
     return app
 

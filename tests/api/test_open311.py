@@ -373,3 +373,16 @@ def test_unknown_things_answer_404(served: Served) -> None:
         assert words in error["description"]
     malformed_id = requests.get(f"{served.root}/requests/12345.json", timeout=30)
     assert malformed_id.status_code == 400
+
+
+def test_large_body_answers_413_as_error_list(served: Served) -> None:
+    response = requests.post(
+        f"{served.root}/requests.json",
+        data={"api_key": served.tokens[Role.REPORTER], "description": "x" * 70_000},
+        timeout=30,
+    )
+
+    assert response.status_code == 413
+    [error] = response.json()
+    assert error["code"] == 413
+    assert "larger than" in error["description"]

@@ -715,7 +715,12 @@ def serve(
 
     settings, database = _migrated()
     server = _api_server(
-        create_app(database, max_lag=settings.ready_max_lag_events),
+        create_app(
+            database,
+            max_lag=settings.ready_max_lag_events,
+            group_commit=settings.group_commit,
+            pool_size=settings.api_pool_size,
+        ),
         host or settings.api_host,
         port or settings.api_port,
     )
@@ -756,7 +761,12 @@ def run(
         poll_seconds=settings.projector_poll_seconds,
     )
     server = _api_server(
-        create_app(database, max_lag=settings.ready_max_lag_events),
+        create_app(
+            database,
+            max_lag=settings.ready_max_lag_events,
+            group_commit=settings.group_commit,
+            pool_size=settings.api_pool_size,
+        ),
         host or settings.api_host,
         port or settings.api_port,
     )

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -27,9 +27,12 @@ from ledger.events import (
     normalize_json,
     require_aware,
 )
+from ledger.group_commit import GroupCommitter, Work
 from ledger.metrics import APPEND_CONFLICTS, APPEND_REPLAYS, EVENTS_APPENDED
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EVENT_COLUMNS = """
     position, tx_id, tenant_id, stream_id, stream_version, event_type,
@@ -96,8 +99,26 @@ class PostgresEventStore:
     request is the same, and raises IdempotencyKeyReused when it is not.
     """
 
-    def __init__(self, pool: ConnectionPool[Any]) -> None:
+    def __init__(
+        self, pool: ConnectionPool[Any], *, committer: GroupCommitter | None = None
+    ) -> None:
         self.pool = pool
+        # With a committer, appends without a connection of the caller's are committed in
+        # batches with other callers' appends (ledger.group_commit).
+        self.committer = committer
+
+    def run_in_transaction(self, tenant_id: str, work: Work[T], *, lock_key: str) -> T:
+        """Run `work(conn)` in a transaction scoped to `tenant_id` and commit it.
+
+        Through the committer when the store has one, so the transaction may be shared with
+        other callers' work: `work` then runs in a savepoint of it, and its errors roll back
+        only its own writes. `lock_key` is the stream whose head `work` locks.
+        """
+        if self.committer is not None:
+            return self.committer.run(tenant_id, work, lock_key=lock_key)
+        with self.pool.connection() as conn, conn.transaction():
+            set_tenant(conn, tenant_id)
+            return work(conn)
 
     def append(
         self,
@@ -142,6 +163,14 @@ class PostgresEventStore:
             set_tenant(conn, tenant_id)
             with conn.transaction():
                 return self._append_locked(conn, tenant_id, stream_id, prepared, expected_version)
+        if self.committer is not None:
+            return self.committer.run(
+                tenant_id,
+                lambda shared: self._append_or_replay(
+                    shared, tenant_id, stream_id, prepared, expected_version
+                ),
+                lock_key=stream_id,
+            )
         try:
             with self.pool.connection() as conn:
                 set_tenant(conn, tenant_id)
@@ -162,6 +191,34 @@ class PostgresEventStore:
             with self.pool.connection() as conn:
                 set_tenant(conn, tenant_id)
                 current = _stream_version(conn, stream_id)
+            raise ConcurrencyError(
+                stream_id, expected_version if expected_version is not None else -1, current
+            ) from error
+
+    def _append_or_replay(
+        self,
+        conn: psycopg.Connection[Any],
+        tenant_id: str,
+        stream_id: str,
+        prepared: list[NewEvent],
+        expected_version: int | None,
+    ) -> AppendResult:
+        """Append inside the caller's transaction, or return the stored result of a retry.
+
+        The append runs in a savepoint, so that after a unique violation (a concurrent
+        request with the same event ids committed first) the transaction can still look
+        the first result up.
+        """
+        try:
+            with conn.transaction():
+                return self._append_locked(conn, tenant_id, stream_id, prepared, expected_version)
+        except (ConcurrencyError, pg_errors.UniqueViolation) as error:
+            replay = find_stored(conn, tenant_id, stream_id, prepared)
+            if replay is not None:
+                return replay
+            if isinstance(error, ConcurrencyError):
+                raise
+            current = _stream_version(conn, stream_id)
             raise ConcurrencyError(
                 stream_id, expected_version if expected_version is not None else -1, current
             ) from error

@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Work = Callable[[psycopg.Connection[Any]], T]
+# A unit's result and its error (one of the two is None).
+Outcome = tuple[Any, BaseException | None]
+# Runs the items of several units in a few statements; None for an item it leaves to the
+# unit's own work.
+BatchHandler = Callable[[psycopg.Connection[Any], list[Any]], list[Outcome | None]]
 
 
 class GroupCommitTimeout(psycopg.OperationalError):
@@ -39,6 +44,7 @@ class _Unit:
     tenant_id: str
     lock_key: str
     work: Work[Any]
+    item: Any = None
     future: Future[Any] = field(default_factory=Future)
 
 
@@ -54,6 +60,11 @@ class GroupCommitter:
     Units of a batch run in the order of their `lock_key` (a stream id), so two batches that
     lock the same stream heads take the locks in the same order and cannot deadlock on them.
 
+    A unit may carry an `item` for the `batch_handler`, which runs the items of a batch
+    together in a few statements (the event store appends them with one INSERT). The unit's
+    own work runs instead for items the handler leaves out, and for all of them when the
+    handler fails.
+
     The worker threads start with the first unit. `max_batch` bounds the units of one
     transaction, and `workers` the transactions in flight: while one commits, another runs.
     """
@@ -66,6 +77,7 @@ class GroupCommitter:
         workers: int = 2,
         timeout_seconds: float = 60.0,
         name: str = "group-commit",
+        batch_handler: BatchHandler | None = None,
     ) -> None:
         if max_batch < 1 or workers < 1 or timeout_seconds <= 0:
             raise ValueError(
@@ -77,19 +89,21 @@ class GroupCommitter:
         self.workers = workers
         self.timeout_seconds = timeout_seconds
         self.name = name
+        self.batch_handler = batch_handler
         self._queue: queue.SimpleQueue[_Unit | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
-    def run(self, tenant_id: str, work: Work[T], *, lock_key: str) -> T:
+    def run(self, tenant_id: str, work: Work[T], *, lock_key: str, item: Any = None) -> T:
         """Run `work(conn)` in the next batch and return its result once the batch committed.
 
         `work` runs in a committer thread, inside a savepoint, with `tenant_id` set on the
-        connection. Raises what `work` raised, the error that failed the batch's COMMIT, or
-        GroupCommitTimeout after `timeout_seconds`.
+        connection, unless the batch handler ran `item` for it. Raises what `work` raised,
+        the error that failed the batch's COMMIT, or GroupCommitTimeout after
+        `timeout_seconds`.
         """
         self._start()
-        unit = _Unit(tenant_id, lock_key, work)
+        unit = _Unit(tenant_id, lock_key, work, item)
         self._queue.put(unit)
         try:
             result: T = unit.future.result(timeout=self.timeout_seconds)
@@ -153,7 +167,8 @@ class GroupCommitter:
         outcomes: list[tuple[_Unit, Any, BaseException | None]] = []
         try:
             with self.pool.connection() as conn, conn.transaction():
-                for unit in batch:
+                alone = self._run_items(conn, batch, outcomes)
+                for unit in alone:
                     outcomes.append(self._run_unit(conn, unit))
         except Exception as error:
             # The COMMIT failed or the connection broke: no unit of the batch is stored.
@@ -174,6 +189,41 @@ class GroupCommitter:
                 unit.future.set_exception(unit_error)
             else:
                 unit.future.set_result(result)
+
+    def _run_items(
+        self,
+        conn: psycopg.Connection[Any],
+        batch: list[_Unit],
+        outcomes: list[tuple[_Unit, Any, BaseException | None]],
+    ) -> list[_Unit]:
+        """Run the batch's items through the handler; return the units left to run alone."""
+        handled = [unit for unit in batch if unit.item is not None]
+        if self.batch_handler is None or not handled:
+            return batch
+        try:
+            with conn.transaction():
+                results = self.batch_handler(conn, [unit.item for unit in handled])
+        except Exception as error:
+            if conn.broken or conn.closed:
+                raise
+            # A concurrent writer took a stream or an event id first: each unit's own work
+            # then finds out which, in a savepoint of its own.
+            logger.info(
+                "%s: batch of %d items fell back to one by one: %s: %s",
+                self.name,
+                len(handled),
+                type(error).__name__,
+                error,
+            )
+            results = [None] * len(handled)
+        left = [unit for unit in batch if unit.item is None]
+        for unit, result in zip(handled, results, strict=True):
+            if result is None:
+                left.append(unit)
+            else:
+                outcomes.append((unit, *result))
+        left.sort(key=lambda unit: unit.lock_key)
+        return left
 
     def _run_unit(
         self, conn: psycopg.Connection[Any], unit: _Unit

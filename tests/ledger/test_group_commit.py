@@ -316,13 +316,52 @@ def test_submits_with_contact_batch(
         ],
     )
 
-    first, again, second, reused = outcomes
+    first, again, *same_key = outcomes
     assert first[0].incident_id == again[0].incident_id
     assert sorted([first[0].append.replayed, again[0].append.replayed]) == [False, True]
-    assert second[0].append.replayed is False
-    assert isinstance(reused[1], IdempotencyKeyReused)
+    # Two bodies under one key: whichever ran first is stored, and the other is rejected.
+    stored_once = [result for result, _ in same_key if result is not None]
+    rejected = [error for _, error in same_key if error is not None]
+    assert len(stored_once) == 1
+    assert stored_once[0].append.replayed is False
+    assert len(rejected) == 1
+    assert isinstance(rejected[0], IdempotencyKeyReused)
     with database.connect_owner() as conn:
         reporters = conn.execute(
             "SELECT count(*) FROM reporter_keys WHERE tenant_id = %s", (tenant_id,)
         ).fetchone()
     assert reporters is not None and reporters[0] == 2
+
+
+def test_race_with_other_writer_falls_back(
+    batched: PostgresEventStore, committer: GroupCommitter, database: Database
+) -> None:
+    tenant_id = new_tenant(batched)
+    contested = f"incident-{uuid.uuid4()}"
+    neighbours = [f"incident-{uuid.uuid4()}" for _ in range(2)]
+    # Another transaction creates the contested stream and commits while the batch runs.
+    other = psycopg.connect(database.app_conninfo)  # not autocommit: a transaction opens
+    other_store = PostgresEventStore(batched.pool)
+    other_store.append(tenant_id, contested, [noted(9)], expected_version=0, conn=other)
+    timer = threading.Timer(1.0, other.commit)
+    timer.start()
+    outcomes = run_batch(
+        committer,
+        [
+            lambda: batched.append(tenant_id, neighbours[0], [noted(0)], expected_version=0),
+            lambda: batched.append(tenant_id, contested, [noted(1)], expected_version=0),
+            lambda: batched.append(tenant_id, neighbours[1], [noted(2)], expected_version=0),
+        ],
+    )
+    timer.join()
+    other.close()
+    rows = stored(database, tenant_id)
+
+    assert isinstance(outcomes[0][0], AppendResult)
+    assert isinstance(outcomes[1][1], ConcurrencyError)
+    assert outcomes[1][1].actual == 1
+    assert isinstance(outcomes[2][0], AppendResult)
+    assert sorted((row[0], row[4]) for row in rows) == sorted(
+        [(neighbours[0], "0"), (contested, "9"), (neighbours[1], "2")]
+    )
+    assert verify(database, tenant_id).ok

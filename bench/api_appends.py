@@ -278,9 +278,7 @@ def main() -> None:
     try:
         store_pool = psycopg_pool(database)
         store = PostgresEventStore(store_pool)
-        create_tenant(
-            store, TENANT, name="Bench", time_zone="UTC", occurred_at=datetime.now(UTC)
-        )
+        create_tenant(store, TENANT, name="Bench", time_zone="UTC", occurred_at=datetime.now(UTC))
         _, token = issue_key(store, TENANT, role=Role.STAFF, name="bench", issued_by="bench")
         store_pool.close()
 

@@ -1,7 +1,7 @@
 """The Open311 GeoReport v2 facade of each tenant, under /tenants/{tenant_id}/open311/v2/.
 
 Services are the tenant's categories, service requests are its incidents as the incidents
-read model holds them, and POST requests submits a report as the REST API does. Every
+read model contains them, and POST requests submits a report as the REST API does. Every
 error is a GeoReport error list, `[{"code": 400, "description": "..."}]`, in the format
 of the request's path (`.json` or `.xml`).
 """
@@ -81,7 +81,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class Open311Error(LedgerError):
-    """An error answered with a GeoReport error list and the spec's status code."""
+    """An error returned as a GeoReport error list with the spec's status code."""
 
     def __init__(self, status: int, description: str) -> None:
         self.status = status
@@ -91,7 +91,7 @@ class Open311Error(LedgerError):
 class Open311Allow(Allow):
     """Authenticate a GeoReport request by its `api_key` parameter or a bearer header.
 
-    A key that is given but unusable answers 403, the spec's code for an invalid api_key.
+    A key that is given but unusable gets 403, the spec's code for an invalid api_key.
     With `public_reads`, a request without a key passes as anonymous (None) when the
     tenant has published its Open311 reads.
     """

@@ -51,8 +51,8 @@ class _Unit:
 class GroupCommitter:
     """Runs units of work from many threads in shared transactions, one COMMIT per batch.
 
-    Each unit runs in a savepoint of its own, with its own tenant set for row-level security,
-    so an error in one unit rolls back only that unit's writes and is raised to its own caller
+    Each unit runs in a savepoint of its own, with its own tenant set for row-level security.
+    An error in one unit rolls back only that unit's writes and is raised to its own caller,
     while the other units of the batch commit. A caller returns only after the COMMIT of its
     batch. When the COMMIT fails or the connection is lost, nothing of the batch is stored and
     every caller of the batch gets the error.

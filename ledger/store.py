@@ -217,7 +217,7 @@ class PostgresEventStore:
         stored already, or repeat those of an earlier append of the batch, gets None: its
         replay or rejection is decided one by one afterwards. Raises a database error (a
         unique violation) when a concurrent transaction created a stream or event of the
-        batch first; the caller then appends one by one.
+        batch first. The caller then appends one at a time.
         """
         outcomes: list[Outcome | None] = [None] * len(appends)
         by_tenant: dict[str, list[int]] = {}
@@ -239,8 +239,9 @@ class PostgresEventStore:
         outcomes: list[Outcome | None],
     ) -> None:
         # Lock the existing heads in stream order, as every batch does, so that two batches
-        # cannot deadlock. A new stream has no head to lock: a concurrent creator of the
-        # same stream makes the INSERT below fail on (stream_id, stream_version).
+        # take their locks in the same order. A new stream has no head to lock: a concurrent
+        # creator of the same stream makes the INSERT below fail on (stream_id,
+        # stream_version).
         streams = sorted({pending.stream_id for pending in appends})
         heads: dict[str, tuple[int, bytes | None]] = {}
         for stream_id, owner, version, head_hash in conn.execute(

@@ -125,7 +125,7 @@ def test_concurrent_clients_each_get_their_answer(
             if acted_on == incident and response.status_code == 200
         )
         # Every success is a distinct version of the stream, and every version after the
-        # report is a success someone was told about.
+        # report was returned to one client as a success.
         assert won == list(range(2, versions[f"incident-{incident}"] + 1))
     for _, response in acted:
         if response.status_code == 409:

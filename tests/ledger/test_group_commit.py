@@ -1,4 +1,4 @@
-"""Group commit: many writers, one transaction per batch, each caller its own answer."""
+"""Group commit: many writers, one transaction per batch, each caller its own result."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_concurrent_writers_lose_nothing(
     assert conflicts, "no writer lost a race on the shared streams"
     assert len(rows) == len(appended)
     assert len(set(positions)) == len(positions)
-    # Each stored event is the one its writer was told it appended, and no other.
+    # Each stored event is one whose writer got an AppendResult, and no other.
     assert sorted(int(row[4]) for row in rows) == [
         n for n, (_, result) in enumerate(outcomes) if isinstance(result, AppendResult)
     ]

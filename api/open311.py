@@ -8,12 +8,10 @@ of the request's path (`.json` or `.xml`).
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at run time.
 
-import json
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 import psycopg
 from fastapi import Depends, FastAPI, Form, Header, Request
@@ -22,19 +20,28 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import Allow, Credentials, actor_of
+from api.open311_errors import RESPONSES, Open311Error, Open311Errors
 from api.open311_format import (
-    CATEGORY_SLUG_SQL,
-    FORMATS,
-    OPEN311_OPEN_STATUSES,
     document_response,
     errors_document,
     request_entry,
     service_codes,
     service_entry,
     xml_bytes,
+)
+from api.open311_input import (
+    MAX_REQUESTS,
+    check_format,
+    code_conditions,
+    parse_ids,
+    parse_time,
+    report_from_form,
+    request_window,
+    split_values,
+    status_conditions,
+    unknown_code,
 )
 from ledger.commands import IncidentCommands
 from ledger.database import set_tenant
@@ -47,45 +54,7 @@ from ledger.tenants import TenantConfig, require_tenant
 logger = logging.getLogger(__name__)
 
 PREFIX = "/tenants/{tenant_id}/open311/v2"
-# The GeoReport v2 limits on GET requests: a window of at most 90 days, 90 days back from
-# now when no date is given, and at most 1000 requests, the most recent first.
-MAX_WINDOW = timedelta(days=90)
-MAX_REQUESTS = 1000
-MAX_DESCRIPTION = 4000
 ANY_ROLE = (Role.REPORTER, Role.STAFF, Role.OFFICER, Role.ADMIN)
-
-# Fields of a GeoReport POST that would identify the reporter's device or account. The
-# ledger has no place for them that erasure reaches, so they are accepted and dropped.
-DROPPED_FIELDS = ("device_id", "account_id", "address_id")
-
-
-_ERROR_LIST_SCHEMA = {
-    "type": "array",
-    "items": {
-        "type": "object",
-        "properties": {"code": {"type": "integer"}, "description": {"type": "string"}},
-        "required": ["code", "description"],
-    },
-}
-_DOCUMENT: dict[str, Any] = {"application/json": {}, "application/xml": {}}
-_ERRORS = {"application/json": {"schema": _ERROR_LIST_SCHEMA}, "application/xml": {}}
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The document, as JSON or GeoReport XML", "content": _DOCUMENT},
-    400: {"description": "Invalid parameter: the description names it", "content": _ERRORS},
-    401: {"description": "No api_key, and the tenant's reads are not public", "content": _ERRORS},
-    403: {"description": "Invalid api_key, or its role may not do this", "content": _ERRORS},
-    404: {"description": "Tenant, service, request or token not found", "content": _ERRORS},
-    413: {"description": "Request body over 64 KiB", "content": _ERRORS},
-    503: {"description": "Database unavailable: retry later", "content": _ERRORS},
-}
-
-
-class Open311Error(LedgerError):
-    """An error returned as a GeoReport error list with the spec's status code."""
-
-    def __init__(self, status: int, description: str) -> None:
-        self.status = status
-        super().__init__(description)
 
 
 class Open311Allow(Allow):
@@ -149,56 +118,6 @@ ReadPrincipal = Annotated[
 ]
 
 
-def _format(value: str) -> str:
-    if value not in FORMATS:
-        raise Open311Error(404, f"unsupported format {value!r}: end the path with .json or .xml")
-    return value
-
-
-def _split(value: str | None) -> list[str]:
-    return [part.strip() for part in (value or "").split(",") if part.strip()]
-
-
-def _parse_time(name: str, value: str, zone: ZoneInfo) -> datetime:
-    """Read a W3C date and time; without an offset it is read in the tenant's time zone."""
-    text = value.strip()
-    # An unescaped "+" in a query string arrives as a space: "...T05:00:00 00:00".
-    date_part, _, offset = text.partition(" ")
-    if "T" in date_part and offset[:2].isdigit():
-        text = f"{date_part}+{offset}"
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError as error:
-        raise Open311Error(
-            400, f"invalid {name} {value!r}: use the W3C form, such as 2024-05-01T00:00:00Z"
-        ) from error
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=zone)
-
-
-def request_window(
-    start: datetime | None, end: datetime | None, now: datetime
-) -> tuple[datetime, datetime]:
-    """Return the [start, end] window of GET requests, at most 90 days long."""
-    if start is None and end is None:
-        return now - MAX_WINDOW, now
-    if start is None:
-        assert end is not None
-        return end - MAX_WINDOW, end
-    if end is None:
-        return start, start + MAX_WINDOW
-    if end < start:
-        raise Open311Error(
-            400, f"end_date {end.isoformat()} is before start_date {start.isoformat()}"
-        )
-    if end - start > MAX_WINDOW:
-        raise Open311Error(
-            400,
-            f"start_date {start.isoformat()} to end_date {end.isoformat()} spans more than "
-            "90 days: ask for 90 days at most, in several requests if needed",
-        )
-    return start, end
-
-
 _REQUEST_COLUMNS = """
     i.incident_id, i.status, i.category, i.department, i.description, i.address,
     i.latitude, i.longitude, i.submitted_at, i.updated_at, i.rejection_reason,
@@ -224,24 +143,6 @@ def _select_requests(
             [tenant_id, *params],
         )
         return cur.fetchall()
-
-
-def _parse_ids(value: str) -> list[UUID]:
-    ids = []
-    for part in _split(value):
-        try:
-            ids.append(UUID(part))
-        except ValueError:
-            raise Open311Error(
-                400,
-                f"invalid service_request_id {part[:100]!r}: use the ids that POST requests "
-                "and GET requests return",
-            ) from None
-    if len(ids) > MAX_REQUESTS:
-        raise Open311Error(
-            400, f"{len(ids)} service_request_id values: ask for {MAX_REQUESTS} at most"
-        )
-    return ids
 
 
 def add_open311_routes(
@@ -272,7 +173,7 @@ def add_open311_routes(
     @app.get(PREFIX + "/services.{format}", responses=RESPONSES, tags=["open311"])
     def open311_services(tenant_id: str, format: str, _principal: ReadPrincipal) -> Response:
         """GeoReport GET services: the tenant's categories as services."""
-        response_format = _format(format)
+        response_format = check_format(format)
         _, codes = tenant_codes(tenant_id)
         services = [service_entry(code, category) for code, category in codes.items()]
         return document_response("services", services, response_format)
@@ -282,10 +183,10 @@ def add_open311_routes(
         tenant_id: str, service_code: str, format: str, _principal: ReadPrincipal
     ) -> Response:
         """GeoReport GET service definition. No service takes attributes."""
-        response_format = _format(format)
+        response_format = check_format(format)
         _, codes = tenant_codes(tenant_id)
         if service_code not in codes:
-            raise Open311Error(404, _unknown_code(service_code, codes))
+            raise Open311Error(404, unknown_code(service_code, codes))
         definition = {"service_code": service_code, "attributes": []}
         if response_format == "xml":
             return Response(
@@ -309,18 +210,18 @@ def add_open311_routes(
         `service_request_id` (comma separated) overrides every other filter. Without dates,
         the last 90 days are listed; a window may not span more than 90 days.
         """
-        response_format = _format(format)
+        response_format = check_format(format)
         tenant, codes = tenant_codes(tenant_id)
         conditions: list[str] = []
         params: list[Any] = []
         if service_request_id is not None:
             conditions.append("i.incident_id = ANY(%s)")
-            params.append(_parse_ids(service_request_id))
+            params.append(parse_ids(service_request_id))
         else:
-            conditions.extend(_code_conditions(_split(service_code), codes, params))
-            conditions.extend(_status_conditions(_split(status), params))
-            start = _parse_time("start_date", start_date, tenant.zone) if start_date else None
-            end = _parse_time("end_date", end_date, tenant.zone) if end_date else None
+            conditions.extend(code_conditions(split_values(service_code), codes, params))
+            conditions.extend(status_conditions(split_values(status), params))
+            start = parse_time("start_date", start_date, tenant.zone) if start_date else None
+            end = parse_time("end_date", end_date, tenant.zone) if end_date else None
             low, high = request_window(start, end, datetime.now(UTC))
             conditions.append("i.submitted_at BETWEEN %s AND %s")
             params.extend([low, high])
@@ -339,9 +240,9 @@ def add_open311_routes(
         tenant_id: str, service_request_id: str, format: str, _principal: ReadPrincipal
     ) -> Response:
         """GeoReport GET service request: one request, as a list of one."""
-        response_format = _format(format)
+        response_format = check_format(format)
         _, codes = tenant_codes(tenant_id)
-        ids = _parse_ids(service_request_id)
+        ids = parse_ids(service_request_id)
         if len(ids) != 1:
             raise Open311Error(400, "give one service_request_id in the path")
         incident_id = ids[0]
@@ -358,7 +259,7 @@ def add_open311_routes(
         tenant_id: str, token: str, format: str, _principal: ReadPrincipal
     ) -> Response:
         """GeoReport GET request id from a token: the token POST requests returned."""
-        response_format = _format(format)
+        response_format = check_format(format)
         require_tenant(store, tenant_id)
         try:
             event_id = UUID(token)
@@ -387,6 +288,8 @@ def add_open311_routes(
             Principal | None,
             _allow(Role.REPORTER, Role.STAFF, action="submit Open311 service requests"),
         ],
+        # device_id, account_id and address_id are accepted and dropped: the first two
+        # identify the reporter's device or account, where erasure could not reach them.
         service_code: Annotated[str | None, Form()] = None,
         description: Annotated[str | None, Form()] = None,
         lat: Annotated[str | None, Form()] = None,
@@ -407,7 +310,7 @@ def add_open311_routes(
 
         The reporter's name, e-mail and phone are stored encrypted, as the REST API stores
         them. Returns the new request's id and a token for GET tokens."""
-        response_format = _format(format)
+        response_format = check_format(format)
         assert principal is not None  # submitting never passes without a key
         _, codes = tenant_codes(tenant_id)
         attributes = [name for name in getattr(request.state, "open311_fields", []) if "[" in name]
@@ -416,7 +319,7 @@ def add_open311_routes(
                 400,
                 f"service {service_code!r} takes no attributes: remove {attributes[0][:100]}",
             )
-        report, reporter = _report_from_form(
+        report, reporter = report_from_form(
             codes,
             service_code=service_code,
             description=description,
@@ -453,34 +356,6 @@ def add_open311_routes(
         return document_response("requests", [entry], response_format, status_code=201)
 
 
-def _unknown_code(code: str, codes: dict[str, Any]) -> str:
-    known = ", ".join(codes) or "none: the tenant has no categories configured"
-    return f"unknown service_code {code[:100]!r}; the tenant's service codes are {known}"
-
-
-def _code_conditions(requested: list[str], codes: dict[str, Any], params: list[Any]) -> list[str]:
-    if not requested:
-        return []
-    names = [codes[code].name for code in requested if code in codes]
-    # Incidents may carry categories the configuration no longer lists (imports, renames):
-    # those match by the slug of their name.
-    params.extend([names, requested])
-    return [
-        f"(i.category = ANY(%s) OR {CATEGORY_SLUG_SQL.replace('category', 'i.category')} = ANY(%s))"
-    ]
-
-
-def _status_conditions(requested: list[str], params: list[Any]) -> list[str]:
-    wanted = set(requested)
-    unknown = sorted(wanted - {"open", "closed"})
-    if unknown:
-        raise Open311Error(400, f"invalid status {unknown[0][:100]!r}: use open or closed")
-    if not wanted or wanted == {"open", "closed"}:
-        return []
-    params.append(sorted(OPEN311_OPEN_STATUSES))
-    return ["i.status = ANY(%s)" if wanted == {"open"} else "NOT i.status = ANY(%s)"]
-
-
 def _row_from_stream(
     commands: IncidentCommands, tenant_id: str, incident_id: UUID
 ) -> dict[str, Any]:
@@ -493,130 +368,3 @@ def _row_from_stream(
     row = {field: getattr(state, field) for field in state.__dataclass_fields__}
     row["resolution_due_at"] = None
     return row
-
-
-def _report_from_form(
-    codes: dict[str, Any],
-    *,
-    service_code: str | None,
-    description: str | None,
-    lat: str | None,
-    long: str | None,
-    address_string: str | None,
-    media_url: str | None,
-    reporter: dict[str, str | None],
-) -> tuple[dict[str, Any], dict[str, str] | None]:
-    """Check a GeoReport POST and return the report and the reporter's contact details."""
-    if not service_code:
-        raise Open311Error(400, "missing service_code: use a code that GET services lists")
-    if service_code not in codes:
-        raise Open311Error(400, _unknown_code(service_code, codes))
-    report: dict[str, Any] = {"category": codes[service_code].name, "source_channel": "open311"}
-    if (lat is None) != (long is None):
-        raise Open311Error(400, "lat and long go together: send both, or neither")
-    if lat is not None and long is not None:
-        report["latitude"] = _coordinate("lat", lat, 90)
-        report["longitude"] = _coordinate("long", long, 180)
-    if address_string and address_string.strip():
-        report["address"] = _text("address_string", address_string, 500)
-    if "latitude" not in report and "address" not in report:
-        raise Open311Error(
-            400, "missing location: send lat and long, or address_string, with the request"
-        )
-    if description and description.strip():
-        report["description"] = _text("description", description, MAX_DESCRIPTION)
-    if media_url and media_url.strip():
-        url = _text("media_url", media_url, 2000)
-        if not url.startswith(("https://", "http://")):
-            raise Open311Error(400, f"invalid media_url {url[:100]!r}: use an http(s) URL")
-        report["media_url"] = url
-    contact = {key: _text(key, value, 254) for key, value in reporter.items() if value}
-    return report, contact or None
-
-
-def _text(name: str, value: str, limit: int) -> str:
-    text = value.strip()
-    if len(text) > limit:
-        raise Open311Error(400, f"{name} is {len(text)} characters long: send {limit} at most")
-    if "\x00" in text:
-        raise Open311Error(400, f"invalid {name}: it contains a NUL character")
-    return text
-
-
-def _coordinate(name: str, value: str, limit: float) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise Open311Error(
-            400, f"invalid {name} {value[:50]!r}: send a decimal number of degrees (WGS84)"
-        ) from None
-    if not -limit <= number <= limit:
-        raise Open311Error(400, f"invalid {name} {value[:50]!r}: use -{limit} to {limit}")
-    return number
-
-
-class Open311Errors:
-    """ASGI middleware: answer errors under an Open311 path as GeoReport error lists.
-
-    Authentication, validation and database errors are problem-details documents
-    elsewhere. Under PREFIX they become `[{"code", "description"}]` in the path's format,
-    and 422 becomes the spec's 400.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        if "/open311/v2/" not in path:
-            await self.app(scope, receive, send)
-            return
-        start: Message | None = None
-        chunks: list[bytes] = []
-
-        async def send_converted(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                headers = dict(message.get("headers", []))
-                if headers.get(b"content-type", b"").startswith(b"application/problem+json"):
-                    start = message
-                    return
-                await send(message)
-                return
-            if start is None or message["type"] != "http.response.body":
-                await send(message)
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            await _send_error_list(send, start, b"".join(chunks), path)
-
-        await self.app(scope, receive, send_converted)
-
-
-async def _send_error_list(send: Send, start: Message, body: bytes, path: str) -> None:
-    try:
-        problem = json.loads(body)
-        status = int(problem["status"])
-        descriptions = [str(problem["detail"])]
-    except (ValueError, KeyError, TypeError):
-        status, descriptions = int(start["status"]), ["the request failed"]
-    if status == 422:
-        status = 400
-    document = errors_document(status, descriptions)
-    if path.endswith(".xml"):
-        content, media_type = xml_bytes("errors", document), b"application/xml"
-    else:
-        content, media_type = json.dumps(document).encode(), b"application/json"
-    kept = [
-        (name, value)
-        for name, value in start.get("headers", [])
-        if name.lower() not in (b"content-type", b"content-length")
-    ]
-    headers = [
-        *kept,
-        (b"content-type", media_type),
-        (b"content-length", str(len(content)).encode()),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": content})

@@ -151,7 +151,7 @@ def add_open311_routes(
     pool: ConnectionPool[Any],
     commands: IncidentCommands,
 ) -> None:
-    """Declare the GeoReport v2 endpoints on `app` and answer their errors as error lists."""
+    """Declare the GeoReport v2 endpoints on `app` and return their errors as error lists."""
     store = commands.store
     app.add_middleware(Open311Errors)
 

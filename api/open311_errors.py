@@ -39,7 +39,7 @@ class Open311Error(LedgerError):
 
 
 class Open311Errors:
-    """ASGI middleware: answer errors under an Open311 path as GeoReport error lists.
+    """ASGI middleware: rewrite errors under an Open311 path as GeoReport error lists.
 
     Authentication, validation and database errors are problem-details documents
     elsewhere. Under PREFIX they become `[{"code", "description"}]` in the path's format,

@@ -22,10 +22,12 @@ from pydantic_core import PydanticCustomError
 from api.audit import add_audit_routes
 from api.auth import actor_of, allow, document_roles
 from api.observability import RequestContext, readiness_checks
+from api.open311 import add_open311_routes
 from api.problems import install_problem_handlers
 from ledger.commands import IncidentCommands
 from ledger.database import Database, checked_pool, set_tenant
 from ledger.errors import ContactNotGiven, IncidentNotFound, InvalidRequest
+from ledger.group_commit import GroupCommitter
 from ledger.ids import incident_stream_id
 from ledger.keys import Principal, Role, issue_key, list_keys, revoke_key
 from ledger.lifecycle import COMMANDS
@@ -430,15 +432,21 @@ def create_app(
     *,
     pool: ConnectionPool[Any] | None = None,
     max_lag: int = 10_000,
+    group_commit: bool = True,
+    pool_size: int = 10,
 ) -> FastAPI:
-    """Build the API over `database`. The app opens its own pool unless one is given.
+    """Build the API over `database`. The app opens its own pool of `pool_size` connections
+    unless one is given.
 
     `max_lag` is the number of events a projection may be behind before GET /ready fails.
+    With `group_commit`, appends of concurrent requests are committed together in batches
+    (ledger.group_commit), and each request is answered once its own batch committed.
     """
     owned_pool = pool is None
     # A checked pool replaces the connections a database restart closed.
-    pool = pool or checked_pool(database.app_conninfo, min_size=1, max_size=10, name="api")
-    store = PostgresEventStore(pool)
+    pool = pool or checked_pool(database.app_conninfo, min_size=1, max_size=pool_size, name="api")
+    committer = GroupCommitter(pool, name="api-group-commit") if group_commit else None
+    store = PostgresEventStore(pool, committer=committer)
     commands = IncidentCommands(store)
 
     @asynccontextmanager
@@ -448,6 +456,8 @@ def create_app(
         try:
             yield
         finally:
+            if committer is not None:
+                committer.stop()
             if owned_pool:
                 pool.close()
 
@@ -909,6 +919,7 @@ def create_app(
         )
 
     add_audit_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
+    add_open311_routes(app, pool=pool, commands=commands)
     document_roles(app)
     return app
 

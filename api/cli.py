@@ -33,7 +33,7 @@ from ledger.settings import Settings, get_settings
 from ledger.store import PostgresEventStore
 
 app = typer.Typer(help="CivicPulse: an append-only incident ledger.", no_args_is_help=True)
-tenant_app = typer.Typer(help="Create tenants.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Create and configure tenants.", no_args_is_help=True)
 classify_app = typer.Typer(help="Measure the report classifiers.", no_args_is_help=True)
 import_app = typer.Typer(help="Import city 311 exports.", no_args_is_help=True)
 sla_app = typer.Typer(help="SLA figures.", no_args_is_help=True)
@@ -166,6 +166,33 @@ def tenant_categories(
         f"tenant {tenant} has {len(config.categories)} categories: "
         + ", ".join(config.category_names)
     )
+
+
+@tenant_app.command("open311")
+def tenant_open311(
+    tenant: TenantOption,
+    public_reads: Annotated[
+        bool,
+        typer.Option(
+            "--public-reads/--no-public-reads",
+            help="Serve the tenant's Open311 services and requests to callers without a key",
+        ),
+    ],
+) -> None:
+    """Publish or withdraw the tenant's Open311 service list and requests."""
+    from ledger.tenants import configure_open311
+
+    _, database = _migrated()
+    pool, store = _store(database)
+    with pool:
+        try:
+            configure_open311(
+                store, tenant, public_reads=public_reads, occurred_at=datetime.now(UTC)
+            )
+        except LedgerError as error:
+            raise _fail(str(error)) from error
+    state = "public" if public_reads else "for API keys of the tenant only"
+    console.print(f"Open311 reads of tenant {tenant} are {state}")
 
 
 @key_app.command("issue")
@@ -689,7 +716,12 @@ def serve(
 
     settings, database = _migrated()
     server = _api_server(
-        create_app(database, max_lag=settings.ready_max_lag_events),
+        create_app(
+            database,
+            max_lag=settings.ready_max_lag_events,
+            group_commit=settings.group_commit,
+            pool_size=settings.api_pool_size,
+        ),
         host or settings.api_host,
         port or settings.api_port,
     )
@@ -730,7 +762,12 @@ def run(
         poll_seconds=settings.projector_poll_seconds,
     )
     server = _api_server(
-        create_app(database, max_lag=settings.ready_max_lag_events),
+        create_app(
+            database,
+            max_lag=settings.ready_max_lag_events,
+            group_commit=settings.group_commit,
+            pool_size=settings.api_pool_size,
+        ),
         host or settings.api_host,
         port or settings.api_port,
     )

@@ -186,28 +186,33 @@ class IncidentCommands:
         A retry of a stored request creates and encrypts nothing: its reporter values are
         compared with the first request's by decrypting them.
         """
-        replayed: AppendResult | None = None
-        with self.store.pool.connection() as conn, conn.transaction() as transaction:
-            set_tenant(conn, tenant_id)
-            replayed = find_stored(conn, tenant_id, stream_id, [event])
-            if replayed is None:
-                key = find_or_create_reporter(conn, tenant_id, contact)
-                sealed_payload = {**event.payload, "contact": seal_contact(key, contact)}
-                result = self.store.append(
-                    tenant_id,
-                    stream_id,
-                    [replace(event, payload=sealed_payload)],
-                    expected_version=0,
-                    conn=conn,
-                )
-                if not result.replayed:
-                    return result
-                # A concurrent retry of this request committed first.
-                replayed = result
-            self._require_same_contact(conn, tenant_id, stream_id, event, contact)
-            # Keep nothing this attempt wrote, such as a reporter created for a name.
-            raise psycopg.Rollback(transaction)
-        return replayed
+
+        def append_in(conn: psycopg.Connection[Any]) -> AppendResult:
+            replayed: AppendResult | None = None
+            with conn.transaction() as transaction:
+                replayed = find_stored(conn, tenant_id, stream_id, [event])
+                if replayed is None:
+                    key = find_or_create_reporter(conn, tenant_id, contact)
+                    sealed_payload = {**event.payload, "contact": seal_contact(key, contact)}
+                    result = self.store.append(
+                        tenant_id,
+                        stream_id,
+                        [replace(event, payload=sealed_payload)],
+                        expected_version=0,
+                        conn=conn,
+                    )
+                    if not result.replayed:
+                        return result
+                    # A concurrent retry of this request committed first.
+                    replayed = result
+                self._require_same_contact(conn, tenant_id, stream_id, event, contact)
+                # Keep nothing this attempt wrote, such as a reporter created for a name.
+                raise psycopg.Rollback(transaction)
+            assert replayed is not None
+            return replayed
+
+        # With the API's group committer, this transaction is shared with other requests.
+        return self.store.run_in_transaction(tenant_id, append_in, lock_key=stream_id)
 
     def _require_same_contact(
         self,

@@ -78,3 +78,12 @@ CLASSIFIER_STOPPED = Gauge(
     "civicpulse_classifier_stopped",
     "1 while the classifier pool is stopped by rejected credentials or an exhausted quota",
 )
+GROUP_COMMIT_BATCH_SIZE = Histogram(
+    "civicpulse_group_commit_batch_size",
+    "Units of work (appends) committed together in one transaction by the group committer",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+GROUP_COMMIT_FAILURES = Counter(
+    "civicpulse_group_commit_failures_total",
+    "Group-commit batches whose COMMIT failed or whose connection broke, storing none of them",
+)

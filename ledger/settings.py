@@ -92,6 +92,12 @@ class Settings(BaseSettings):
         description="Run the classifier pool inside `project` and `run`.",
     )
 
+    group_commit: bool = Field(
+        default=True,
+        description="Commit the API's concurrent appends together, one transaction per batch.",
+    )
+    api_pool_size: int = Field(default=10, ge=2, le=1000)
+
     log_level: str = "INFO"
     log_format: str = Field(default="console", pattern="^(console|json)$")
 

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -27,9 +27,12 @@ from ledger.events import (
     normalize_json,
     require_aware,
 )
+from ledger.group_commit import GroupCommitter, Outcome, Work
 from ledger.metrics import APPEND_CONFLICTS, APPEND_REPLAYS, EVENTS_APPENDED
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EVENT_COLUMNS = """
     position, tx_id, tenant_id, stream_id, stream_version, event_type,
@@ -43,6 +46,16 @@ class Checkpoint:
 
     tx_id: int = 0
     position: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAppend:
+    """An append waiting for its group-commit batch; its events are already prepared."""
+
+    tenant_id: str
+    stream_id: str
+    events: list[NewEvent]
+    expected_version: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +109,28 @@ class PostgresEventStore:
     request is the same, and raises IdempotencyKeyReused when it is not.
     """
 
-    def __init__(self, pool: ConnectionPool[Any]) -> None:
+    def __init__(
+        self, pool: ConnectionPool[Any], *, committer: GroupCommitter | None = None
+    ) -> None:
         self.pool = pool
+        # With a committer, appends without a connection of the caller's are committed in
+        # batches with other callers' appends (ledger.group_commit).
+        self.committer = committer
+        if committer is not None and committer.batch_handler is None:
+            committer.batch_handler = self._append_batch
+
+    def run_in_transaction(self, tenant_id: str, work: Work[T], *, lock_key: str) -> T:
+        """Run `work(conn)` in a transaction scoped to `tenant_id` and commit it.
+
+        Through the committer when the store has one, so the transaction may be shared with
+        other callers' work: `work` then runs in a savepoint of it, and its errors roll back
+        only its own writes. `lock_key` is the stream whose head `work` locks.
+        """
+        if self.committer is not None:
+            return self.committer.run(tenant_id, work, lock_key=lock_key)
+        with self.pool.connection() as conn, conn.transaction():
+            set_tenant(conn, tenant_id)
+            return work(conn)
 
     def append(
         self,
@@ -142,6 +175,15 @@ class PostgresEventStore:
             set_tenant(conn, tenant_id)
             with conn.transaction():
                 return self._append_locked(conn, tenant_id, stream_id, prepared, expected_version)
+        if self.committer is not None:
+            return self.committer.run(
+                tenant_id,
+                lambda shared: self._append_or_replay(
+                    shared, tenant_id, stream_id, prepared, expected_version
+                ),
+                lock_key=stream_id,
+                item=PendingAppend(tenant_id, stream_id, prepared, expected_version),
+            )
         try:
             with self.pool.connection() as conn:
                 set_tenant(conn, tenant_id)
@@ -162,6 +204,144 @@ class PostgresEventStore:
             with self.pool.connection() as conn:
                 set_tenant(conn, tenant_id)
                 current = _stream_version(conn, stream_id)
+            raise ConcurrencyError(
+                stream_id, expected_version if expected_version is not None else -1, current
+            ) from error
+
+    def _append_batch(
+        self, conn: psycopg.Connection[Any], appends: list[PendingAppend]
+    ) -> list[Outcome | None]:
+        """Append many requests' events in one transaction with a few statements per tenant.
+
+        Returns each append's (result, None) or (None, error). An append whose event ids are
+        stored already, or repeat those of an earlier append of the batch, gets None: its
+        replay or rejection is decided one by one afterwards. Raises a database error (a
+        unique violation) when a concurrent transaction created a stream or event of the
+        batch first. The caller then appends one at a time.
+        """
+        outcomes: list[Outcome | None] = [None] * len(appends)
+        by_tenant: dict[str, list[int]] = {}
+        for index, pending in enumerate(appends):
+            by_tenant.setdefault(pending.tenant_id, []).append(index)
+        for tenant_id, indexes in by_tenant.items():
+            set_tenant(conn, tenant_id)
+            self._append_tenant_batch(
+                conn, tenant_id, [appends[i] for i in indexes], indexes, outcomes
+            )
+        return outcomes
+
+    def _append_tenant_batch(
+        self,
+        conn: psycopg.Connection[Any],
+        tenant_id: str,
+        appends: list[PendingAppend],
+        indexes: list[int],
+        outcomes: list[Outcome | None],
+    ) -> None:
+        # Lock the existing heads in stream order, as every batch does, so that two batches
+        # take their locks in the same order. A new stream has no head to lock: a concurrent
+        # creator of the same stream makes the INSERT below fail on (stream_id,
+        # stream_version).
+        streams = sorted({pending.stream_id for pending in appends})
+        heads: dict[str, tuple[int, bytes | None]] = {}
+        for stream_id, owner, version, head_hash in conn.execute(
+            "SELECT stream_id, tenant_id, version, head_hash FROM streams "
+            "WHERE stream_id = ANY(%s) ORDER BY stream_id FOR UPDATE",
+            (streams,),
+        ):
+            if owner == tenant_id:
+                heads[stream_id] = (version, bytes(head_hash) if head_hash is not None else None)
+        event_ids = [event.event_id for pending in appends for event in pending.events]
+        stored = {
+            row[0]
+            for row in conn.execute(
+                "SELECT event_id FROM events WHERE tenant_id = %s AND event_id = ANY(%s)",
+                (tenant_id, event_ids),
+            )
+        }
+
+        seen: set[UUID] = set()
+        planned: list[tuple[int, str, int, list[UUID]]] = []
+        rows: list[tuple[Any, ...]] = []
+        for index, pending in zip(indexes, appends, strict=True):
+            ids = {event.event_id for event in pending.events}
+            if ids & stored or ids & seen or len(ids) != len(pending.events):
+                continue  # a replay or a reused key: decided one by one
+            version, previous = heads.get(pending.stream_id, (0, None))
+            expected = pending.expected_version
+            if expected is not None and expected != version:
+                outcomes[index] = (None, ConcurrencyError(pending.stream_id, expected, version))
+                continue
+            new_rows, previous = _event_rows(
+                tenant_id, pending.stream_id, version, previous, pending.events
+            )
+            rows.extend(new_rows)
+            version += len(pending.events)
+            heads[pending.stream_id] = (version, previous)
+            seen |= ids
+            planned.append(
+                (index, pending.stream_id, version, [e.event_id for e in pending.events])
+            )
+        if not rows:
+            return
+
+        columns = list(zip(*rows, strict=True))
+        positions = dict(
+            conn.execute(
+                """
+                INSERT INTO events (tenant_id, stream_id, stream_version, event_type,
+                    schema_version, payload, metadata, occurred_at, event_id, hash)
+                SELECT * FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[],
+                    %s::smallint[], %s::jsonb[], %s::jsonb[], %s::timestamptz[], %s::uuid[],
+                    %s::bytea[])
+                RETURNING event_id, position
+                """,
+                [list(column) for column in columns],
+            ).fetchall()
+        )
+        touched = sorted({stream_id for _, stream_id, _, _ in planned})
+        conn.execute(
+            """
+            INSERT INTO streams (stream_id, tenant_id, version, head_hash)
+            SELECT * FROM unnest(%s::text[], %s::text[], %s::int[], %s::bytea[])
+            ON CONFLICT (stream_id) DO UPDATE
+                SET version = EXCLUDED.version, head_hash = EXCLUDED.head_hash
+            """,
+            (
+                touched,
+                [tenant_id] * len(touched),
+                [heads[stream_id][0] for stream_id in touched],
+                [heads[stream_id][1] for stream_id in touched],
+            ),
+        )
+        for index, stream_id, version, appended_ids in planned:
+            result = AppendResult(stream_id, version, tuple(positions[i] for i in appended_ids))
+            outcomes[index] = (result, None)
+
+    def _append_or_replay(
+        self,
+        conn: psycopg.Connection[Any],
+        tenant_id: str,
+        stream_id: str,
+        prepared: list[NewEvent],
+        expected_version: int | None,
+    ) -> AppendResult:
+        """Append inside the caller's transaction, or return the stored result of a retry.
+
+        The append runs in a savepoint, so that after a unique violation (a concurrent
+        request with the same event ids committed first) the transaction can still look
+        the first result up.
+        """
+        try:
+            with conn.transaction():
+                return self._append_locked(conn, tenant_id, stream_id, prepared, expected_version)
+        except (ConcurrencyError, pg_errors.UniqueViolation) as error:
+            replay = find_stored(conn, tenant_id, stream_id, prepared)
+            if replay is not None:
+                return replay
+            if isinstance(error, ConcurrencyError):
+                raise
+            current = _stream_version(conn, stream_id)
             raise ConcurrencyError(
                 stream_id, expected_version if expected_version is not None else -1, current
             ) from error
@@ -202,36 +382,7 @@ class PostgresEventStore:
             raise ConcurrencyError(stream_id, expected_version, version)
 
         previous = bytes(head_hash) if head_hash is not None else None
-        rows = []
-        for offset, event in enumerate(events, start=1):
-            stream_version = version + offset
-            digest = event_hash(
-                previous,
-                tenant_id=tenant_id,
-                stream_id=stream_id,
-                stream_version=stream_version,
-                event_type=event.event_type,
-                schema_version=event.schema_version,
-                event_id=event.event_id,
-                occurred_at=event.occurred_at,
-                payload=event.payload,
-                metadata=event.metadata,
-            )
-            rows.append(
-                (
-                    tenant_id,
-                    stream_id,
-                    stream_version,
-                    event.event_type,
-                    event.schema_version,
-                    Jsonb(event.payload),
-                    Jsonb(event.metadata),
-                    event.occurred_at,
-                    event.event_id,
-                    digest,
-                )
-            )
-            previous = digest
+        rows, previous = _event_rows(tenant_id, stream_id, version, previous, events)
 
         positions = []
         with conn.cursor() as cur:
@@ -296,6 +447,48 @@ def read_stream(
     with conn.cursor() as cur:
         cur.execute(query, params)
         return [row_to_event(row) for row in cur.fetchall()]
+
+
+def _event_rows(
+    tenant_id: str,
+    stream_id: str,
+    version: int,
+    previous: bytes | None,
+    events: Sequence[NewEvent],
+) -> tuple[list[tuple[Any, ...]], bytes | None]:
+    """Return the INSERT rows of events appended after `version`, chained from `previous`,
+    and the hash of the last of them."""
+    rows = []
+    for offset, event in enumerate(events, start=1):
+        stream_version = version + offset
+        digest = event_hash(
+            previous,
+            tenant_id=tenant_id,
+            stream_id=stream_id,
+            stream_version=stream_version,
+            event_type=event.event_type,
+            schema_version=event.schema_version,
+            event_id=event.event_id,
+            occurred_at=event.occurred_at,
+            payload=event.payload,
+            metadata=event.metadata,
+        )
+        rows.append(
+            (
+                tenant_id,
+                stream_id,
+                stream_version,
+                event.event_type,
+                event.schema_version,
+                Jsonb(event.payload),
+                Jsonb(event.metadata),
+                event.occurred_at,
+                event.event_id,
+                digest,
+            )
+        )
+        previous = digest
+    return rows, previous
 
 
 def _prepare(event: NewEvent) -> NewEvent:

@@ -16,6 +16,7 @@ TENANT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 
 TENANT_CREATED = "TenantCreated"
 CATEGORIES_CONFIGURED = "CategoriesConfigured"
+OPEN311_CONFIGURED = "Open311Configured"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,8 @@ class TenantConfig:
     categories: tuple[Category, ...] = ()
     # None means the classifier's default hazard words.
     hazard_words: tuple[str, ...] | None = None
+    # Whether the Open311 facade serves the tenant's services and requests without a key.
+    open311_public_reads: bool = False
 
     @property
     def category_names(self) -> list[str]:
@@ -98,6 +101,12 @@ def fold_tenant(tenant_id: str, events: list[RecordedEvent]) -> TenantConfig | N
                 config,
                 categories=_categories_from_payload(event.payload),
                 hazard_words=_hazard_words_from_payload(event.payload),
+                version=event.stream_version,
+            )
+        elif event.event_type == OPEN311_CONFIGURED and config is not None:
+            config = replace(
+                config,
+                open311_public_reads=bool(event.payload["public_reads"]),
                 version=event.stream_version,
             )
     return config
@@ -191,6 +200,31 @@ def configure_categories(
         CATEGORIES_CONFIGURED, payload, occurred_at, metadata={"actor": actor, "role": "admin"}
     )
     # The new list replaces the old one whatever came between, so no expected version.
+    store.append(tenant_id, tenant_stream_id(tenant_id), [event], expected_version=None)
+    return require_tenant(store, tenant_id)
+
+
+def configure_open311(
+    store: PostgresEventStore,
+    tenant_id: str,
+    *,
+    public_reads: bool,
+    occurred_at: datetime,
+    actor: str = "cli",
+) -> TenantConfig:
+    """Append an Open311Configured event that publishes or withdraws the tenant's Open311 reads.
+
+    With `public_reads`, the Open311 facade lists services and requests to callers without an
+    API key, as GeoReport v2 clients expect; submitting still needs a key. Raises
+    TenantNotFound.
+    """
+    require_tenant(store, tenant_id)
+    event = NewEvent(
+        OPEN311_CONFIGURED,
+        {"public_reads": public_reads},
+        occurred_at,
+        metadata={"actor": actor, "role": "admin"},
+    )
     store.append(tenant_id, tenant_stream_id(tenant_id), [event], expected_version=None)
     return require_tenant(store, tenant_id)
 

@@ -21,10 +21,11 @@ from ledger.commands import Actor, IncidentCommands
 from ledger.database import Database, set_tenant
 from ledger.keys import Role, issue_key, revoke_key
 from ledger.store import PostgresEventStore
-from ledger.tenants import create_tenant
+from ledger.tenants import configure_categories, create_tenant
 
 SECURITY_DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
 NO_KEY = "(no key)"
+OPEN311 = "/open311/v2/"
 ROLES = list(Role)
 
 
@@ -55,6 +56,7 @@ class Tenant:
     incident_id: str  # submitted by the tenant's reporter key, with contact details
     key_id: str  # a staff key to revoke
     reporter_id: str  # the reporter of that incident
+    token: str  # the Open311 token of that incident: the id of its ReportSubmitted event
 
 
 def _make_tenant(store: PostgresEventStore) -> Tenant:
@@ -64,6 +66,12 @@ def _make_tenant(store: PostgresEventStore) -> Tenant:
         tenant_id,
         name="Permissions",
         time_zone="UTC",
+        occurred_at=datetime(2015, 1, 1, tzinfo=UTC),
+    )
+    configure_categories(
+        store,
+        tenant_id,
+        {"categories": [{"name": "Pothole"}]},
         occurred_at=datetime(2015, 1, 1, tzinfo=UTC),
     )
     tokens = {}
@@ -83,8 +91,14 @@ def _make_tenant(store: PostgresEventStore) -> Tenant:
     )
     contact = commands.load(tenant_id, result.incident_id)
     spare, _ = issue_key(store, tenant_id, role=Role.STAFF, name="spare", issued_by="test")
+    [report] = store.read_stream(tenant_id, f"incident-{result.incident_id}")
     return Tenant(
-        tenant_id, tokens, str(result.incident_id), str(spare.key_id), str(contact.reporter_id)
+        tenant_id,
+        tokens,
+        str(result.incident_id),
+        str(spare.key_id),
+        str(contact.reporter_id),
+        str(report.event_id),
     )
 
 
@@ -121,12 +135,20 @@ def call(
         incident_id=ids.incident_id,
         key_id=ids.key_id,
         reporter_id=ids.reporter_id,
+        format="json",
+        service_code="pothole",
+        service_request_id=ids.incident_id,
+        token=ids.token,
     )
     last = path.rstrip("/").rsplit("/", 1)[-1]
     body = BODIES.get(last)
     if last == "mark-duplicate":
         body = {"duplicate_of": ids.incident_id}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if method == "POST" and OPEN311 in path:
+        # GeoReport requests are form-encoded.
+        form = {"service_code": "pothole", "address_string": "1 Main St"}
+        return client.post(url, data=form, headers=headers)
     if method == "GET":
         # Officers must give a reason for contact details; others may and it is ignored.
         return client.get(url, headers=headers, params={"reason": "permission walk"})
@@ -178,6 +200,10 @@ def test_each_role_reaches_exactly_its_endpoints(
                 )
             else:
                 assert response.status_code == 403, (method, path, role, response.text)
+                if OPEN311 in path:
+                    # GeoReport errors are lists of codes and descriptions.
+                    assert response.json()[0]["code"] == 403
+                    continue
                 assert response.json()["allowed_roles"] == sorted(
                     allowed, key=[r.value for r in ROLES].index
                 )
@@ -199,8 +225,19 @@ def test_keys_of_one_tenant_see_nothing_of_another(
             their_ids = call(client, method, path, mine, theirs, token)
 
             assert across.status_code == 404, (method, path, role, across.text)
-            assert across.json()["detail"].startswith(f"tenant {theirs.tenant_id!r} not found")
-            if any(name in path for name in ("{incident_id}", "{key_id}", "{reporter_id}")):
+            body = across.json()
+            detail = body[0]["description"] if OPEN311 in path else body["detail"]
+            assert detail.startswith(f"tenant {theirs.tenant_id!r} not found")
+            if any(
+                name in path
+                for name in (
+                    "{incident_id}",
+                    "{key_id}",
+                    "{reporter_id}",
+                    "{service_request_id}",
+                    "{token}",
+                )
+            ):
                 assert their_ids.status_code in (403, 404), (method, path, role)
 
     assert their_events(database, theirs) == before

@@ -1,0 +1,323 @@
+"""API append benchmark: reports per second through the real server, beside two baselines.
+
+All runs happen in one process, one after the other, on the same PostgreSQL server:
+
+- API: `civicpulse serve` (uvicorn) started by this script on a loopback port, and 32
+  client threads each posting reports (POST /tenants/bench/incidents with an
+  Idempotency-Key) over keep-alive connections. Run once with group commit and, with
+  `--compare`, once more without it.
+- raw INSERT: 8 threads, each with its own autocommit connection, inserting the same number
+  of rows one INSERT (one transaction) at a time into a bare table with the events table's
+  columns and no keys, indexes, defaults or triggers.
+- eventsourcing: the `eventsourcing` library's PostgreSQL persistence, 8 threads each saving
+  new aggregates, one event per aggregate, into a database of its own on the same server.
+
+It prints the rate, the median and the 99th percentile latency of each run, and the ratios
+against the targets. The API should reach 0.33 of the raw INSERT rate or better and 3 times
+the `eventsourcing` rate or better, with a 99th percentile under 100 ms.
+
+    python bench/api_appends.py [--requests N] [--compare]
+
+DATABASE_URL selects the server; without it an embedded server is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import requests
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import Jsonb
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from _databases import drop, fresh_database, server  # noqa: E402
+
+from ledger.database import Database  # noqa: E402
+from ledger.keys import Role, issue_key  # noqa: E402
+from ledger.store import PostgresEventStore  # noqa: E402
+from ledger.tenants import create_tenant  # noqa: E402
+
+API_CLIENTS = 32
+BASELINE_CLIENTS = 8
+TENANT = "bench"
+BARE_TABLE = """
+CREATE TABLE bare_events (
+    tenant_id text, stream_id text, stream_version integer, event_type text,
+    schema_version smallint, payload jsonb, metadata jsonb, occurred_at timestamptz,
+    event_id uuid, hash bytea
+)
+"""
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    count: int
+    seconds: float
+    latencies: list[float]
+    server_cpu_seconds: float | None = None  # of the API process, when it is one
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.latencies) * 1000
+
+    @property
+    def p99_ms(self) -> float:
+        return statistics.quantiles(self.latencies, n=100)[98] * 1000
+
+    def line(self) -> str:
+        text = (
+            f"{self.name:<34} {self.count:>6} in {self.seconds:6.2f} s  "
+            f"{self.rate:8.0f}/s  median {self.median_ms:6.1f} ms  p99 {self.p99_ms:6.1f} ms"
+        )
+        if self.server_cpu_seconds is not None:
+            per_request = self.server_cpu_seconds / self.count * 1000
+            text += f"  server CPU {per_request:.1f} ms/request"
+        return text
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the user and system CPU time of a process (Linux: /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime and stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def timed_calls(clients: int, calls: list[Callable[[], None]], name: str) -> Run:
+    """Run `calls` on `clients` threads; return the wall time and each call's latency."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def timed(call: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        call()
+        elapsed = time.perf_counter() - started
+        with lock:
+            latencies.append(elapsed)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        for future in [pool.submit(timed, call) for call in calls]:
+            future.result()
+    return Run(name, len(calls), time.perf_counter() - started, latencies)
+
+
+def report_body(n: int) -> dict[str, Any]:
+    return {
+        "description": f"Streetlight out in front of number {n}",
+        "category": "Street Light Outages",
+        "latitude": 42.35,
+        "longitude": -71.06,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def start_api(database: Database, *, group_commit: bool) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database.owner_conninfo,
+        "CIVICPULSE_API_HOST": "127.0.0.1",
+        "CIVICPULSE_API_PORT": str(port),
+        "CIVICPULSE_API_POOL_SIZE": "20",
+        "CIVICPULSE_GROUP_COMMIT": "true" if group_commit else "false",
+        "CIVICPULSE_LOG_LEVEL": "WARNING",
+    }
+    process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "civicpulse"), "serve"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{base}/health", timeout=1).status_code == 200:
+                return process, base
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"civicpulse serve did not start on port {port}")
+        time.sleep(0.2)
+
+
+def run_api(database: Database, token: str, count: int, *, group_commit: bool) -> Run:
+    process, base = start_api(database, group_commit=group_commit)
+    local = threading.local()
+    run_id = uuid.uuid4().hex[:8]
+
+    def session() -> requests.Session:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+            local.session.headers["Authorization"] = f"Bearer {token}"
+        http: requests.Session = local.session
+        return http
+
+    def post(n: int) -> Callable[[], None]:
+        def call() -> None:
+            response = session().post(
+                f"{base}/tenants/{TENANT}/incidents",
+                json=report_body(n),
+                headers={"Idempotency-Key": f"{run_id}-{n}"},
+                timeout=60,
+            )
+            if response.status_code != 201:
+                raise RuntimeError(f"POST failed with {response.status_code}: {response.text}")
+
+        return call
+
+    try:
+        # Warm up connections and code paths before the clock starts.
+        timed_calls(API_CLIENTS, [post(-n - 1) for n in range(API_CLIENTS * 4)], "warm-up")
+        label = "API, group commit" if group_commit else "API, one commit per request"
+        cpu_before = cpu_seconds(process.pid)
+        run = timed_calls(API_CLIENTS, [post(n) for n in range(count)], label)
+        return replace(run, server_cpu_seconds=cpu_seconds(process.pid) - cpu_before)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def run_raw_insert(database: Database, count: int) -> Run:
+    with database.connect_owner(autocommit=True) as conn:
+        conn.execute(BARE_TABLE)
+    connections = threading.local()
+    opened: list[psycopg.Connection[Any]] = []
+    now = datetime.now(UTC)
+
+    def insert(n: int) -> Callable[[], None]:
+        row = (
+            TENANT,
+            f"incident-{uuid.uuid4()}",
+            1,
+            "ReportSubmitted",
+            1,
+            Jsonb(report_body(n)),
+            Jsonb({"actor": "bench", "role": "staff", "channel": "api"}),
+            now,
+            uuid.uuid4(),
+            os.urandom(32),
+        )
+
+        def call() -> None:
+            if not hasattr(connections, "conn"):
+                connections.conn = database.connect_owner(autocommit=True)
+                opened.append(connections.conn)
+            connections.conn.execute(
+                "INSERT INTO bare_events VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", row
+            )
+
+        return call
+
+    try:
+        return timed_calls(BASELINE_CLIENTS, [insert(n) for n in range(count)], "raw INSERT")
+    finally:
+        for conn in opened:
+            conn.close()
+
+
+def run_eventsourcing(server_conninfo: str, count: int) -> Run:
+    from eventsourcing.application import Application
+    from eventsourcing.domain import Aggregate, event
+
+    class Report(Aggregate):
+        @event("Submitted")
+        def __init__(self, description: str, category: str) -> None:
+            self.description = description
+            self.category = category
+
+    name, _ = fresh_database(server_conninfo)
+    params = conninfo_to_dict(make_conninfo(server_conninfo, dbname=name))
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": str(params["dbname"]),
+        "POSTGRES_HOST": str(params.get("host") or "127.0.0.1"),
+        "POSTGRES_PORT": str(params.get("port") or "5432"),
+        "POSTGRES_USER": str(params.get("user") or "postgres"),
+        "POSTGRES_PASSWORD": str(params.get("password") or ""),
+        "POSTGRES_POOL_SIZE": str(BASELINE_CLIENTS),
+    }
+    app: Application[Any] = Application(env=env)
+
+    def save(n: int) -> Callable[[], None]:
+        body = report_body(n)
+
+        def call() -> None:
+            app.save(Report(body["description"], body["category"]))
+
+        return call
+
+    try:
+        timed_calls(BASELINE_CLIENTS, [save(n) for n in range(200)], "warm-up")
+        return timed_calls(BASELINE_CLIENTS, [save(n) for n in range(count)], "eventsourcing")
+    finally:
+        app.close()
+        drop(server_conninfo, name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=5000, help="appends per run")
+    parser.add_argument(
+        "--compare", action="store_true", help="also run the API without group commit"
+    )
+    args = parser.parse_args()
+
+    server_conninfo = server()
+    name, database = fresh_database(server_conninfo)
+    try:
+        store_pool = psycopg_pool(database)
+        store = PostgresEventStore(store_pool)
+        create_tenant(store, TENANT, name="Bench", time_zone="UTC", occurred_at=datetime.now(UTC))
+        _, token = issue_key(store, TENANT, role=Role.STAFF, name="bench", issued_by="bench")
+        store_pool.close()
+
+        runs = [run_api(database, token, args.requests, group_commit=True)]
+        if args.compare:
+            runs.append(run_api(database, token, args.requests, group_commit=False))
+        raw = run_raw_insert(database, args.requests)
+        library = run_eventsourcing(server_conninfo, args.requests)
+    finally:
+        drop(server_conninfo, name)
+
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")
+    for run in [*runs, raw, library]:
+        print(run.line())
+    api = runs[0]
+    print(f"API / raw INSERT:    {api.rate / raw.rate:5.2f}  (target 0.33 or more)")
+    print(f"API / eventsourcing: {api.rate / library.rate:5.2f}  (target 3 or more)")
+    print(f"API p99:             {api.p99_ms:5.1f} ms (target under 100 ms)")
+
+
+def psycopg_pool(database: Database) -> Any:
+    from psycopg_pool import ConnectionPool
+
+    return ConnectionPool(database.app_conninfo, min_size=1, max_size=2, open=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -55,10 +55,11 @@ def request(values: list[str], times: TimeReader) -> ServiceRequest:
     latitude, longitude = coordinates(row["lat"], row["long"], ("lat", "long"))
     details = {name: text for name in _DETAILS if (text := clean(row[name])) is not None}
     status = clean(row["status"])
+    opened_at = opened(times, row["requested_datetime"], "requested_datetime")
     updated_at = times.utc_text(row["updated_datetime"], "updated_datetime")
     return ServiceRequest(
         source_id=f"{city}/{request_id}" if city else request_id,
-        opened_at=opened(times, row["requested_datetime"], "requested_datetime"),
+        opened_at=opened_at,
         updated_at=updated_at,
         closed_at=updated_at if status_class(status, None) == CLOSED else None,
         due_at=times.utc_text(row["expected_datetime"], "expected_datetime"),

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 BLOCK_BYTES = 1 << 20
 # Requests of a JSON array per list handed to a parser process.
 JSON_ITEMS = 2000
+# Bytes read at most to find the end of the header row.
+HEADER_LIMIT = 1 << 20
 # Rejected rows kept in the report; all of them go to the rejects file.
 KEPT_REJECTS = 1000
 
@@ -238,11 +240,17 @@ def read_layout(path: Path, format_name: str | None = None) -> Layout:
     if format_name is not None and format_name not in FORMATS:
         raise ImportFileError(f"unknown format {format_name!r}: use one of {', '.join(FORMATS)}")
     raw, stream = _open_binary(path)
+    head = b""
     with raw, stream:
-        try:
-            head = stream.read(BLOCK_BYTES)
-        except (OSError, EOFError) as error:
-            raise ImportFileError(f"cannot read {path}: {error}") from error
+        # Read until the header record is complete, however small the blocks.
+        while first_record_end(head) < 0 and len(head) < HEADER_LIMIT:
+            try:
+                data = stream.read(BLOCK_BYTES)
+            except (OSError, EOFError) as error:
+                raise ImportFileError(f"cannot read {path}: {error}") from error
+            if not data:
+                break
+            head += data
     start = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
     if not start.strip():
         raise ImportFileError(f"{path} is empty: expected a header row")

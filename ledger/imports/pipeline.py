@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 BLOCK_BYTES = 1 << 20
 # Requests of a JSON array per list handed to a parser process.
 JSON_ITEMS = 2000
+# Longest record the reader accepts: a quote that is never closed would otherwise make the
+# rest of the file one record, held in memory.
+MAX_RECORD_BYTES = 64 << 20
 # Bytes read at most to find the end of the header row.
 HEADER_LIMIT = 1 << 20
 # Rejected rows kept in the report; all of them go to the rejects file.
@@ -169,6 +172,7 @@ def _read_blocks(path: Path, layout: Layout, progress: ProgressCallback | None) 
     total = os.fstat(raw.fileno()).st_size
     with raw, stream:
         buffer = b""
+        done = 0  # bytes of the decompressed file handed on, header included
         header_seen = False
         while True:
             try:
@@ -180,6 +184,12 @@ def _read_blocks(path: Path, layout: Layout, progress: ProgressCallback | None) 
             if end <= 0:
                 if not data:
                     break
+                if len(buffer) > MAX_RECORD_BYTES:
+                    raise ImportFileError(
+                        f"{path}: no record ends within {MAX_RECORD_BYTES} bytes after "
+                        f"byte {done} of the (decompressed) file; a quoted "
+                        "field is probably never closed. The records before it were imported"
+                    )
                 continue
             if not header_seen:
                 header_end = first_record_end(buffer)
@@ -187,8 +197,10 @@ def _read_blocks(path: Path, layout: Layout, progress: ProgressCallback | None) 
                     header_end = len(buffer)
                 buffer = buffer[header_end:]
                 end -= header_end
+                done += header_end
                 header_seen = True
             block, buffer = buffer[:end], buffer[end:]
+            done += len(block)
             if block:
                 yield block
             if progress:
@@ -544,17 +556,20 @@ class CopyWriter:
         fast_heads: list[ParsedCase] = []
         slow_lines: list[str] = []
         moved: dict[str, tuple[int, bytes]] = {}
+        # COPY text of streams first created in this chunk, whose event ids are read only
+        # when the same stream comes again.
+        created: dict[str, bytes] = {}
         for case in chunk.cases:
             raw = chunk.events_copy[case.start : case.end]
             if case.stream_id not in heads and case.stream_id not in moved:
                 fast_parts.append(raw)
                 fast_heads.append(case)
-                known_ids.update(
-                    EventLine.decode(line).event_id for line in raw.decode().splitlines()
-                )
+                created[case.stream_id] = raw
                 moved[case.stream_id] = (case.version, case.head_hash)
                 states[case.stream_id] = _StreamState(bool(case.closed), case.updated_at)
                 continue
+            if (first := created.pop(case.stream_id, None)) is not None:
+                known_ids.update(line.split(b"\t")[8].decode() for line in first.splitlines())
             owner = heads[case.stream_id][0] if case.stream_id in heads else self.tenant_id
             if owner != self.tenant_id:
                 outcome.rejected.append(

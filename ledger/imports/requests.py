@@ -94,7 +94,8 @@ _US_TIME = re.compile(
 def clean(value: str) -> str | None:
     """Return `value` stripped, or None when it is empty or a placeholder such as "N/A"."""
     value = value.strip()
-    if value.upper() in PLACEHOLDERS:
+    # No placeholder is longer than 11 characters, and upper() costs more than len().
+    if len(value) <= 11 and value.upper() in PLACEHOLDERS:
         return None
     return value
 

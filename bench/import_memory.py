@@ -14,6 +14,7 @@ DATABASE_URL selects the server; without it an embedded server is started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import random
@@ -128,10 +129,8 @@ class PeakMemory:
         while not self._stop.is_set():
             total = 0
             for process in [me, *me.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     total += process.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
             self.peak = max(self.peak, total)
             self._stop.wait(self.interval)
 

@@ -49,12 +49,12 @@ logger = logging.getLogger(__name__)
 BLOCK_BYTES = 1 << 20
 # Requests of a JSON array per list handed to a parser process.
 JSON_ITEMS = 2000
-# Longest record the reader accepts: a quote that is never closed would otherwise make the
-# rest of the file one record, held in memory.
+# Maximum size of one record. Without it, a quote that is never closed would make the rest
+# of the file one record, held in memory.
 MAX_RECORD_BYTES = 64 << 20
 # Bytes read at most to find the end of the header row.
 HEADER_LIMIT = 1 << 20
-# Rejected rows kept in the report; all of them go to the rejects file.
+# Rejected rows kept in the report. All of them go to the rejects file.
 KEPT_REJECTS = 1000
 
 ProgressCallback = Callable[[int, int], None]
@@ -425,7 +425,7 @@ def import_boston(
 
 @dataclass
 class _StreamState:
-    """What the writer knows of a stream touched by this chunk: whether its latest status
+    """A stream's state as the writer tracks it within one chunk: whether its latest status
     event closed it, and the latest snapshot time its events record."""
 
     closed: bool = False
@@ -639,7 +639,7 @@ class CopyWriter:
 
 @dataclass
 class _Outcome:
-    """What the writer did with one chunk."""
+    """Counts and rejects of one chunk's write."""
 
     appended: int = 0
     present: int = 0

@@ -2,14 +2,14 @@
 
 The NYC, Los Angeles and Open311 formats map their columns to a `ServiceRequest`; this
 module turns it into incident events as COPY text. A row is a snapshot of a request at one
-moment. The same request may appear in several rows (several snapshots, or several exports
-imported one after the other), so every event id derives from the request id and what
-the event states, and the writer appends only the events a stream does not have yet.
+moment. The same request may appear in several rows: several snapshots, or several exports
+imported one after the other. So every event id derives from the request id and what the
+event states, and the writer appends only the events a stream does not have yet.
 
 Each row yields, for a stream that does not exist yet:
 
 - ReportSubmitted at the open date;
-- WorkStarted at the snapshot time when the source status says work is under way;
+- WorkStarted at the snapshot time when the source status means work is under way;
 - IncidentClosed at the closed date when the source status (or, without a status, a
   closed date) says the request is closed.
 
@@ -155,7 +155,7 @@ class TimeReader:
 def coordinates(
     latitude: str, longitude: str, names: tuple[str, str] = ("latitude", "longitude")
 ) -> tuple[float | None, float | None]:
-    """Read a position; a placeholder or a 0 in either coordinate means no position.
+    """Read a position. A placeholder or a 0 in either coordinate means no position.
 
     Exports write 0 (or 0.0) for a missing position, and no city in these exports lies on
     the equator or the prime meridian.
@@ -180,8 +180,8 @@ def coordinates(
 
 
 def status_class(status: str | None, closed_at: str | None) -> str:
-    """Return OPEN, IN_PROGRESS or CLOSED for a source status; without one, the closed date
-    decides."""
+    """Return OPEN, IN_PROGRESS or CLOSED for a source status. Without a status, the closed
+    date decides."""
     if status is None:
         return CLOSED if closed_at else OPEN
     lowered = status.lower()
@@ -215,8 +215,8 @@ class ServiceRequest:
     details: dict[str, str] = field(default_factory=dict)
 
 
-# A format's row mapping: the row narrowed to the format's columns ('' for absent ones) and
-# a time reader, to a request; raises RowRejected.
+# Maps a row, narrowed to the format's columns ('' for absent ones), to a request with the
+# help of a time reader. Raises RowRejected.
 RowMapper = Callable[[list[str], TimeReader], ServiceRequest]
 
 

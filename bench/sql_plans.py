@@ -6,7 +6,10 @@ statement's EXPLAIN (ANALYZE, BUFFERS). Then it starts `--writers` threads that 
 events to new streams of the large tenant in transactions of 100 events, and prints the
 execution time of every statement again while they write, with the writers' rate.
 
-    python bench/sql_plans.py [--writers N] [--events N]
+    python bench/sql_plans.py [--writers N] [--index NAME=DEFINITION ...]
+
+`--index` creates an extra index on events after the fill (for example
+`events_audit_occurred="(tenant_id, occurred_at)"`) and prints its size and build time.
 
 DATABASE_URL selects the server; without it an embedded server is started.
 """
@@ -86,6 +89,7 @@ def write_load(database: Database, stop: threading.Event, counts: list[int]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--writers", type=int, default=2)
+    parser.add_argument("--index", action="append", default=[], help="NAME=DEFINITION")
     args = parser.parse_args()
 
     conninfo = server()
@@ -96,6 +100,19 @@ def main() -> None:
             fill_events(conn, plans.BIG, plans.EVENTS - 50_000)
             fill_events(conn, plans.SMALL, 50_000)
             print(f"filled {plans.EVENTS:,} events in {time.perf_counter() - started:.0f} s")
+            for spec in args.index:
+                index_name, definition = spec.split("=", 1)
+                started = time.perf_counter()
+                conn.execute(f"CREATE INDEX {index_name} ON events {definition}")
+                conn.execute("ANALYZE events")
+                conn.commit()
+                size = conn.execute("SELECT pg_relation_size(%s::regclass)", (index_name,))
+                row = size.fetchone()
+                assert row is not None
+                print(
+                    f"index {index_name} {definition}: built in "
+                    f"{time.perf_counter() - started:.1f} s, {row[0] / 2**20:.0f} MiB"
+                )
             statements = recorded_statements(conn)
             alone: list[float] = []
             for query_name, statement in statements:

@@ -231,6 +231,8 @@ def _read_json(
                     if progress:
                         progress(raw.tell(), total)
         except ijson.JSONError as error:
+            if items:
+                yield items  # the requests read before the error are imported
             raise ImportFileError(
                 f"{path} is not valid JSON ({error}); the requests before the error that "
                 "were read are imported"

@@ -740,3 +740,16 @@ def test_unclosed_quote_stops_with_clear_error(
         run_import(database, path, tenant)
 
     assert event_count(store, tenant) == 20
+
+
+def test_truncated_json_keeps_requests_before(
+    database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
+) -> None:
+    items = [open311_request(str(700 + n), "2019-11-14T00:21:08-05:00") for n in range(3)]
+    path = tmp_path / "requests.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(items).encode()[:-40]))
+
+    with pytest.raises(ImportFileError, match="is not valid JSON"):
+        run_import(database, path, tenant)
+
+    assert event_count(store, tenant) == 2

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -35,13 +35,11 @@ from ledger.store import PostgresEventStore
 app = typer.Typer(help="CivicPulse: an append-only incident ledger.", no_args_is_help=True)
 tenant_app = typer.Typer(help="Create and configure tenants.", no_args_is_help=True)
 classify_app = typer.Typer(help="Measure the report classifiers.", no_args_is_help=True)
-import_app = typer.Typer(help="Import city 311 exports.", no_args_is_help=True)
 sla_app = typer.Typer(help="SLA figures.", no_args_is_help=True)
 key_app = typer.Typer(help="Issue, list and revoke API keys.", no_args_is_help=True)
 reporter_app = typer.Typer(help="Reporters' personal data.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
-app.add_typer(import_app, name="import")
 app.add_typer(sla_app, name="sla")
 app.add_typer(reporter_app, name="reporter")
 app.add_typer(audit_app, name="audit")
@@ -336,38 +334,76 @@ def reporter_erase(
     )
 
 
-@import_app.command("boston")
-def import_boston_command(
-    path: Annotated[Path, typer.Argument(help="Boston 311 export, .csv or .csv.gz")],
-    tenant: Annotated[str, typer.Option(help="Tenant to import into")] = "boston",
+@app.command("import")
+def import_command(
+    arguments: Annotated[
+        list[str],
+        typer.Argument(
+            help="The export (.csv, .tsv or .json, optionally .gz), optionally after a format "
+            "name: 'import boston FILE' is 'import FILE --format boston'",
+            metavar="[FORMAT] FILE",
+            show_default=False,
+        ),
+    ],
+    tenant: Annotated[
+        str | None,
+        typer.Option(help="Tenant to import into (default with a FORMAT word: that word)"),
+    ] = None,
+    file_format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="boston, nyc, la or open311 (default: detected from the header)",
+        ),
+    ] = None,
     time_zone: Annotated[
         str | None,
         typer.Option(
-            help="Time zone of the file's naive times (default: the tenant's zone, or "
-            "America/New_York for a new tenant); must match an existing tenant's zone"
+            help="Time zone of the file's naive times (default: the tenant's zone, or the "
+            "city's zone for a new tenant, UTC for open311); must match an existing "
+            "tenant's zone"
         ),
     ] = None,
     workers: Annotated[int, typer.Option(min=0, help="Parser processes (0: one per CPU)")] = 0,
     rejects: Annotated[
         Path | None,
         typer.Option(
-            help="CSV file for rejected rows (default: FILE.rejects.csv in the current "
-            "directory); written only when rows are rejected"
+            help="CSV file for rejected rows (default: FILE.rejects.csv beside the file, or "
+            "in the current directory when that directory is read-only); written only when "
+            "rows are rejected"
         ),
     ] = None,
     project: Annotated[bool, typer.Option(help="Bring the read models up to date after")] = True,
 ) -> None:
-    """Import a City of Boston 311 export. The tenant is created when it does not exist."""
-    from ledger.imports.pipeline import ImportFileError, import_boston, read_layout
+    """Import a city 311 export: Boston, NYC, Los Angeles or Open311 GeoReport v2.
+
+    The tenant is created when it does not exist.
+    """
+    from ledger.imports.formats import DEFAULT_TIME_ZONES, FORMATS
+    from ledger.imports.pipeline import ImportFileError, import_file, read_layout
     from ledger.tenants import create_tenant, load_tenant
 
+    if len(arguments) == 2 and arguments[0] in FORMATS:
+        alias, path = arguments[0], Path(arguments[1])
+        if file_format is not None and file_format != alias:
+            raise _fail(f"the format is named twice, as {alias} and --format {file_format}")
+        file_format, tenant = alias, tenant or alias
+    elif len(arguments) == 1:
+        path = Path(arguments[0])
+    else:
+        raise _fail(
+            "expected FILE or FORMAT FILE, with FORMAT one of "
+            f"{', '.join(FORMATS)}; got {' '.join(arguments)}"
+        )
+    if tenant is None:
+        raise _fail("missing --tenant: name the tenant to import into")
     if not path.is_file():
-        raise _fail(f"{path} not found: pass the path of a .csv or .csv.gz export")
+        raise _fail(f"{path} not found: pass the path of a .csv, .tsv or .json export")
     try:
-        read_layout(path)  # before anything is created: is this an export at all?
+        layout = read_layout(path, file_format)  # before anything is created
     except ImportFileError as error:
         raise _fail(str(error)) from error
-    rejects_path = rejects or Path.cwd() / (path.name + ".rejects.csv")
+    rejects_path = rejects or _default_rejects_path(path)
     settings, database = _migrated()
     pool, store = _store(database)
     with pool:
@@ -378,7 +414,7 @@ def import_boston_command(
                     store,
                     tenant,
                     name=tenant,
-                    time_zone=time_zone or "America/New_York",
+                    time_zone=time_zone or DEFAULT_TIME_ZONES[layout.format.name],
                     occurred_at=datetime.now(UTC),
                 )
             except LedgerError as error:
@@ -395,43 +431,44 @@ def import_boston_command(
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        task = progress.add_task(f"importing {path.name}", total=None)
+        task = progress.add_task(f"importing {path.name} ({layout.format.label})", total=None)
 
         def advance(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
         with database.connect_owner() as conn:
             try:
-                report = import_boston(
+                report = import_file(
                     conn,
                     path,
                     tenant_id=tenant,
                     time_zone=config.time_zone,
+                    format_name=layout.format.name,
                     workers=workers or None,
                     progress=advance,
+                    rejects_path=rejects_path,
                 )
             except ImportFileError as error:
                 raise _fail(str(error)) from error
     console.print(
-        f"rows read: {report.rows}, cases: {report.cases}, events appended: "
-        f"{report.events_appended}, already present: {report.events_already_present}, "
-        f"rejected: {len(report.rejected)}"
+        f"format: {report.format}, rows read: {report.rows}, cases: {report.cases}, "
+        f"events appended: {report.events_appended}, already present: "
+        f"{report.events_already_present}, superseded rows: {report.versions_superseded}, "
+        f"rejected: {report.rejected_count}"
     )
-    if report.rejected:
-        try:
-            with rejects_path.open("w", newline="") as out:
-                writer = csv.writer(out)
-                writer.writerow(["row_number", "reason"])
-                writer.writerows(report.rejected)
-        except OSError as error:
-            first = "; ".join(f"row {number}: {reason}" for number, reason in report.rejected[:5])
-            raise _fail(
-                f"cannot write the rejected rows to {rejects_path} ({error}); pass --rejects "
-                f"with a writable path. The first rejected rows: {first}"
-            ) from error
+    if report.rejected_count:
         console.print(f"rejected rows are listed in {rejects_path}")
     if project:
         _catch_up(database, settings)
+
+
+def _default_rejects_path(path: Path) -> Path:
+    """Return FILE.rejects.csv beside the file, or in the current directory when the
+    file's directory is not writable (a read-only data share, say)."""
+    beside = path.with_name(path.name + ".rejects.csv")
+    if os.access(path.parent, os.W_OK):
+        return beside
+    return Path.cwd() / beside.name
 
 
 def _catch_up(database: Database, settings: Settings) -> None:

@@ -7,10 +7,8 @@ Times in the file are naive local times, read in the tenant's time zone.
 
 from __future__ import annotations
 
-import csv
 import gc
 import hashlib
-import io
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -68,6 +66,14 @@ class ParsedCase(NamedTuple):
     end: int
     version: int
     head_hash: bytes
+    # The row's snapshot time (UTC text), when the format has one: the writer skips a row
+    # older than what a stream already records.
+    updated_at: str | None = None
+    # Whether the row lists the request as closed; None when the format does not say.
+    closed: bool | None = None
+    # A COPY line for an IncidentReopened event, without version and hash, that the writer
+    # appends only when the stream's latest event closed it.
+    reopen_line: str | None = None
 
 
 @dataclass
@@ -275,6 +281,8 @@ def case_events(
         closing = {
             "reason": closure_reason.strip() or None,
             "source_status": case_status.strip() or None,
+            # Both are UTC text in one format, so text order is time order.
+            "anomalies": ["closed_before_opened"] if closed < opened else None,
         }
         specs.append((INCIDENT_CLOSED, closed, closing, closed_id))
 
@@ -309,48 +317,6 @@ def import_metadata(source_file: str) -> bytes:
     return canonical_json(
         {"actor": "import", "role": "system", "channel": "import", "source_file": source_file}
     )
-
-
-def parse_block(
-    tenant_id: str,
-    time_zone: str,
-    source_file: str,
-    indexes: tuple[int, ...],
-    width: int,
-    block: bytes,
-) -> ParsedChunk:
-    """Parse a block of whole CSV records in a worker process.
-
-    Row numbers in the result count from 1 at the block's first record; rows with the
-    wrong number of fields are rejected here.
-    """
-    text = block.decode("utf-8", errors="replace")
-    rows: list[tuple[int, list[str]]] = []
-    rejects: list[tuple[int, str]] = []
-    number = 0
-    reader = csv.reader(io.StringIO(text, newline=""))
-    while True:
-        try:
-            values = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as error:
-            # The reader goes on with the next record. Keep the reason, not the csv
-            # module's advice on opening files that follows " - ".
-            number += 1
-            reason = str(error).split(" - ")[0]
-            rejects.append((number, f"invalid CSV: {reason}"))
-            continue
-        number += 1
-        if len(values) != width:
-            if values:
-                rejects.append((number, f"row has {len(values)} fields, the header has {width}"))
-            continue
-        rows.append((number, [values[i] if i >= 0 else "" for i in indexes]))
-    chunk = parse_chunk(tenant_id, time_zone, source_file, rows, "\x00" in text)
-    chunk.rejects = sorted(rejects + chunk.rejects)
-    chunk.records = number
-    return chunk
 
 
 def parse_chunk(

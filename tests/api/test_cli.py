@@ -179,6 +179,41 @@ def test_import_time_zone_must_match_tenant(tmp_path: Path) -> None:
     assert "rows read: 0" in matching.stderr
 
 
+def test_import_detects_format_and_writes_rejects(tmp_path: Path) -> None:
+    export = tmp_path / "data" / "requests.tsv"
+    export.parent.mkdir()
+    export.write_text(
+        "service_request_id\tstatus\tservice_name\trequested_datetime\tupdated_datetime\n"
+        "101\tclosed\tPothole\t2019-11-14T00:21:08-05:00\t2019-11-15T09:00:00-05:00\n"
+        "102\topen\tGraffiti\tlast week\t\n"
+        "\topen\tGraffiti\t2019-11-14T00:21:08-05:00\t\n"
+    )
+    env = cli_env(tmp_path / "pgdata")
+
+    first = civicpulse("import", str(export), "--tenant", "metro", "--no-project", env=env)
+    again = civicpulse("import", str(export), "--tenant", "metro", "--no-project", env=env)
+    no_tenant = civicpulse("import", str(export), env=env)
+    twice = civicpulse("import", "nyc", str(export), "--format", "la", env=env)
+
+    assert first.returncode == 0, first.stderr
+    assert "format: open311, rows read: 3" in first.stderr
+    assert "events appended: 2" in first.stderr
+    assert "rejected: 2" in first.stderr
+    rejects = export.with_name("requests.tsv.rejects.csv")
+    assert rejects.read_text().splitlines() == [
+        "row_number,reason",
+        "3,invalid requested_datetime 'last week': expected an ISO 8601 time such as "
+        "2015-01-31T14:05:00 (with or without an offset) or MM/DD/YYYY hh:mm:ss AM",
+        "4,missing service_request_id",
+    ]
+    assert again.returncode == 0, again.stderr
+    assert "events appended: 0, already present: 2" in again.stderr
+    assert no_tenant.returncode == 2
+    assert "missing --tenant" in no_tenant.stderr
+    assert twice.returncode == 2
+    assert "named twice, as nyc and --format la" in twice.stderr
+
+
 @pytest.mark.slow
 def test_keys_issued_listed_and_revoked(tmp_path: Path) -> None:
     env = cli_env(tmp_path / "pgdata")

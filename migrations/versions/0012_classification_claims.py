@@ -1,7 +1,7 @@
 """Claims on reports being classified, so that two classifier pools never ask twice.
 
 Revision ID: 0012
-Revises: 0007
+Revises: 0011
 
 A pool claims a report before it calls a model and deletes the claim once the outcome is
 recorded. A claim expires, so a report claimed by a pool that died is taken by another one
@@ -12,7 +12,7 @@ depends on them, and an empty table loses nothing.
 from alembic import context, op
 
 revision = "0012"
-down_revision = "0007"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 

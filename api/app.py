@@ -190,6 +190,13 @@ class EmptyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MergeGroupIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    with_incident: UUID = Field(
+        description="Another incident whose duplicate group joins this incident's group."
+    )
+
+
 COMMAND_BODIES: dict[str, type[BaseModel]] = {
     "acknowledge": EmptyIn,
     "assign": AssignIn,
@@ -202,6 +209,8 @@ COMMAND_BODIES: dict[str, type[BaseModel]] = {
     "reject": RejectIn,
     "mark-duplicate": DuplicateIn,
     "reclassify": ReclassifyIn,
+    "merge-group": MergeGroupIn,
+    "split-group": EmptyIn,
 }
 assert set(COMMAND_BODIES) == set(COMMANDS)
 

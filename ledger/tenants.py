@@ -10,6 +10,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ledger.errors import CommandInvalid, ConcurrencyError, TenantExists, TenantNotFound
 from ledger.events import NewEvent, RecordedEvent
+from ledger.grouping import (
+    DEFAULT_SETTINGS,
+    GROUPING_CONFIGURED,
+    GroupingSettings,
+    settings_from_payload,
+)
 from ledger.store import PostgresEventStore
 
 TENANT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -41,6 +47,7 @@ class TenantConfig:
     categories: tuple[Category, ...] = ()
     # None means the classifier's default hazard words.
     hazard_words: tuple[str, ...] | None = None
+    grouping: GroupingSettings = DEFAULT_SETTINGS
 
     @property
     def category_names(self) -> list[str]:
@@ -99,6 +106,10 @@ def fold_tenant(tenant_id: str, events: list[RecordedEvent]) -> TenantConfig | N
                 categories=_categories_from_payload(event.payload),
                 hazard_words=_hazard_words_from_payload(event.payload),
                 version=event.stream_version,
+            )
+        elif event.event_type == GROUPING_CONFIGURED and config is not None:
+            config = replace(
+                config, grouping=settings_from_payload(event.payload), version=event.stream_version
             )
     return config
 

@@ -1,0 +1,642 @@
+"""The duplicate grouping read model: groups of likely duplicate reports, per tenant.
+
+Groups are the connected components of a graph whose nodes are reports and whose edges are
+`match` links (the symmetric rule of ledger.grouping) and `merge` links (staff merges). A
+`split` link, left by a staff split, keeps the rule from linking that pair again. Each group
+is named by the smallest incident id among its members, so neither arrival order nor the
+members' statuses change a group or its name.
+
+Every event takes effect in log order with the settings in force at its position: a link
+found under old settings stays when the settings change. A report's links are evaluated
+again when its category changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from ledger import lifecycle as lc
+from ledger.events import RecordedEvent
+from ledger.grouping import (
+    DEFAULT_SETTINGS,
+    GROUPING_CONFIGURED,
+    GroupedReport,
+    GroupingSettings,
+    candidates,
+    cell_of,
+    cells_near,
+    report_text,
+    settings_from_payload,
+    usable_location,
+)
+from projections.base import INCIDENT_STREAM_PREFIX, Projection
+
+logger = logging.getLogger(__name__)
+
+MATCH = "match"
+MERGE = "merge"
+SPLIT = "split"
+JOINING = frozenset({MATCH, MERGE})
+
+GROUPING_EVENT_TYPES = frozenset(
+    {
+        lc.REPORT_SUBMITTED,
+        lc.REPORT_CLASSIFIED,
+        lc.CLASSIFICATION_CORRECTED,
+        lc.REPORTS_MERGED,
+        lc.REPORT_SPLIT_FROM_GROUP,
+        GROUPING_CONFIGURED,
+    }
+)
+
+Key = tuple[str, UUID]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupingTables:
+    """The three tables of the read model, as comparable values."""
+
+    settings: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
+    reports: dict[Key, tuple[Any, ...]] = field(default_factory=dict)
+    links: set[tuple[str, UUID, UUID, str]] = field(default_factory=set)
+
+
+def _incident_key(event: RecordedEvent) -> Key:
+    return event.tenant_id, UUID(event.stream_id.removeprefix(INCIDENT_STREAM_PREFIX))
+
+
+def new_report(event: RecordedEvent) -> GroupedReport:
+    """Build the grouping view of a report from its ReportSubmitted event."""
+    payload = event.payload
+    latitude: Any = payload.get("latitude")
+    longitude: Any = payload.get("longitude")
+    located = isinstance(latitude, int | float) and isinstance(longitude, int | float)
+    category = payload.get("category")
+    return GroupedReport(
+        incident_id=UUID(payload["incident_id"]),
+        submitted_at=event.occurred_at,
+        category=category,
+        category_source=lc.CATEGORY_FROM_REPORT if category else None,
+        text=report_text(payload),
+        latitude=float(latitude) if located else None,
+        longitude=float(longitude) if located else None,
+    )
+
+
+def category_after(report: GroupedReport, event: RecordedEvent) -> tuple[str | None, str | None]:
+    """Return the category and its source after a classification event.
+
+    The same precedence as the incident fold: a staff correction wins over everything and
+    the latest one wins; a classifier fills in only a category the report did not bring.
+    Any correction, even of severity alone, marks the source "staff", because the incident
+    fold ignores classifier results from then on.
+    """
+    payload = event.payload
+    if event.event_type == lc.CLASSIFICATION_CORRECTED:
+        return payload.get("category") or report.category, lc.CATEGORY_FROM_STAFF
+    if report.category_source in (lc.CATEGORY_FROM_STAFF, lc.CATEGORY_FROM_REPORT):
+        return report.category, report.category_source
+    if payload.get("category"):
+        return payload["category"], lc.CATEGORY_FROM_CLASSIFIER
+    return report.category, report.category_source
+
+
+def report_row(report: GroupedReport, group_id: UUID) -> tuple[Any, ...]:
+    """Return the grouping_reports columns after tenant_id and incident_id."""
+    located = report.latitude is not None and report.longitude is not None
+    return (
+        report.submitted_at,
+        report.category,
+        report.category_source,
+        report.text,
+        report.latitude,
+        report.longitude,
+        cell_of(report.latitude, report.longitude) if located else None,  # type: ignore[arg-type]
+        group_id,
+    )
+
+
+class _Batch:
+    """The part of the read model one batch touches, loaded up front, changed in memory in
+    log order, then written back."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+        self.settings: dict[str, GroupingSettings] = {}
+        self.settings_changed: dict[str, int] = {}
+        self.reports: dict[Key, GroupedReport] = {}
+        self.group_of: dict[Key, UUID] = {}
+        self.new: set[Key] = set()
+        self.changed: set[Key] = set()
+        # (tenant, cell, category) -> reports: the in-memory spatial index.
+        self.index: dict[tuple[str, int, str | None], set[Key]] = defaultdict(set)
+        # Links stored before the batch, loaded per report on first use.
+        self.stored_links: dict[Key, dict[UUID, str]] = {}
+        # Link changes of this batch, per endpoint (None removes a link).
+        self.pending: dict[Key, dict[UUID, str | None]] = defaultdict(dict)
+
+    # Loading.
+
+    def load(self, events: list[RecordedEvent]) -> None:
+        tenants = {event.tenant_id for event in events}
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT tenant_id, settings FROM grouping_settings WHERE tenant_id = ANY(%s)",
+                (list(tenants),),
+            )
+            for tenant_id, settings in cur:
+                self.settings[tenant_id] = settings_from_payload(settings)
+
+        # Reports the batch names by id: classified, merged or split ones.
+        named: dict[str, set[UUID]] = defaultdict(set)
+        submitted: dict[str, list[RecordedEvent]] = defaultdict(list)
+        widest: dict[str, GroupingSettings] = {}
+        for event in events:
+            kind = event.event_type
+            if kind == GROUPING_CONFIGURED:
+                settings = settings_from_payload(event.payload)
+                current = widest.get(event.tenant_id) or self.settings_for(event.tenant_id)
+                widest[event.tenant_id] = _widest(current, settings)
+            elif kind == lc.REPORT_SUBMITTED:
+                submitted[event.tenant_id].append(event)
+            else:
+                tenant_id, incident_id = _incident_key(event)
+                named[tenant_id].add(incident_id)
+                if kind == lc.REPORTS_MERGED:
+                    named[tenant_id].add(UUID(event.payload["with_incident"]))
+        for tenant_id, ids in named.items():
+            self._load_reports(tenant_id, "incident_id = ANY(%s)", (list(ids),))
+            self._load_links(tenant_id, ids)
+
+        # Every stored report near a report this batch evaluates, within the widest settings
+        # in force during the batch.
+        for tenant_id in tenants:
+            settings = widest.get(tenant_id) or self.settings_for(tenant_id)
+            points = [
+                (event.payload.get("latitude"), event.payload.get("longitude"), event.occurred_at)
+                for event in submitted.get(tenant_id, [])
+            ]
+            points += [
+                (report.latitude, report.longitude, report.submitted_at)
+                for (tenant, _), report in self.reports.items()
+                if tenant == tenant_id
+            ]
+            located = [
+                (lat, lon, at)
+                for lat, lon, at in points
+                if isinstance(lat, int | float) and isinstance(lon, int | float)
+            ]
+            if not located:
+                continue
+            cells: set[int] = set()
+            for lat, lon, _ in located:
+                cells.update(cells_near(lat, lon, settings.distance_m))
+            window = timedelta(hours=settings.window_hours)
+            earliest = min(at for _, _, at in located) - window
+            latest = max(at for _, _, at in located) + window
+            self._load_reports(
+                tenant_id,
+                "cell = ANY(%s) AND submitted_at BETWEEN %s AND %s",
+                (list(cells), earliest, latest),
+            )
+
+    def settings_for(self, tenant_id: str) -> GroupingSettings:
+        return self.settings.get(tenant_id, DEFAULT_SETTINGS)
+
+    def _load_reports(self, tenant_id: str, condition: str, params: tuple[Any, ...]) -> None:
+        query = (
+            "SELECT incident_id, submitted_at, category, category_source, text, latitude, "
+            "longitude, group_id FROM grouping_reports WHERE tenant_id = %s AND " + condition
+        )
+        with self.conn.cursor() as cur:
+            cur.execute(query, (tenant_id, *params))
+            for incident_id, *values, group_id in cur:
+                key = (tenant_id, incident_id)
+                if key not in self.reports:
+                    self._add(key, GroupedReport(incident_id, *values))
+                    self.group_of[key] = group_id
+
+    def _load_links(self, tenant_id: str, ids: Iterable[UUID]) -> None:
+        missing = [i for i in ids if (tenant_id, i) not in self.stored_links]
+        for incident_id in missing:
+            self.stored_links[(tenant_id, incident_id)] = {}
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT incident_id, other_id, kind FROM grouping_links "
+                "WHERE tenant_id = %s AND incident_id = ANY(%s)",
+                (tenant_id, missing),
+            )
+            for incident_id, other_id, kind in cur:
+                self.stored_links[(tenant_id, incident_id)][other_id] = kind
+
+    def _add(self, key: Key, report: GroupedReport) -> None:
+        self.reports[key] = report
+        if report.located:
+            cell = cell_of(report.latitude, report.longitude)  # type: ignore[arg-type]
+            self.index[(key[0], cell, report.category)].add(key)
+
+    def _remove_from_index(self, key: Key, report: GroupedReport) -> None:
+        if report.located:
+            cell = cell_of(report.latitude, report.longitude)  # type: ignore[arg-type]
+            self.index[(key[0], cell, report.category)].discard(key)
+
+    # Links.
+
+    def links_of(self, key: Key) -> dict[UUID, str]:
+        """Return the report's links as they stand at this point of the batch."""
+        if key in self.new:
+            stored: dict[UUID, str] = {}
+        else:
+            if key not in self.stored_links:
+                self._load_links(key[0], [key[1]])
+            stored = self.stored_links[key]
+        changes = self.pending.get(key)
+        if not changes:
+            return stored
+        merged = {**stored, **changes}
+        return {other: kind for other, kind in merged.items() if kind is not None}
+
+    def link_kind(self, key: Key, other: Key) -> str | None:
+        changes = self.pending.get(key)
+        if changes and other[1] in changes:
+            return changes[other[1]]
+        if key in self.new or other in self.new:
+            return None
+        return self.links_of(key).get(other[1])
+
+    def set_link(self, key: Key, other: Key, kind: str | None) -> None:
+        self.pending[key][other[1]] = kind
+        self.pending[other][key[1]] = kind
+
+    def component(self, key: Key) -> set[Key]:
+        """Return the report's group at this point of the batch (breadth-first search)."""
+        seen = {key}
+        frontier = [key]
+        while frontier:
+            current = frontier.pop()
+            for other_id, kind in self.links_of(current).items():
+                other = (key[0], other_id)
+                if kind in JOINING and other not in seen:
+                    seen.add(other)
+                    frontier.append(other)
+        return seen
+
+    # Events.
+
+    def apply(self, event: RecordedEvent) -> None:
+        kind = event.event_type
+        if kind == GROUPING_CONFIGURED:
+            self.settings[event.tenant_id] = settings_from_payload(event.payload)
+            self.settings_changed[event.tenant_id] = event.stream_version
+            return
+        key = _incident_key(event)
+        if kind == lc.REPORT_SUBMITTED:
+            if key in self.reports:
+                return
+            report = new_report(event)
+            self.new.add(key)
+            self.group_of[key] = key[1]
+            self._add(key, report)
+            self.evaluate(key)
+            return
+        report_or_none = self.reports.get(key)
+        if report_or_none is None:
+            logger.warning(
+                "grouping skips %s of tenant %s incident %s: no report was projected for it",
+                kind,
+                key[0],
+                key[1],
+            )
+            return
+        report = report_or_none
+        if kind in (lc.REPORT_CLASSIFIED, lc.CLASSIFICATION_CORRECTED):
+            category, source = category_after(report, event)
+            if source != report.category_source:
+                report.category_source = source
+                self.changed.add(key)
+            if category != report.category:
+                self._remove_from_index(key, report)
+                report.category = category
+                self._add(key, report)
+                self.changed.add(key)
+                for other_id, link in self.links_of(key).items():
+                    if link == MATCH:
+                        self.set_link(key, (key[0], other_id), None)
+                self.evaluate(key)
+        elif kind == lc.REPORTS_MERGED:
+            other = (key[0], UUID(event.payload["with_incident"]))
+            if other not in self.reports:
+                logger.warning(
+                    "grouping skips a merge of tenant %s incident %s with unknown incident %s",
+                    key[0],
+                    key[1],
+                    other[1],
+                )
+                return
+            self.set_link(key, other, MERGE)
+        elif kind == lc.REPORT_SPLIT_FROM_GROUP:
+            for member in self.component(key) - {key}:
+                self.set_link(key, member, SPLIT)
+
+    def evaluate(self, key: Key) -> None:
+        """Link the report with every report the rule pairs it with, unless staff decided."""
+        tenant_id = key[0]
+        settings = self.settings_for(tenant_id)
+        report = self.reports[key]
+        if not usable_location(settings, report):
+            return
+        assert report.latitude is not None and report.longitude is not None
+        cells = list(cells_near(report.latitude, report.longitude, settings.distance_m))
+        for category in settings.categories_related_to(report.category):
+            for cell in cells:
+                for other in self.index.get((tenant_id, cell, category), ()):
+                    if other == key:
+                        continue
+                    current = self.link_kind(key, other)
+                    if current is not None:
+                        continue  # already linked, merged or split by staff
+                    if candidates(settings, report, self.reports[other]):
+                        self.set_link(key, other, MATCH)
+
+    # Writing.
+
+    def write(self) -> None:
+        cur = self.conn.cursor()
+        for tenant_id, version in self.settings_changed.items():
+            cur.execute(
+                "INSERT INTO grouping_settings (tenant_id, settings, version) VALUES (%s, %s, %s) "
+                "ON CONFLICT (tenant_id) DO UPDATE SET settings = EXCLUDED.settings, "
+                "version = EXCLUDED.version",
+                (tenant_id, Jsonb(self.settings[tenant_id].to_payload()), version),
+            )
+        if self.new:
+            # COPY cannot write to a table with row-level security: it goes to a temporary
+            # table first.
+            cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS grouping_reports_batch "
+                "(LIKE grouping_reports) ON COMMIT DELETE ROWS"
+            )
+            with cur.copy("COPY grouping_reports_batch FROM STDIN") as copy:
+                for key in self.new:
+                    copy.write_row((*key, *report_row(self.reports[key], key[1])))
+            cur.execute("INSERT INTO grouping_reports SELECT * FROM grouping_reports_batch")
+            cur.execute("TRUNCATE grouping_reports_batch")
+        updates = [
+            (self.reports[key].category, self.reports[key].category_source, *key)
+            for key in self.changed - self.new
+        ]
+        if updates:
+            cur.executemany(
+                "UPDATE grouping_reports SET category = %s, category_source = %s "
+                "WHERE tenant_id = %s AND incident_id = %s",
+                updates,
+            )
+        self._write_links(cur)
+        self._relabel(cur)
+
+    def _write_links(self, cur: psycopg.Cursor[Any]) -> None:
+        upserts = []
+        removals = []
+        for (tenant_id, incident_id), changes in self.pending.items():
+            for other_id, kind in changes.items():
+                if kind is None:
+                    removals.append((tenant_id, incident_id, other_id))
+                else:
+                    upserts.append((tenant_id, incident_id, other_id, kind))
+        if removals:
+            cur.executemany(
+                "DELETE FROM grouping_links "
+                "WHERE tenant_id = %s AND incident_id = %s AND other_id = %s",
+                removals,
+            )
+        if upserts:
+            cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS grouping_links_batch "
+                "(LIKE grouping_links) ON COMMIT DELETE ROWS"
+            )
+            with cur.copy(
+                "COPY grouping_links_batch (tenant_id, incident_id, other_id, kind) FROM STDIN"
+            ) as copy:
+                for row in upserts:
+                    copy.write_row(row)
+            cur.execute(
+                "INSERT INTO grouping_links SELECT * FROM grouping_links_batch "
+                "ON CONFLICT (tenant_id, incident_id, other_id) DO UPDATE SET kind = EXCLUDED.kind"
+            )
+            cur.execute("TRUNCATE grouping_links_batch")
+
+    def _relabel(self, cur: psycopg.Cursor[Any]) -> None:
+        """Name each group whose links changed after its smallest member.
+
+        The groups after the batch lie within the union of the groups, before the batch, of
+        the reports whose links changed: every new link joins two such reports, and removed
+        links only divide groups.
+        """
+        touched: dict[str, set[UUID]] = defaultdict(set)
+        for tenant_id, incident_id in self.pending:
+            touched[tenant_id].add(incident_id)
+        for tenant_id, ids in touched.items():
+            unknown = [i for i in ids if (tenant_id, i) not in self.group_of]
+            if unknown:
+                cur.execute(
+                    "SELECT incident_id, group_id FROM grouping_reports "
+                    "WHERE tenant_id = %s AND incident_id = ANY(%s)",
+                    (tenant_id, unknown),
+                )
+                for incident_id, group_id in cur:
+                    self.group_of[(tenant_id, incident_id)] = group_id
+            labels = list({self.group_of[(tenant_id, i)] for i in ids})
+            cur.execute(
+                "SELECT incident_id, group_id FROM grouping_reports "
+                "WHERE tenant_id = %s AND group_id = ANY(%s)",
+                (tenant_id, labels),
+            )
+            old_group = dict(cur.fetchall())
+            cur.execute(
+                "SELECT incident_id, other_id FROM grouping_links WHERE tenant_id = %s "
+                "AND incident_id = ANY(%s) AND kind <> 'split'",
+                (tenant_id, list(old_group)),
+            )
+            new_group = components(old_group, cur.fetchall())
+            moved = [(i, g) for i, g in new_group.items() if old_group[i] != g]
+            if moved:
+                cur.execute(
+                    "UPDATE grouping_reports AS r SET group_id = m.group_id "
+                    "FROM unnest(%s::uuid[], %s::uuid[]) AS m(incident_id, group_id) "
+                    "WHERE r.tenant_id = %s AND r.incident_id = m.incident_id",
+                    ([i for i, _ in moved], [g for _, g in moved], tenant_id),
+                )
+
+
+def components(nodes: Iterable[UUID], edges: Iterable[tuple[UUID, UUID]]) -> dict[UUID, UUID]:
+    """Return each node's component, named by its smallest node (union-find)."""
+    parent = {node: node for node in nodes}
+
+    def root(node: UUID) -> UUID:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for first, second in edges:
+        if first not in parent or second not in parent:
+            continue
+        a, b = root(first), root(second)
+        if a != b:
+            # The smaller id becomes the root, so every root is its component's minimum.
+            if b < a:
+                a, b = b, a
+            parent[b] = a
+    return {node: root(node) for node in parent}
+
+
+def _widest(first: GroupingSettings, second: GroupingSettings) -> GroupingSettings:
+    """Return settings whose distance and window cover both, for loading neighbors."""
+    return first.model_copy(
+        update={
+            "distance_m": max(first.distance_m, second.distance_m),
+            "window_hours": max(first.window_hours, second.window_hours),
+        }
+    )
+
+
+class GroupingProjection(Projection):
+    """The duplicate grouping read model."""
+
+    name = "grouping"
+    tables = ("grouping_settings", "grouping_reports", "grouping_links")
+
+    def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        relevant = [event for event in events if event.event_type in GROUPING_EVENT_TYPES]
+        if not relevant:
+            return
+        batch = _Batch(conn)
+        batch.load(relevant)
+        for event in relevant:
+            batch.apply(event)
+        batch.write()
+
+    def fold(self, events: Iterable[RecordedEvent]) -> GroupingTables:
+        """Fold events from nothing, in memory and without any index: the reference."""
+        return fold_grouping(events)
+
+    def read_all(self, conn: psycopg.Connection[Any]) -> GroupingTables:
+        tables = GroupingTables()
+        with conn.cursor() as cur:
+            cur.execute("SELECT tenant_id, settings, version FROM grouping_settings")
+            for tenant_id, settings, version in cur:
+                tables.settings[tenant_id] = (settings, version)
+            cur.execute(
+                "SELECT tenant_id, incident_id, submitted_at, category, category_source, text, "
+                "latitude, longitude, cell, group_id FROM grouping_reports"
+            )
+            for tenant_id, incident_id, *values in cur:
+                tables.reports[(tenant_id, incident_id)] = tuple(values)
+            cur.execute("SELECT tenant_id, incident_id, other_id, kind FROM grouping_links")
+            tables.links.update(cur.fetchall())
+        return tables
+
+
+def fold_grouping(events: Iterable[RecordedEvent]) -> GroupingTables:
+    """Fold events into the grouping tables by comparing every pair of reports.
+
+    Quadratic, for tests and small data: it shares the rule with the projection but not the
+    spatial index, the loading or the relabelling.
+    """
+    settings: dict[str, GroupingSettings] = {}
+    versions: dict[str, int] = {}
+    reports: dict[Key, GroupedReport] = {}
+    links: dict[Key, dict[UUID, str]] = defaultdict(dict)
+
+    def link(key: Key, other: Key, kind: str | None) -> None:
+        if kind is None:
+            links[key].pop(other[1], None)
+            links[other].pop(key[1], None)
+        else:
+            links[key][other[1]] = kind
+            links[other][key[1]] = kind
+
+    def evaluate(key: Key) -> None:
+        current = settings.get(key[0], DEFAULT_SETTINGS)
+        for other, report in reports.items():
+            if other[0] != key[0] or other == key or other[1] in links[key]:
+                continue
+            if candidates(current, reports[key], report):
+                link(key, other, MATCH)
+
+    for event in events:
+        kind = event.event_type
+        if kind not in GROUPING_EVENT_TYPES:
+            continue
+        if kind == GROUPING_CONFIGURED:
+            settings[event.tenant_id] = settings_from_payload(event.payload)
+            versions[event.tenant_id] = event.stream_version
+            continue
+        key = _incident_key(event)
+        if kind == lc.REPORT_SUBMITTED:
+            if key not in reports:
+                reports[key] = new_report(event)
+                evaluate(key)
+            continue
+        if key not in reports:
+            continue
+        report = reports[key]
+        if kind in (lc.REPORT_CLASSIFIED, lc.CLASSIFICATION_CORRECTED):
+            category, report.category_source = category_after(report, event)
+            if category != report.category:
+                report.category = category
+                for other_id, existing in list(links[key].items()):
+                    if existing == MATCH:
+                        link(key, (key[0], other_id), None)
+                evaluate(key)
+        elif kind == lc.REPORTS_MERGED:
+            other = (key[0], UUID(event.payload["with_incident"]))
+            if other in reports:
+                link(key, other, MERGE)
+        elif kind == lc.REPORT_SPLIT_FROM_GROUP:
+            seen = {key}
+            frontier = [key]
+            while frontier:
+                current = frontier.pop()
+                for other_id, existing in links[current].items():
+                    other = (key[0], other_id)
+                    if existing in JOINING and other not in seen:
+                        seen.add(other)
+                        frontier.append(other)
+            for member in seen - {key}:
+                link(key, member, SPLIT)
+
+    tables = GroupingTables()
+    for tenant_id, in_force in settings.items():
+        tables.settings[tenant_id] = (in_force.to_payload(), versions[tenant_id])
+    edges = [
+        ((key[0], key[1]), (key[0], other_id))
+        for key, others in links.items()
+        for other_id, kind in others.items()
+        if kind in JOINING
+    ]
+    by_tenant: dict[str, list[UUID]] = defaultdict(list)
+    for tenant_id, incident_id in reports:
+        by_tenant[tenant_id].append(incident_id)
+    for tenant_id, ids in by_tenant.items():
+        groups = components(ids, [(a[1], b[1]) for a, b in edges if a[0] == tenant_id])
+        for incident_id in ids:
+            key = (tenant_id, incident_id)
+            tables.reports[key] = report_row(reports[key], groups[incident_id])
+    for (tenant_id, incident_id), others in links.items():
+        for other_id, kind in others.items():
+            tables.links.add((tenant_id, incident_id, other_id, kind))
+    return tables
+
+
+def grouping_projection() -> GroupingProjection:
+    return GroupingProjection()

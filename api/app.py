@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from api.audit import add_audit_routes
 from api.auth import actor_of, allow, document_roles
+from api.grouping import add_grouping_routes
 from api.observability import RequestContext, readiness_checks
 from api.problems import install_problem_handlers
 from ledger.commands import IncidentCommands
@@ -918,6 +919,7 @@ def create_app(
         )
 
     add_audit_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
+    add_grouping_routes(app, pool=pool, store=store, responses=COMMAND_RESPONSES)
     document_roles(app)
     return app
 

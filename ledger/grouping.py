@@ -9,8 +9,8 @@ rule is symmetric, so groups built from it do not depend on which report arrived
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -199,17 +199,25 @@ def cell_of(latitude: float, longitude: float) -> int:
     return row * _CELL_ROW_WIDTH + column
 
 
-def cells_near(latitude: float, longitude: float, radius_m: float) -> Iterator[int]:
-    """Yield the keys of every cell that holds a point within `radius_m` of the given one."""
+def cells_near(latitude: float, longitude: float, radius_m: float) -> list[int]:
+    """Return the keys of every cell that holds a point within `radius_m` of the given one."""
     row = math.floor(latitude / CELL_DEGREES)
     column = math.floor(longitude / CELL_DEGREES)
     rows = math.ceil(radius_m / _CELL_M)
     # Columns narrow toward the poles: take the widest span over the rows searched.
     widest = min(89.9, abs(latitude) + (rows + 1) * CELL_DEGREES)
     columns = math.ceil(radius_m / (_CELL_M * math.cos(math.radians(widest))))
-    for dy in range(-rows, rows + 1):
-        for dx in range(-columns, columns + 1):
-            yield (row + dy) * _CELL_ROW_WIDTH + column + dx
+    base = row * _CELL_ROW_WIDTH + column
+    return [base + offset for offset in _cell_offsets(rows, columns)]
+
+
+@functools.cache
+def _cell_offsets(rows: int, columns: int) -> tuple[int, ...]:
+    return tuple(
+        dy * _CELL_ROW_WIDTH + dx
+        for dy in range(-rows, rows + 1)
+        for dx in range(-columns, columns + 1)
+    )
 
 
 def text_similarity(first: str, second: str) -> float:
@@ -224,17 +232,26 @@ def usable_location(settings: GroupingSettings, report: GroupedReport) -> bool:
     return not settings.is_placeholder(report.latitude, report.longitude)
 
 
-def candidates(settings: GroupingSettings, first: GroupedReport, second: GroupedReport) -> bool:
+def candidates(
+    settings: GroupingSettings,
+    first: GroupedReport,
+    second: GroupedReport,
+    *,
+    checked_locations: bool = False,
+) -> bool:
     """Return True when two reports are candidates for one group (a symmetric rule).
 
     A report without text on either side is judged on location, time and category alone.
+    With `checked_locations`, the caller has already checked that both locations are usable.
     """
     if not settings.related(first.category, second.category):
         return False
     window = settings.window_hours * 3600
     if abs((first.submitted_at - second.submitted_at).total_seconds()) > window:
         return False
-    if not usable_location(settings, first) or not usable_location(settings, second):
+    if not checked_locations and (
+        not usable_location(settings, first) or not usable_location(settings, second)
+    ):
         return False
     assert first.latitude is not None and first.longitude is not None
     assert second.latitude is not None and second.longitude is not None

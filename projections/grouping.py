@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -59,6 +59,7 @@ GROUPING_EVENT_TYPES = frozenset(
 )
 
 Key = tuple[str, UUID]
+TextKey = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,11 @@ def _incident_key(event: RecordedEvent) -> Key:
     return event.tenant_id, UUID(event.stream_id.removeprefix(INCIDENT_STREAM_PREFIX))
 
 
-def new_report(event: RecordedEvent) -> GroupedReport:
+def _text_key(event: RecordedEvent) -> TextKey:
+    return event.tenant_id, event.stream_id.removeprefix(INCIDENT_STREAM_PREFIX)
+
+
+def new_report(event: RecordedEvent, incident_id: Any) -> GroupedReport:
     """Build the grouping view of a report from its ReportSubmitted event."""
     payload = event.payload
     latitude: Any = payload.get("latitude")
@@ -82,7 +87,7 @@ def new_report(event: RecordedEvent) -> GroupedReport:
     located = isinstance(latitude, int | float) and isinstance(longitude, int | float)
     category = payload.get("category")
     return GroupedReport(
-        incident_id=UUID(payload["incident_id"]),
+        incident_id=incident_id,
         submitted_at=event.occurred_at,
         category=category,
         category_source=lc.CATEGORY_FROM_REPORT if category else None,
@@ -110,7 +115,7 @@ def category_after(report: GroupedReport, event: RecordedEvent) -> tuple[str | N
     return report.category, report.category_source
 
 
-def report_row(report: GroupedReport, group_id: UUID) -> tuple[Any, ...]:
+def report_row(report: GroupedReport, group_id: Any) -> tuple[Any, ...]:
     """Return the grouping_reports columns after tenant_id and incident_id."""
     located = report.latitude is not None and report.longitude is not None
     return (
@@ -127,22 +132,31 @@ def report_row(report: GroupedReport, group_id: UUID) -> tuple[Any, ...]:
 
 class _Batch:
     """The part of the read model one batch touches, loaded up front, changed in memory in
-    log order, then written back."""
+    log order, then written back.
+
+    Incident ids are kept as text here: hashing and comparing UUID objects costs more than
+    the grouping rule itself, and the text form of a UUID sorts as its bytes do.
+    """
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
         self.settings: dict[str, GroupingSettings] = {}
         self.settings_changed: dict[str, int] = {}
-        self.reports: dict[Key, GroupedReport] = {}
-        self.group_of: dict[Key, UUID] = {}
-        self.new: set[Key] = set()
-        self.changed: set[Key] = set()
+        self.reports: dict[TextKey, GroupedReport] = {}
+        self.group_of: dict[TextKey, str] = {}
+        self.new: set[TextKey] = set()
+        self.changed: set[TextKey] = set()
         # (tenant, cell, category) -> reports: the in-memory spatial index.
-        self.index: dict[tuple[str, int, str | None], set[Key]] = defaultdict(set)
+        self.index: dict[tuple[str, int, str | None], list[TextKey]] = defaultdict(list)
+        # Whether each report's location is usable under the settings in force; emptied
+        # when a tenant's settings change.
+        self.usable: dict[TextKey, bool] = {}
         # Links stored before the batch, loaded per report on first use.
-        self.stored_links: dict[Key, dict[UUID, str]] = {}
+        self.stored_links: dict[TextKey, dict[str, str]] = {}
         # Link changes of this batch, per endpoint (None removes a link).
-        self.pending: dict[Key, dict[UUID, str | None]] = defaultdict(dict)
+        self.pending: dict[TextKey, dict[str, str | None]] = defaultdict(dict)
+        # Reports that lost a link that joined them to another: their groups may divide.
+        self.divided: set[TextKey] = set()
 
     # Loading.
 
@@ -157,7 +171,7 @@ class _Batch:
                 self.settings[tenant_id] = settings_from_payload(settings)
 
         # Reports the batch names by id: classified, merged or split ones.
-        named: dict[str, set[UUID]] = defaultdict(set)
+        named: dict[str, set[str]] = defaultdict(set)
         submitted: dict[str, list[RecordedEvent]] = defaultdict(list)
         widest: dict[str, GroupingSettings] = {}
         for event in events:
@@ -169,12 +183,12 @@ class _Batch:
             elif kind == lc.REPORT_SUBMITTED:
                 submitted[event.tenant_id].append(event)
             else:
-                tenant_id, incident_id = _incident_key(event)
+                tenant_id, incident_id = _text_key(event)
                 named[tenant_id].add(incident_id)
                 if kind == lc.REPORTS_MERGED:
-                    named[tenant_id].add(UUID(event.payload["with_incident"]))
+                    named[tenant_id].add(str(UUID(event.payload["with_incident"])))
         for tenant_id, ids in named.items():
-            self._load_reports(tenant_id, "incident_id = ANY(%s)", (list(ids),))
+            self._load_reports(tenant_id, "incident_id = ANY(%s::uuid[])", (list(ids),))
             self._load_links(tenant_id, ids)
 
         # Every stored report near a report this batch evaluates, within the widest settings
@@ -214,8 +228,9 @@ class _Batch:
 
     def _load_reports(self, tenant_id: str, condition: str, params: tuple[Any, ...]) -> None:
         query = (
-            "SELECT incident_id, submitted_at, category, category_source, text, latitude, "
-            "longitude, group_id FROM grouping_reports WHERE tenant_id = %s AND " + condition
+            "SELECT incident_id::text, submitted_at, category, category_source, text, "
+            "latitude, longitude, group_id::text FROM grouping_reports "
+            "WHERE tenant_id = %s AND " + condition
         )
         with self.conn.cursor() as cur:
             cur.execute(query, (tenant_id, *params))
@@ -225,36 +240,42 @@ class _Batch:
                     self._add(key, GroupedReport(incident_id, *values))
                     self.group_of[key] = group_id
 
-    def _load_links(self, tenant_id: str, ids: Iterable[UUID]) -> None:
+    def _load_links(self, tenant_id: str, ids: Iterable[str]) -> None:
         missing = [i for i in ids if (tenant_id, i) not in self.stored_links]
         for incident_id in missing:
             self.stored_links[(tenant_id, incident_id)] = {}
         with self.conn.cursor() as cur:
             cur.execute(
-                "SELECT incident_id, other_id, kind FROM grouping_links "
-                "WHERE tenant_id = %s AND incident_id = ANY(%s)",
+                "SELECT incident_id::text, other_id::text, kind FROM grouping_links "
+                "WHERE tenant_id = %s AND incident_id = ANY(%s::uuid[])",
                 (tenant_id, missing),
             )
             for incident_id, other_id, kind in cur:
                 self.stored_links[(tenant_id, incident_id)][other_id] = kind
 
-    def _add(self, key: Key, report: GroupedReport) -> None:
+    def _add(self, key: TextKey, report: GroupedReport) -> None:
         self.reports[key] = report
-        if report.located:
-            cell = cell_of(report.latitude, report.longitude)  # type: ignore[arg-type]
-            self.index[(key[0], cell, report.category)].add(key)
+        if report.latitude is not None and report.longitude is not None:
+            cell = cell_of(report.latitude, report.longitude)
+            self.index[(key[0], cell, report.category)].append(key)
 
-    def _remove_from_index(self, key: Key, report: GroupedReport) -> None:
-        if report.located:
-            cell = cell_of(report.latitude, report.longitude)  # type: ignore[arg-type]
-            self.index[(key[0], cell, report.category)].discard(key)
+    def _remove_from_index(self, key: TextKey, report: GroupedReport) -> None:
+        if report.latitude is not None and report.longitude is not None:
+            cell = cell_of(report.latitude, report.longitude)
+            self.index[(key[0], cell, report.category)].remove(key)
+
+    def _usable(self, key: TextKey, settings: GroupingSettings) -> bool:
+        usable = self.usable.get(key)
+        if usable is None:
+            usable = self.usable[key] = usable_location(settings, self.reports[key])
+        return usable
 
     # Links.
 
-    def links_of(self, key: Key) -> dict[UUID, str]:
+    def links_of(self, key: TextKey) -> dict[str, str]:
         """Return the report's links as they stand at this point of the batch."""
         if key in self.new:
-            stored: dict[UUID, str] = {}
+            stored: dict[str, str] = {}
         else:
             if key not in self.stored_links:
                 self._load_links(key[0], [key[1]])
@@ -265,7 +286,7 @@ class _Batch:
         merged = {**stored, **changes}
         return {other: kind for other, kind in merged.items() if kind is not None}
 
-    def link_kind(self, key: Key, other: Key) -> str | None:
+    def link_kind(self, key: TextKey, other: TextKey) -> str | None:
         changes = self.pending.get(key)
         if changes and other[1] in changes:
             return changes[other[1]]
@@ -273,11 +294,13 @@ class _Batch:
             return None
         return self.links_of(key).get(other[1])
 
-    def set_link(self, key: Key, other: Key, kind: str | None) -> None:
+    def set_link(self, key: TextKey, other: TextKey, kind: str | None) -> None:
+        if kind not in JOINING and self.link_kind(key, other) in JOINING:
+            self.divided.update((key, other))
         self.pending[key][other[1]] = kind
         self.pending[other][key[1]] = kind
 
-    def component(self, key: Key) -> set[Key]:
+    def component(self, key: TextKey) -> set[TextKey]:
         """Return the report's group at this point of the batch (breadth-first search)."""
         seen = {key}
         frontier = [key]
@@ -297,15 +320,17 @@ class _Batch:
         if kind == GROUPING_CONFIGURED:
             self.settings[event.tenant_id] = settings_from_payload(event.payload)
             self.settings_changed[event.tenant_id] = event.stream_version
+            self.usable = {
+                key: value for key, value in self.usable.items() if key[0] != event.tenant_id
+            }
             return
-        key = _incident_key(event)
+        key = _text_key(event)
         if kind == lc.REPORT_SUBMITTED:
             if key in self.reports:
                 return
-            report = new_report(event)
             self.new.add(key)
             self.group_of[key] = key[1]
-            self._add(key, report)
+            self._add(key, new_report(event, key[1]))
             self.evaluate(key)
             return
         report_or_none = self.reports.get(key)
@@ -333,7 +358,7 @@ class _Batch:
                         self.set_link(key, (key[0], other_id), None)
                 self.evaluate(key)
         elif kind == lc.REPORTS_MERGED:
-            other = (key[0], UUID(event.payload["with_incident"]))
+            other = (key[0], str(UUID(event.payload["with_incident"])))
             if other not in self.reports:
                 logger.warning(
                     "grouping skips a merge of tenant %s incident %s with unknown incident %s",
@@ -347,24 +372,24 @@ class _Batch:
             for member in self.component(key) - {key}:
                 self.set_link(key, member, SPLIT)
 
-    def evaluate(self, key: Key) -> None:
+    def evaluate(self, key: TextKey) -> None:
         """Link the report with every report the rule pairs it with, unless staff decided."""
         tenant_id = key[0]
         settings = self.settings_for(tenant_id)
         report = self.reports[key]
-        if not usable_location(settings, report):
+        if not self._usable(key, settings):
             return
         assert report.latitude is not None and report.longitude is not None
-        cells = list(cells_near(report.latitude, report.longitude, settings.distance_m))
+        cells = cells_near(report.latitude, report.longitude, settings.distance_m)
+        index = self.index
         for category in settings.categories_related_to(report.category):
             for cell in cells:
-                for other in self.index.get((tenant_id, cell, category), ()):
-                    if other == key:
-                        continue
-                    current = self.link_kind(key, other)
-                    if current is not None:
-                        continue  # already linked, merged or split by staff
-                    if candidates(settings, report, self.reports[other]):
+                for other in index.get((tenant_id, cell, category), ()):
+                    if other == key or self.link_kind(key, other) is not None:
+                        continue  # itself, or already linked, merged or split by staff
+                    if self._usable(other, settings) and candidates(
+                        settings, report, self.reports[other], checked_locations=True
+                    ):
                         self.set_link(key, other, MATCH)
 
     # Writing.
@@ -437,51 +462,87 @@ class _Batch:
     def _relabel(self, cur: psycopg.Cursor[Any]) -> None:
         """Name each group whose links changed after its smallest member.
 
-        The groups after the batch lie within the union of the groups, before the batch, of
-        the reports whose links changed: every new link joins two such reports, and removed
-        links only divide groups.
+        New links join groups: the groups before the batch that they connect become one,
+        named by the smallest of their names, and no link needs reading. Where a link that
+        joined two reports went away, the group may divide, so its members and links are
+        read and its parts found again.
         """
-        touched: dict[str, set[UUID]] = defaultdict(set)
-        for tenant_id, incident_id in self.pending:
-            touched[tenant_id].add(incident_id)
-        for tenant_id, ids in touched.items():
-            unknown = [i for i in ids if (tenant_id, i) not in self.group_of]
-            if unknown:
-                cur.execute(
-                    "SELECT incident_id, group_id FROM grouping_reports "
-                    "WHERE tenant_id = %s AND incident_id = ANY(%s)",
-                    (tenant_id, unknown),
-                )
-                for incident_id, group_id in cur:
-                    self.group_of[(tenant_id, incident_id)] = group_id
-            labels = list({self.group_of[(tenant_id, i)] for i in ids})
+        touched = {key for key in self.pending}
+        unknown: dict[str, list[str]] = defaultdict(list)
+        for tenant_id, incident_id in touched:
+            if (tenant_id, incident_id) not in self.group_of:
+                unknown[tenant_id].append(incident_id)
+        for tenant_id, ids in unknown.items():
             cur.execute(
-                "SELECT incident_id, group_id FROM grouping_reports "
-                "WHERE tenant_id = %s AND group_id = ANY(%s)",
-                (tenant_id, labels),
+                "SELECT incident_id::text, group_id::text FROM grouping_reports "
+                "WHERE tenant_id = %s AND incident_id = ANY(%s::uuid[])",
+                (tenant_id, ids),
             )
-            old_group = dict(cur.fetchall())
+            for incident_id, group_id in cur:
+                self.group_of[(tenant_id, incident_id)] = group_id
+
+        # Groups before the batch, joined by the links the batch added.
+        label_edges = []
+        labels: set[TextKey] = set()
+        for key, changes in self.pending.items():
+            label = (key[0], self.group_of[key])
+            labels.add(label)
+            for other_id, kind in changes.items():
+                if kind in JOINING:
+                    label_edges.append((label, (key[0], self.group_of[(key[0], other_id)])))
+        joined = components(labels, label_edges)
+        divided = {joined[(key[0], self.group_of[key])] for key in self.divided}
+
+        renamed: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+        parts: dict[TextKey, list[str]] = defaultdict(list)
+        for (tenant_id, old), (_, new) in joined.items():
+            if (tenant_id, new) in divided:
+                parts[(tenant_id, new)].append(old)
+            elif old != new:
+                renamed[tenant_id][0].append(old)
+                renamed[tenant_id][1].append(new)
+        for tenant_id, (old_names, new_names) in renamed.items():
             cur.execute(
-                "SELECT incident_id, other_id FROM grouping_links WHERE tenant_id = %s "
-                "AND incident_id = ANY(%s) AND kind <> 'split'",
-                (tenant_id, list(old_group)),
+                "UPDATE grouping_reports AS r SET group_id = m.new_id "
+                "FROM unnest(%s::uuid[], %s::uuid[]) AS m(old_id, new_id) "
+                "WHERE r.tenant_id = %s AND r.group_id = m.old_id",
+                (old_names, new_names, tenant_id),
             )
-            new_group = components(old_group, cur.fetchall())
-            moved = [(i, g) for i, g in new_group.items() if old_group[i] != g]
-            if moved:
-                cur.execute(
-                    "UPDATE grouping_reports AS r SET group_id = m.group_id "
-                    "FROM unnest(%s::uuid[], %s::uuid[]) AS m(incident_id, group_id) "
-                    "WHERE r.tenant_id = %s AND r.incident_id = m.incident_id",
-                    ([i for i, _ in moved], [g for _, g in moved], tenant_id),
-                )
+        for (tenant_id, _), old_names in parts.items():
+            self._regroup(cur, tenant_id, old_names)
+
+    def _regroup(self, cur: psycopg.Cursor[Any], tenant_id: str, old_names: list[str]) -> None:
+        """Find the groups among the members of the given groups from their stored links."""
+        cur.execute(
+            "SELECT incident_id::text, group_id::text FROM grouping_reports "
+            "WHERE tenant_id = %s AND group_id = ANY(%s::uuid[])",
+            (tenant_id, old_names),
+        )
+        old_group = dict(cur.fetchall())
+        cur.execute(
+            "SELECT incident_id::text, other_id::text FROM grouping_links WHERE tenant_id = %s "
+            "AND incident_id = ANY(%s::uuid[]) AND kind <> 'split'",
+            (tenant_id, list(old_group)),
+        )
+        new_group = components(old_group, cur.fetchall())
+        moved = [(i, g) for i, g in new_group.items() if old_group[i] != g]
+        if moved:
+            cur.execute(
+                "UPDATE grouping_reports AS r SET group_id = m.group_id "
+                "FROM unnest(%s::uuid[], %s::uuid[]) AS m(incident_id, group_id) "
+                "WHERE r.tenant_id = %s AND r.incident_id = m.incident_id",
+                ([i for i, _ in moved], [g for _, g in moved], tenant_id),
+            )
 
 
-def components(nodes: Iterable[UUID], edges: Iterable[tuple[UUID, UUID]]) -> dict[UUID, UUID]:
+T = TypeVar("T")
+
+
+def components(nodes: Iterable[T], edges: Iterable[tuple[T, T]]) -> dict[T, T]:
     """Return each node's component, named by its smallest node (union-find)."""
     parent = {node: node for node in nodes}
 
-    def root(node: UUID) -> UUID:
+    def root(node: T) -> T:
         while parent[node] != node:
             parent[node] = parent[parent[node]]
             node = parent[node]
@@ -493,7 +554,7 @@ def components(nodes: Iterable[UUID], edges: Iterable[tuple[UUID, UUID]]) -> dic
         a, b = root(first), root(second)
         if a != b:
             # The smaller id becomes the root, so every root is its component's minimum.
-            if b < a:
+            if b < a:  # type: ignore[operator]
                 a, b = b, a
             parent[b] = a
     return {node: root(node) for node in parent}
@@ -584,7 +645,7 @@ def fold_grouping(events: Iterable[RecordedEvent]) -> GroupingTables:
         key = _incident_key(event)
         if kind == lc.REPORT_SUBMITTED:
             if key not in reports:
-                reports[key] = new_report(event)
+                reports[key] = new_report(event, key[1])
                 evaluate(key)
             continue
         if key not in reports:

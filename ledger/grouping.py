@@ -63,6 +63,7 @@ class GroupingSettings(BaseModel):
     placeholders: tuple[PlaceholderLocation, ...] = Field(default=(), max_length=100)
 
     _related: frozenset[tuple[str, str]] = PrivateAttr(default=frozenset())
+    _related_to: dict[str | None, list[str | None]] = PrivateAttr(default_factory=dict)
 
     @field_validator("related_categories")
     @classmethod
@@ -89,13 +90,20 @@ class GroupingSettings(BaseModel):
 
     def categories_related_to(self, category: str | None) -> list[str | None]:
         """Return the category itself and every category related to it."""
-        return [category, *(b for a, b in self._related if a == category)]
+        related = self._related_to.get(category)
+        if related is None:
+            related = [category, *(b for a, b in self._related if a == category)]
+            self._related_to[category] = related
+        return related
 
     def is_placeholder(self, latitude: float, longitude: float) -> bool:
-        return any(
-            distance_m(latitude, longitude, place.latitude, place.longitude) <= place.radius_m
-            for place in self.placeholders
-        )
+        for place in self.placeholders:
+            # A degree of latitude is at least 110 km: most points fail this cheap test.
+            if abs(latitude - place.latitude) * 110_000 > place.radius_m:
+                continue
+            if distance_m(latitude, longitude, place.latitude, place.longitude) <= place.radius_m:
+                return True
+        return False
 
     def to_payload(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

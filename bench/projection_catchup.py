@@ -9,8 +9,8 @@ million events), each copy into a tenant of its own whose grouping settings mark
 default point as a placeholder. Then, with the same batch size:
 
 - raw read: reads every event below the transaction horizon and decodes it into
-  RecordedEvent objects, as the projector does, applying nothing; measured before and after
-  the projections, and their mean is the reference;
+  RecordedEvent objects, as the projector does, but applies nothing. It is measured before
+  and after the projections, and the mean of the two rates is the reference;
 - each projection of `default_projections()`, from an empty read model and checkpoint,
   through `catch_up`, which reads, applies and checkpoints batch by batch.
 

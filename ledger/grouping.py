@@ -1,10 +1,11 @@
 """Duplicate grouping: a tenant's grouping settings and the rule that pairs two reports.
 
 Two reports are candidates for one group when both have a usable location (present and
-outside every placeholder location of the tenant), lie within `distance_m` of each other,
-were submitted within `window_hours` of each other, have the same or related categories, and
-their texts are at least `min_similarity` alike (rapidfuzz token set ratio, 0 to 100). The
-rule is symmetric, so groups built from it do not depend on which report arrived first.
+outside every placeholder location of the tenant) and lie within `distance_m` of each other.
+They must also be submitted within `window_hours` of each other, have the same or related
+categories, and have texts at least `min_similarity` alike (rapidfuzz token set ratio, 0 to
+100). The rule is symmetric, so groups built from it do not depend on which report arrived
+first.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def settings_from_payload(payload: dict[str, Any]) -> GroupingSettings:
 
 @dataclass(slots=True)
 class GroupedReport:
-    """What the grouping rule reads of a report."""
+    """The fields of a report that the grouping rule reads."""
 
     incident_id: Any  # UUID; typed loosely so rows from the database fit as they are
     submitted_at: datetime
@@ -208,7 +209,7 @@ def cell_of(latitude: float, longitude: float) -> int:
 
 
 def cells_near(latitude: float, longitude: float, radius_m: float) -> list[int]:
-    """Return the keys of every cell that holds a point within `radius_m` of the given one."""
+    """Return the keys of every cell that contains a point within `radius_m` of the given one."""
     row = math.floor(latitude / CELL_DEGREES)
     column = math.floor(longitude / CELL_DEGREES)
     rows = math.ceil(radius_m / _CELL_M)

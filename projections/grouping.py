@@ -100,8 +100,8 @@ def new_report(event: RecordedEvent, incident_id: Any) -> GroupedReport:
 def category_after(report: GroupedReport, event: RecordedEvent) -> tuple[str | None, str | None]:
     """Return the category and its source after a classification event.
 
-    The same precedence as the incident fold: a staff correction wins over everything and
-    the latest one wins; a classifier fills in only a category the report did not bring.
+    The same precedence as the incident fold: a staff correction wins over everything, and
+    the latest one wins. A classifier fills in only a category the report did not bring.
     Any correction, even of severity alone, marks the source "staff", because the incident
     fold ignores classifier results from then on.
     """

@@ -17,7 +17,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -170,70 +170,108 @@ class _Batch:
             for tenant_id, settings in cur:
                 self.settings[tenant_id] = settings_from_payload(settings)
 
-        # Reports the batch names by id: classified, merged or split ones.
+        # Reports the batch names by id (classified, merged or split ones), the categories
+        # each report may have during the batch, and every settings version in force.
         named: dict[str, set[str]] = defaultdict(set)
-        submitted: dict[str, list[RecordedEvent]] = defaultdict(list)
-        widest: dict[str, GroupingSettings] = {}
+        submitted: dict[TextKey, RecordedEvent] = {}
+        categories: dict[TextKey, set[str | None]] = defaultdict(set)
+        versions: dict[str, list[GroupingSettings]] = defaultdict(list)
+        for tenant_id in tenants:
+            versions[tenant_id].append(self.settings_for(tenant_id))
         for event in events:
             kind = event.event_type
             if kind == GROUPING_CONFIGURED:
-                settings = settings_from_payload(event.payload)
-                current = widest.get(event.tenant_id) or self.settings_for(event.tenant_id)
-                widest[event.tenant_id] = _widest(current, settings)
-            elif kind == lc.REPORT_SUBMITTED:
-                submitted[event.tenant_id].append(event)
-            else:
-                tenant_id, incident_id = _text_key(event)
-                named[tenant_id].add(incident_id)
-                if kind == lc.REPORTS_MERGED:
-                    named[tenant_id].add(str(UUID(event.payload["with_incident"])))
-        for tenant_id, ids in named.items():
-            self._load_reports(tenant_id, "incident_id = ANY(%s::uuid[])", (list(ids),))
-            self._load_links(tenant_id, ids)
-
-        # Every stored report near a report this batch evaluates, within the widest settings
-        # in force during the batch.
-        for tenant_id in tenants:
-            settings = widest.get(tenant_id) or self.settings_for(tenant_id)
-            points = [
-                (event.payload.get("latitude"), event.payload.get("longitude"), event.occurred_at)
-                for event in submitted.get(tenant_id, [])
-            ]
-            points += [
-                (report.latitude, report.longitude, report.submitted_at)
-                for (tenant, _), report in self.reports.items()
-                if tenant == tenant_id
-            ]
-            located = [
-                (lat, lon, at)
-                for lat, lon, at in points
-                if isinstance(lat, int | float) and isinstance(lon, int | float)
-            ]
-            if not located:
+                versions[event.tenant_id].append(settings_from_payload(event.payload))
                 continue
-            cells: set[int] = set()
-            for lat, lon, _ in located:
-                cells.update(cells_near(lat, lon, settings.distance_m))
-            window = timedelta(hours=settings.window_hours)
-            earliest = min(at for _, _, at in located) - window
-            latest = max(at for _, _, at in located) + window
+            key = _text_key(event)
+            if kind == lc.REPORT_SUBMITTED:
+                submitted[key] = event
+                categories[key].add(event.payload.get("category"))
+                continue
+            named[key[0]].add(key[1])
+            if kind in (lc.REPORT_CLASSIFIED, lc.CLASSIFICATION_CORRECTED):
+                categories[key].add(event.payload.get("category"))
+            elif kind == lc.REPORTS_MERGED:
+                named[key[0]].add(str(UUID(event.payload["with_incident"])))
+        for tenant_id, ids in named.items():
             self._load_reports(
                 tenant_id,
-                "cell = ANY(%s) AND submitted_at BETWEEN %s AND %s",
-                (list(cells), earliest, latest),
+                condition="g.incident_id = ANY(%s::uuid[])",
+                params=(tenant_id, list(ids)),
+            )
+            self._load_links(tenant_id, ids)
+
+        # Every stored report that a report of this batch may be evaluated against: in a
+        # nearby cell, inside the time window, in a related category, under any settings
+        # version in force during the batch.
+        points: dict[TextKey, tuple[Any, Any, datetime]] = {
+            key: (event.payload.get("latitude"), event.payload.get("longitude"), event.occurred_at)
+            for key, event in submitted.items()
+        }
+        for key, report in self.reports.items():
+            points[key] = (report.latitude, report.longitude, report.submitted_at)
+            categories[key].add(report.category)
+        for tenant_id in tenants:
+            in_force = versions[tenant_id]
+            distance = max(settings.distance_m for settings in in_force)
+            window = timedelta(hours=max(settings.window_hours for settings in in_force))
+            pairs: set[tuple[int, str | None]] = set()
+            times = []
+            for key, (lat, lon, at) in points.items():
+                if key[0] != tenant_id or not isinstance(lat, int | float):
+                    continue
+                if not isinstance(lon, int | float):
+                    continue
+                related = {
+                    other
+                    for category in categories[key]
+                    for settings in in_force
+                    for other in settings.categories_related_to(category)
+                }
+                times.append(at)
+                for cell in cells_near(lat, lon, distance):
+                    pairs.update((cell, category) for category in related)
+            if not pairs:
+                continue
+            cells, names = zip(*pairs, strict=True)
+            # A join on the pairs, so that each pair is one search of the cell index. A
+            # missing category and an empty one share the key '': the rule tells them apart.
+            self._load_reports(
+                tenant_id,
+                source="unnest(%s::bigint[], %s::text[]) AS q(cell, category) "
+                "JOIN grouping_reports AS g "
+                "ON g.cell = q.cell AND coalesce(g.category, '') = q.category",
+                condition="g.submitted_at BETWEEN %s AND %s",
+                params=(
+                    list(cells),
+                    [name or "" for name in names],
+                    tenant_id,
+                    min(times) - window,
+                    max(times) + window,
+                ),
             )
 
     def settings_for(self, tenant_id: str) -> GroupingSettings:
         return self.settings.get(tenant_id, DEFAULT_SETTINGS)
 
-    def _load_reports(self, tenant_id: str, condition: str, params: tuple[Any, ...]) -> None:
+    def _load_reports(
+        self,
+        tenant_id: str,
+        source: str = "grouping_reports AS g",
+        condition: str = "",
+        params: tuple[Any, ...] = (),
+    ) -> None:
+        """Add the stored reports of `source` that match `condition` to the batch.
+
+        `params` fill the placeholders of `source`, then the tenant id, then `condition`.
+        """
         query = (
-            "SELECT incident_id::text, submitted_at, category, category_source, text, "
-            "latitude, longitude, group_id::text FROM grouping_reports "
-            "WHERE tenant_id = %s AND " + condition
+            "SELECT g.incident_id::text, g.submitted_at, g.category, g.category_source, g.text, "
+            f"g.latitude, g.longitude, g.group_id::text FROM {source} "
+            f"WHERE g.tenant_id = %s AND {condition}"
         )
         with self.conn.cursor() as cur:
-            cur.execute(query, (tenant_id, *params))
+            cur.execute(query, params)
             for incident_id, *values, group_id in cur:
                 key = (tenant_id, incident_id)
                 if key not in self.reports:
@@ -558,16 +596,6 @@ def components(nodes: Iterable[T], edges: Iterable[tuple[T, T]]) -> dict[T, T]:
                 a, b = b, a
             parent[b] = a
     return {node: root(node) for node in parent}
-
-
-def _widest(first: GroupingSettings, second: GroupingSettings) -> GroupingSettings:
-    """Return settings whose distance and window cover both, for loading neighbors."""
-    return first.model_copy(
-        update={
-            "distance_m": max(first.distance_m, second.distance_m),
-            "window_hours": max(first.window_hours, second.window_hours),
-        }
-    )
 
 
 class GroupingProjection(Projection):

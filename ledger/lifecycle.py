@@ -88,7 +88,7 @@ COMMANDS: dict[str, tuple[str, frozenset[str]]] = {
     # Staff may correct a classification whatever the status, closed incidents included, so
     # that the figures over past incidents are right.
     "reclassify": (CLASSIFICATION_CORRECTED, ANY_STATUS),
-    # Groups hold closed reports too, so staff may regroup whatever the status.
+    # Groups contain closed reports too, so staff may regroup whatever the status.
     "merge-group": (REPORTS_MERGED, ANY_STATUS),
     "split-group": (REPORT_SPLIT_FROM_GROUP, ANY_STATUS),
 }

@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from api.audit import add_audit_routes
 from api.auth import actor_of, allow, document_roles
+from api.grouping import add_grouping_routes
 from api.observability import RequestContext, readiness_checks
 from api.open311 import add_open311_routes
 from api.problems import install_problem_handlers
@@ -192,6 +193,13 @@ class EmptyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MergeGroupIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    with_incident: UUID = Field(
+        description="Another incident whose duplicate group joins this incident's group."
+    )
+
+
 COMMAND_BODIES: dict[str, type[BaseModel]] = {
     "acknowledge": EmptyIn,
     "assign": AssignIn,
@@ -204,6 +212,8 @@ COMMAND_BODIES: dict[str, type[BaseModel]] = {
     "reject": RejectIn,
     "mark-duplicate": DuplicateIn,
     "reclassify": ReclassifyIn,
+    "merge-group": MergeGroupIn,
+    "split-group": EmptyIn,
 }
 assert set(COMMAND_BODIES) == set(COMMANDS)
 
@@ -920,6 +930,7 @@ def create_app(
 
     add_audit_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
     add_open311_routes(app, pool=pool, commands=commands)
+    add_grouping_routes(app, pool=pool, store=store, responses=COMMAND_RESPONSES)
     document_roles(app)
     return app
 

@@ -30,6 +30,7 @@ from psycopg.pq import TransactionStatus
 from ledger.database import set_tenant
 from ledger.errors import IncidentNotFound, InvalidRequest
 from ledger.events import RecordedEvent
+from ledger.grouping import GROUPING_CONFIGURED
 from ledger.ids import incident_stream_id
 from ledger.keys import KEY_ISSUED, KEY_REVOKED, Role
 from ledger.lifecycle import (
@@ -54,6 +55,7 @@ IMPORT_ROLE = "system"
 KNOWN_EVENT_TYPES = INCIDENT_EVENT_TYPES | {
     TENANT_CREATED,
     CATEGORIES_CONFIGURED,
+    GROUPING_CONFIGURED,
     KEY_ISSUED,
     KEY_REVOKED,
 }

@@ -310,12 +310,13 @@ class IncidentCommands:
         if expected_version is not None and expected_version != state.version:
             raise ConcurrencyError(stream_id, expected_version, state.version)
         event_type, payload = decide(state, command, args)
-        if command == "mark-duplicate":
-            original = UUID(payload["duplicate_of"])
-            if not self.store.stream_version(tenant_id, incident_stream_id(original)):
-                raise CommandInvalid(
-                    f"duplicate_of {original} is not an incident of tenant {tenant_id!r}"
-                )
+        for field in ("duplicate_of", "with_incident"):
+            if field in payload:
+                other = UUID(payload[field])
+                if not self.store.stream_version(tenant_id, incident_stream_id(other)):
+                    raise CommandInvalid(
+                        f"{field} {other} is not an incident of tenant {tenant_id!r}"
+                    )
 
         if command == "reclassify" and "category" in payload:
             known = require_tenant(self.store, tenant_id).category_names

@@ -29,6 +29,9 @@ INCIDENT_MARKED_DUPLICATE = "IncidentMarkedDuplicate"
 REPORT_CLASSIFIED = "ReportClassified"
 CLASSIFICATION_FAILED = "ClassificationFailed"
 CLASSIFICATION_CORRECTED = "ClassificationCorrected"
+# Staff decisions on duplicate groups, recorded in the stream of the incident acted on.
+REPORTS_MERGED = "ReportsMerged"
+REPORT_SPLIT_FROM_GROUP = "ReportSplitFromGroup"
 
 # Events that end the automatic classification of a report: the worker pool skips reports
 # with one of them.
@@ -50,6 +53,8 @@ INCIDENT_EVENT_TYPES = frozenset(
         REPORT_CLASSIFIED,
         CLASSIFICATION_FAILED,
         CLASSIFICATION_CORRECTED,
+        REPORTS_MERGED,
+        REPORT_SPLIT_FROM_GROUP,
     }
 )
 
@@ -66,6 +71,7 @@ DUPLICATE = "duplicate"
 
 OPEN_STATUSES = frozenset({SUBMITTED, ACKNOWLEDGED, ASSIGNED, IN_PROGRESS, REOPENED})
 WORKABLE = OPEN_STATUSES | {WAITING_ON_REPORTER}
+ANY_STATUS = WORKABLE | {RESOLVED, CLOSED, REJECTED, DUPLICATE}
 
 # Command name -> (event type, statuses the command is allowed in).
 COMMANDS: dict[str, tuple[str, frozenset[str]]] = {
@@ -81,10 +87,10 @@ COMMANDS: dict[str, tuple[str, frozenset[str]]] = {
     "mark-duplicate": (INCIDENT_MARKED_DUPLICATE, WORKABLE),
     # Staff may correct a classification whatever the status, closed incidents included, so
     # that the figures over past incidents are right.
-    "reclassify": (
-        CLASSIFICATION_CORRECTED,
-        WORKABLE | {RESOLVED, CLOSED, REJECTED, DUPLICATE},
-    ),
+    "reclassify": (CLASSIFICATION_CORRECTED, ANY_STATUS),
+    # Groups contain closed reports too, so staff may regroup whatever the status.
+    "merge-group": (REPORTS_MERGED, ANY_STATUS),
+    "split-group": (REPORT_SPLIT_FROM_GROUP, ANY_STATUS),
 }
 
 SEVERITIES = ("low", "medium", "high", "critical")
@@ -317,6 +323,17 @@ def decide(state: IncidentState, command: str, args: dict[str, Any]) -> tuple[st
         if original == state.incident_id:
             raise CommandInvalid("an incident cannot be a duplicate of itself")
         payload["duplicate_of"] = str(original)
+    elif command == "merge-group":
+        raw = args.get("with_incident")
+        try:
+            other = UUID(str(raw))
+        except ValueError as error:
+            raise CommandInvalid(
+                f"invalid with_incident {raw!r}: expected the id of another incident"
+            ) from error
+        if other == state.incident_id:
+            raise CommandInvalid("an incident cannot be merged with itself: name another one")
+        payload["with_incident"] = str(other)
     elif command == "reclassify":
         category = _text(args, "category", required=False, limit=200)
         severity = args.get("severity")

@@ -10,6 +10,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ledger.errors import CommandInvalid, ConcurrencyError, TenantExists, TenantNotFound
 from ledger.events import NewEvent, RecordedEvent
+from ledger.grouping import (
+    DEFAULT_SETTINGS,
+    GROUPING_CONFIGURED,
+    GroupingSettings,
+    settings_from_payload,
+)
 from ledger.store import PostgresEventStore
 
 TENANT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -44,6 +50,7 @@ class TenantConfig:
     hazard_words: tuple[str, ...] | None = None
     # Whether the Open311 facade serves the tenant's services and requests without a key.
     open311_public_reads: bool = False
+    grouping: GroupingSettings = DEFAULT_SETTINGS
 
     @property
     def category_names(self) -> list[str]:
@@ -108,6 +115,10 @@ def fold_tenant(tenant_id: str, events: list[RecordedEvent]) -> TenantConfig | N
                 config,
                 open311_public_reads=bool(event.payload["public_reads"]),
                 version=event.stream_version,
+            )
+        elif event.event_type == GROUPING_CONFIGURED and config is not None:
+            config = replace(
+                config, grouping=settings_from_payload(event.payload), version=event.stream_version
             )
     return config
 

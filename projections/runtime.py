@@ -24,6 +24,7 @@ from ledger.events import RecordedEvent
 from ledger.metrics import PROJECTION_EVENTS, PROJECTION_FAILURES, PROJECTION_LAG
 from ledger.store import Checkpoint, read_after
 from projections.base import Projection
+from projections.grouping import grouping_projection
 from projections.incidents import incidents_projection
 from projections.sla import sla_projection
 
@@ -42,7 +43,7 @@ RECONNECT_WARNING_SECONDS = 30.0
 
 
 def default_projections() -> list[Projection]:
-    return [incidents_projection(), sla_projection()]
+    return [incidents_projection(), sla_projection(), grouping_projection()]
 
 
 def load_checkpoint(conn: psycopg.Connection[Any], name: str) -> Checkpoint:

@@ -22,6 +22,7 @@ from ledger.commands import Actor, IncidentCommands
 from ledger.database import Database
 from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant
+from projections.runtime import default_projections
 from tests.ledger.seal_helpers import (
     T0,
     add_incidents,
@@ -119,7 +120,8 @@ def test_run_serves_demo_sla_summary(tmp_path: Path) -> None:
             try:
                 status = get_json(f"{base}/status")
                 projections = status["projections"]
-                if len(projections) == 2 and all(p["caught_up"] for p in projections):
+                expected = len(default_projections())
+                if len(projections) == expected and all(p["caught_up"] for p in projections):
                     break
             except (urllib.error.URLError, ConnectionError):
                 pass

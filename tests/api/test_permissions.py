@@ -123,6 +123,8 @@ BODIES: dict[str, dict[str, Any]] = {
     "keys": {"role": "staff", "name": "new clerk"},
     "erase": {"reason": "erasure request"},
     "reclassify": {"severity": "high"},
+    "suggestions": {"latitude": 42.3474, "longitude": -71.0944, "description": "Light out"},
+    "grouping": {"distance_m": 120},
 }
 
 
@@ -144,6 +146,8 @@ def call(
     body = BODIES.get(last)
     if last == "mark-duplicate":
         body = {"duplicate_of": ids.incident_id}
+    if last == "merge-group":
+        body = {"with_incident": ids.incident_id}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if method == "POST" and OPEN311 in path:
         # GeoReport requests are form-encoded.
@@ -152,6 +156,8 @@ def call(
     if method == "GET":
         # Officers must give a reason for contact details; others may and it is ignored.
         return client.get(url, headers=headers, params={"reason": "permission walk"})
+    if method == "PUT":
+        return client.put(url, json=body, headers=headers)
     return client.post(url, json=body, headers=headers)
 
 

@@ -32,6 +32,7 @@ import psycopg
 import pytest
 
 from ledger.database import checked_pool
+from projections.runtime import default_projections
 
 TENANT = "fault-city"
 CLIENTS = 6
@@ -323,7 +324,9 @@ def projections_caught_up(base: str) -> bool:
     if status != 200:
         return False
     projections = body["projections"]
-    return len(projections) == 2 and all(item["caught_up"] for item in projections)
+    return len(projections) == len(default_projections()) and all(
+        item["caught_up"] for item in projections
+    )
 
 
 def test_checked_pool_replaces_dead_idle_connections(private_server: PrivateServer) -> None:

@@ -148,7 +148,9 @@ def test_two_projectors_and_concurrent_writers(
         def caught_up() -> bool:
             with fresh_database.connect_worker() as conn:
                 rows = conn.execute("SELECT tx_id, position FROM projection_checkpoints").fetchall()
-            return len(rows) == 2 and all((int(tx), pos) == last for tx, pos in rows)
+            return len(rows) == len(default_projections()) and all(
+                (int(tx), pos) == last for tx, pos in rows
+            )
 
         assert _wait_for(caught_up, 60)
     finally:

@@ -191,7 +191,10 @@ def test_projector_killed_mid_batch_recovers(
     restarted = _projector(fresh_database, batch_size=500, log=log)
     try:
         _wait_for(
-            lambda: len(checkpoints()) == 2 and all(v == last for v in checkpoints().values()),
+            lambda: (
+                len(checkpoints()) == len(default_projections())
+                and all(v == last for v in checkpoints().values())
+            ),
             120,
             "the restarted projector did not catch up",
         )

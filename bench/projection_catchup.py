@@ -1,0 +1,154 @@
+"""Projection catch-up benchmark: each projection's rate against the raw rate of reading the
+same events, measured side by side in one run.
+
+    python bench/projection_catchup.py [--file PATH] [--copies N] [--batch-size N]
+                                       [--database NAME] [--keep]
+
+Fills a fresh database with the Boston export imported N times (default 5, about 1.1
+million events), each copy into a tenant of its own whose grouping settings mark Boston's
+default point as a placeholder. Then, with the same batch size:
+
+- raw read: reads every event below the transaction horizon and decodes it into
+  RecordedEvent objects, as the projector does, but applies nothing. It is measured before
+  and after the projections, and the mean of the two rates is the reference;
+- each projection of `default_projections()`, from an empty read model and checkpoint,
+  through `catch_up`, which reads, applies and checkpoints batch by batch.
+
+It prints events per second for each and each projection's ratio to the raw read rate. The
+targets are 30,000 events per second and a ratio of 0.3. `--database NAME` reuses a
+database filled by an earlier run with `--keep`. DATABASE_URL selects the server; without
+it an embedded server is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import ConnectionPool
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from _databases import drop, fresh_database, server  # noqa: E402
+
+from ledger.database import Database  # noqa: E402
+from ledger.grouping import configure_grouping  # noqa: E402
+from ledger.imports.pipeline import import_boston  # noqa: E402
+from ledger.settings import Settings  # noqa: E402
+from ledger.store import Checkpoint, PostgresEventStore, read_after  # noqa: E402
+from ledger.tenants import create_tenant  # noqa: E402
+from projections.runtime import catch_up, default_projections  # noqa: E402
+
+DEFAULT_FILE = ROOT.parent / "shared" / "data" / "boston311_2015.csv.gz"
+TIME_ZONE = "America/New_York"
+BOSTON_DEFAULT_POINT = {"latitude": 42.3594, "longitude": -71.0587, "radius_m": 5}
+TARGET_RATE = 30_000
+TARGET_RATIO = 0.3
+
+
+def fill(database: Database, path: Path, copies: int) -> None:
+    """Import the export `copies` times, each into tenant boston-N with grouping settings."""
+    at = datetime(2014, 12, 31, tzinfo=UTC)
+    with ConnectionPool(database.app_conninfo, min_size=1, max_size=2) as pool:
+        store = PostgresEventStore(pool)
+        for number in range(1, copies + 1):
+            tenant = f"boston-{number}"
+            create_tenant(
+                store, tenant, name=f"Boston {number}", time_zone=TIME_ZONE, occurred_at=at
+            )
+            configure_grouping(
+                store, tenant, {"placeholders": [BOSTON_DEFAULT_POINT]}, occurred_at=at
+            )
+    for number in range(1, copies + 1):
+        started = time.perf_counter()
+        with database.connect_owner() as conn:
+            report = import_boston(conn, path, tenant_id=f"boston-{number}", time_zone=TIME_ZONE)
+        print(
+            f"imported copy {number}: {report.events_appended:,} events in "
+            f"{time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
+
+
+def raw_read(database: Database, batch_size: int) -> tuple[int, float]:
+    """Read and decode every event in batches, as a projector does; return count and seconds."""
+    count = 0
+    started = time.perf_counter()
+    with database.connect_worker() as conn:
+        checkpoint = Checkpoint()
+        while True:
+            with conn.transaction():
+                events = read_after(conn, checkpoint, batch_size)
+            if not events:
+                break
+            count += len(events)
+            checkpoint = Checkpoint(events[-1].tx_id, events[-1].position)
+    return count, time.perf_counter() - started
+
+
+def reset(database: Database) -> None:
+    """Empty every read model and checkpoint, so each projection starts from nothing."""
+    with database.connect_owner() as conn:
+        for projection in default_projections():
+            for table in projection.tables:
+                conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(table)))
+        conn.execute("DELETE FROM projection_checkpoints")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--file", type=Path, default=DEFAULT_FILE)
+    parser.add_argument("--copies", type=int, default=5, help="imports of the file (tenants)")
+    parser.add_argument("--batch-size", type=int, default=2000, help="events per batch")
+    parser.add_argument("--database", help="reuse this database, filled by a run with --keep")
+    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    args = parser.parse_args()
+
+    conninfo = server()
+    if args.database:
+        name = args.database
+        owner = make_conninfo(conninfo, dbname=name)
+        database = Database.for_owner(owner, Settings(database_url=owner))
+    else:
+        name, database = fresh_database(conninfo)
+        fill(database, args.file, args.copies)
+    try:
+        reset(database)
+        before, before_seconds = raw_read(database, args.batch_size)
+        print(f"raw read: {before:,} events in {before_seconds:.1f} s", flush=True)
+        rates = {}
+        for projection in default_projections():
+            started = time.perf_counter()
+            applied, _ = catch_up(database, [projection], batch_size=args.batch_size)
+            seconds = time.perf_counter() - started
+            rates[projection.name] = applied / seconds
+            print(f"{projection.name}: {applied:,} events in {seconds:.1f} s", flush=True)
+        after, after_seconds = raw_read(database, args.batch_size)
+        print(f"raw read again: {after:,} events in {after_seconds:.1f} s")
+        raw_rate = statistics.mean([before / before_seconds, after / after_seconds])
+
+        print(f"\nbatch size {args.batch_size}; raw read {raw_rate:,.0f} events/s (mean of two)")
+        print(f"{'projection':<12} {'events/s':>10} {'ratio':>7}  target")
+        for projection_name, rate in rates.items():
+            ratio = rate / raw_rate
+            met = rate >= TARGET_RATE and ratio >= TARGET_RATIO
+            print(
+                f"{projection_name:<12} {rate:>10,.0f} {ratio:>7.2f}  "
+                f"{'met' if met else 'missed'} ({TARGET_RATE:,}/s and {TARGET_RATIO})"
+            )
+    finally:
+        if args.keep or args.database:
+            print(f"kept database {name}")
+        else:
+            drop(conninfo, name)
+
+
+if __name__ == "__main__":
+    main()

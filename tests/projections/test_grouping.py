@@ -1,0 +1,330 @@
+from __future__ import annotations
+
+import itertools
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from psycopg_pool import ConnectionPool
+
+from ledger import lifecycle as lc
+from ledger.events import NewEvent, RecordedEvent
+from ledger.grouping import GROUPING_CONFIGURED, validate_grouping
+from ledger.ids import incident_stream_id
+from ledger.store import EVENT_COLUMNS, PostgresEventStore, row_to_event
+from ledger.tenants import tenant_stream_id
+from projections.grouping import GroupingTables, fold_grouping, grouping_projection
+
+T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+# A street corner, and points about 40 m and 80 m east of it (1e-4 degrees of longitude is
+# 8.2 m at this latitude).
+LAT, LON = 42.3474, -71.0944
+EAST_40 = LON + 0.00049
+EAST_80 = LON + 0.00098
+
+
+def recorded(
+    position: int,
+    event_type: str,
+    payload: dict[str, Any],
+    *,
+    stream_id: str,
+    at: datetime = T0,
+    tenant: str = "acme",
+    version: int = 1,
+) -> RecordedEvent:
+    return RecordedEvent(
+        position=position,
+        tx_id=position,
+        tenant_id=tenant,
+        stream_id=stream_id,
+        stream_version=version,
+        event_type=event_type,
+        schema_version=1,
+        payload=payload,
+        metadata={},
+        occurred_at=at,
+        recorded_at=at,
+        event_id=uuid.uuid4(),
+        hash=bytes(32),
+    )
+
+
+def report(
+    position: int,
+    incident: uuid.UUID,
+    *,
+    lat: float | None = LAT,
+    lon: float | None = LON,
+    hours: float = 0,
+    category: str | None = "Street Light Outages",
+    title: str = "Street light out",
+) -> RecordedEvent:
+    payload: dict[str, Any] = {"incident_id": str(incident), "title": title}
+    if category is not None:
+        payload["category"] = category
+    if lat is not None and lon is not None:
+        payload["latitude"] = lat
+        payload["longitude"] = lon
+    return recorded(
+        position,
+        lc.REPORT_SUBMITTED,
+        payload,
+        stream_id=incident_stream_id(incident),
+        at=T0 + timedelta(hours=hours),
+    )
+
+
+def group_of(tables: GroupingTables, incident: uuid.UUID) -> uuid.UUID:
+    group: uuid.UUID = tables.reports[("acme", incident)][-1]
+    return group
+
+
+def test_near_reports_share_group() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    tables = fold_grouping([report(1, a), report(2, b, lon=EAST_40, hours=5)])
+    assert group_of(tables, a) == group_of(tables, b) == min(a, b)
+
+
+def test_far_late_or_unrelated_reports_stay_apart() -> None:
+    a = uuid.uuid4()
+    cases = {
+        "far": {"lon": LON + 0.01},
+        "late": {"hours": 100},
+        "other category": {"category": "Pothole"},
+        "other text": {"title": "Graffiti removal on bridge"},
+    }
+    for name, change in cases.items():
+        b = uuid.uuid4()
+        tables = fold_grouping([report(1, a), report(2, b, **change)])
+        assert group_of(tables, b) == b, name
+
+
+def test_missing_location_never_groups() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    tables = fold_grouping([report(1, a, lat=None, lon=None), report(2, b, lat=None, lon=None)])
+    assert group_of(tables, a) == a
+    assert group_of(tables, b) == b
+
+
+def test_placeholder_location_never_groups() -> None:
+    config = validate_grouping(
+        {"placeholders": [{"latitude": LAT, "longitude": LON, "radius_m": 5}]}
+    ).to_payload()
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    events = [
+        recorded(1, GROUPING_CONFIGURED, config, stream_id=tenant_stream_id("acme")),
+        report(2, a),
+        report(3, b),
+        # 40 m away from the placeholder: a real location, but the other end is not.
+        report(4, c, lon=EAST_40),
+    ]
+    tables = fold_grouping(events)
+    assert [group_of(tables, x) for x in (a, b, c)] == [a, b, c]
+
+
+def test_related_categories_group() -> None:
+    config = validate_grouping(
+        {"related_categories": [["Street Light Outages", "Traffic Signal Repair"]]}
+    ).to_payload()
+    a, b = uuid.uuid4(), uuid.uuid4()
+    events = [
+        recorded(1, GROUPING_CONFIGURED, config, stream_id=tenant_stream_id("acme")),
+        report(2, a),
+        report(3, b, category="Traffic Signal Repair"),
+    ]
+    tables = fold_grouping(events)
+    assert group_of(tables, a) == group_of(tables, b)
+
+
+def test_bridge_report_joins_groups_in_any_order() -> None:
+    # a and c are 80 m apart, beyond the 60 m distance; b lies between them.
+    config = validate_grouping({"distance_m": 60}).to_payload()
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    reports = [report(0, a), report(0, b, lon=EAST_40), report(0, c, lon=EAST_80)]
+    expected = min(a, b, c)
+    for order in itertools.permutations(reports):
+        events = [recorded(1, GROUPING_CONFIGURED, config, stream_id=tenant_stream_id("acme"))]
+        events += [
+            recorded(position, e.event_type, e.payload, stream_id=e.stream_id, at=e.occurred_at)
+            for position, e in enumerate(order, start=2)
+        ]
+        tables = fold_grouping(events)
+        assert {group_of(tables, x) for x in (a, b, c)} == {expected}
+        without_bridge = fold_grouping(
+            [e for e in events if e.payload.get("incident_id") != str(b)]
+        )
+        assert group_of(without_bridge, a) != group_of(without_bridge, c)
+
+
+def test_reclassification_moves_report_out() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    corrected = recorded(
+        3,
+        lc.CLASSIFICATION_CORRECTED,
+        {"category": "Pothole"},
+        stream_id=incident_stream_id(b),
+        version=2,
+    )
+    tables = fold_grouping([report(1, a), report(2, b), corrected])
+    assert group_of(tables, b) == b
+    assert tables.reports[("acme", b)][1] == "Pothole"
+
+
+def test_classifier_does_not_override_report_category() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    classified = recorded(
+        3, lc.REPORT_CLASSIFIED, {"category": "Pothole"}, stream_id=incident_stream_id(b)
+    )
+    tables = fold_grouping([report(1, a), report(2, b), classified])
+    assert group_of(tables, a) == group_of(tables, b)
+
+
+def test_split_report_stays_out_and_merge_stays() -> None:
+    a, b, c, far = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    split = recorded(5, lc.REPORT_SPLIT_FROM_GROUP, {}, stream_id=incident_stream_id(b))
+    merged = recorded(
+        7, lc.REPORTS_MERGED, {"with_incident": str(far)}, stream_id=incident_stream_id(a)
+    )
+    events = [
+        report(1, a),
+        report(2, b),
+        report(3, c, lon=EAST_40),
+        report(4, far, lon=LON + 0.02),
+        split,
+        # A correction re-evaluates b against the same evidence: the split holds.
+        recorded(
+            6, lc.CLASSIFICATION_CORRECTED, {"severity": "low"}, stream_id=incident_stream_id(b)
+        ),
+        merged,
+    ]
+    tables = fold_grouping(events)
+    assert group_of(tables, b) == b
+    assert group_of(tables, a) == group_of(tables, far) == group_of(tables, c)
+
+    # A new report that matches both sides is new evidence, and joins them again.
+    joined = fold_grouping([*events, report(8, uuid.uuid4(), lon=EAST_40, hours=1)])
+    assert group_of(joined, b) == group_of(joined, a)
+
+
+# Random histories: reports on a small grid around the corner, classifications, staff merges
+# and splits, and settings changes, appended in random order across tenants.
+POINTS = [(LAT + dy * 0.0004, LON + dx * 0.0005) for dy in range(-2, 3) for dx in range(-2, 3)]
+POINTS_OR_NONE = st.one_of(st.sampled_from(POINTS), st.sampled_from(POINTS), st.none())
+CATEGORIES = st.sampled_from(["Light", "Pothole", None])
+TITLES = st.sampled_from(["light out", "street light out", "pothole", "deep hole in road", ""])
+SETTINGS = st.fixed_dictionaries(
+    {
+        "distance_m": st.sampled_from([40, 90, 200]),
+        "window_hours": st.sampled_from([2, 10, 48]),
+        "min_similarity": st.sampled_from([0, 50, 90]),
+        "related_categories": st.sampled_from([[], [["Light", "Pothole"]]]),
+        "placeholders": st.sampled_from([[], [{"latitude": LAT, "longitude": LON}]]),
+    }
+)
+REPORT_STEP = st.tuples(st.just("report"), POINTS_OR_NONE, CATEGORIES, TITLES, st.integers(0, 60))
+# Reports come three times as often as any other step, so that most histories form groups.
+STEP = st.one_of(
+    REPORT_STEP,
+    REPORT_STEP,
+    REPORT_STEP,
+    st.tuples(st.just("classify"), st.integers(0, 50), CATEGORIES),
+    st.tuples(st.just("correct"), st.integers(0, 50), CATEGORIES),
+    st.tuples(st.just("merge"), st.integers(0, 50), st.integers(0, 50)),
+    st.tuples(st.just("split"), st.integers(0, 50)),
+    st.tuples(st.just("configure"), SETTINGS),
+)
+
+
+def _append_history(store: PostgresEventStore, tenant: str, steps: list[tuple[Any, ...]]) -> None:
+    incidents: list[uuid.UUID] = []
+    for step in steps:
+        kind = step[0]
+        if kind == "configure":
+            payload = validate_grouping(step[1]).to_payload()
+            event = NewEvent(GROUPING_CONFIGURED, payload, T0)
+            store.append(tenant, tenant_stream_id(tenant), [event], expected_version=None)
+            continue
+        if kind == "report":
+            _, point, category, title, hours = step
+            incident = uuid.uuid4()
+            incidents.append(incident)
+            payload = {"incident_id": str(incident), "title": title, "category": category}
+            if point is not None:
+                payload.update(latitude=point[0], longitude=point[1])
+            event = NewEvent(lc.REPORT_SUBMITTED, payload, T0 + timedelta(hours=hours))
+            store.append(tenant, incident_stream_id(incident), [event], expected_version=0)
+            continue
+        if not incidents:
+            continue
+        incident = incidents[step[1] % len(incidents)]
+        if kind == "classify":
+            event = NewEvent(lc.REPORT_CLASSIFIED, {"category": step[2]}, T0)
+        elif kind == "correct":
+            event = NewEvent(lc.CLASSIFICATION_CORRECTED, {"category": step[2]}, T0)
+        elif kind == "merge":
+            other = incidents[step[2] % len(incidents)]
+            if other == incident:
+                continue
+            event = NewEvent(lc.REPORTS_MERGED, {"with_incident": str(other)}, T0)
+        else:
+            event = NewEvent(lc.REPORT_SPLIT_FROM_GROUP, {}, T0)
+        store.append(tenant, incident_stream_id(incident), [event], expected_version=None)
+
+
+def _tenant_events(conn: psycopg.Connection[Any], tenant: str) -> list[RecordedEvent]:
+    rows = conn.execute(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE tenant_id = %s ORDER BY tx_id, position",
+        (tenant,),
+    ).fetchall()
+    return [row_to_event(row) for row in rows]
+
+
+def _only(tables: GroupingTables, tenant: str) -> GroupingTables:
+    return GroupingTables(
+        settings={k: v for k, v in tables.settings.items() if k == tenant},
+        reports={k: v for k, v in tables.reports.items() if k[0] == tenant},
+        links={row for row in tables.links if row[0] == tenant},
+    )
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    reports=st.lists(REPORT_STEP, min_size=3, max_size=15),
+    others=st.lists(STEP, max_size=25),
+    data=st.data(),
+    cuts=st.lists(st.integers(min_value=1, max_value=9), max_size=8),
+)
+def test_batched_streaming_equals_fold(
+    store: PostgresEventStore,
+    worker_pool: ConnectionPool[Any],
+    reports: list[tuple[Any, ...]],
+    others: list[tuple[Any, ...]],
+    data: st.DataObject,
+    cuts: list[int],
+) -> None:
+    tenant = f"g-{uuid.uuid4().hex[:10]}"
+    # The first report opens the history; the rest come in an order Hypothesis picks.
+    rest = reports[1:] + others
+    steps = [reports[0], *data.draw(st.permutations(rest))]
+    _append_history(store, tenant, steps)
+    projection = grouping_projection()
+    with worker_pool.connection() as conn:
+        events = _tenant_events(conn, tenant)
+        with conn.transaction(force_rollback=True):
+            start = 0
+            for size in [*cuts, len(events)]:
+                projection.apply(conn, events[start : start + size])
+                start += size
+            stored = _only(projection.read_all(conn), tenant)
+    expected = projection.fold(events)
+    kinds = sorted({row[3] for row in expected.links})
+    event("link kinds: " + (", ".join(kinds) or "none"))
+    assert stored.settings == expected.settings
+    assert stored.links == expected.links
+    assert stored.reports == expected.reports

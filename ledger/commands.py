@@ -6,7 +6,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -140,7 +140,7 @@ class IncidentCommands:
                 "text; pass the reporter's name, email and phone in `reporter` instead"
             )
         contact = validate_reporter(reporter)
-        tenant = require_tenant(self.store, tenant_id)
+        require_tenant(self.store, tenant_id)  # raises TenantNotFound
         now = self.clock()
         if idempotency_key is not None:
             incident_id = derived_id(tenant_id, "submit", idempotency_key)
@@ -149,15 +149,10 @@ class IncidentCommands:
             incident_id = new_id()
             event_id = new_id()
 
-        category = report.get("category")
         payload = {key: value for key, value in report.items() if value is not None}
         payload["incident_id"] = str(incident_id)
-        payload["first_response_due_at"] = (
-            now + timedelta(hours=tenant.first_response_hours)
-        ).isoformat()
-        payload["resolution_due_at"] = (
-            now + timedelta(hours=tenant.resolution_hours_for(category))
-        ).isoformat()
+        # No due times: the SLA read model computes them from the policy in force, and due
+        # times in a payload are kept as the report's own (an imported city's) targets.
         event = NewEvent(
             REPORT_SUBMITTED,
             payload,

@@ -29,6 +29,9 @@ INCIDENT_MARKED_DUPLICATE = "IncidentMarkedDuplicate"
 REPORT_CLASSIFIED = "ReportClassified"
 CLASSIFICATION_FAILED = "ClassificationFailed"
 CLASSIFICATION_CORRECTED = "ClassificationCorrected"
+# Escalations the scheduler appends when an SLA clock passes its warning or due time.
+SLA_WARNING_REACHED = "SlaWarningReached"
+SLA_BREACHED = "SlaBreached"
 
 # Events that end the automatic classification of a report: the worker pool skips reports
 # with one of them.
@@ -50,6 +53,8 @@ INCIDENT_EVENT_TYPES = frozenset(
         REPORT_CLASSIFIED,
         CLASSIFICATION_FAILED,
         CLASSIFICATION_CORRECTED,
+        SLA_WARNING_REACHED,
+        SLA_BREACHED,
     }
 )
 

@@ -41,6 +41,8 @@ class TenantConfig:
     categories: tuple[Category, ...] = ()
     # None means the classifier's default hazard words.
     hazard_words: tuple[str, ...] | None = None
+    # The latest payload of each configuration event type (sections of ledger.config_sections).
+    payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def category_names(self) -> list[str]:
@@ -100,6 +102,10 @@ def fold_tenant(tenant_id: str, events: list[RecordedEvent]) -> TenantConfig | N
                 hazard_words=_hazard_words_from_payload(event.payload),
                 version=event.stream_version,
             )
+        elif config is not None:
+            config = replace(config, version=event.stream_version)
+        if config is not None and event.event_type != TENANT_CREATED:
+            config = replace(config, payloads={**config.payloads, event.event_type: event.payload})
     return config
 
 

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from ledger.business_time import BusinessCalendar
-from ledger.errors import CommandInvalid
+from ledger.errors import CommandInvalid, ConfigInvalid, ConfigProblem
 from ledger.events import NewEvent, normalize_json
 from ledger.lifecycle import SEVERITIES
 from ledger.store import PostgresEventStore
@@ -48,29 +48,6 @@ WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", 
 _WINDOW = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
 _TARGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s+(business|calendar)\s+(minute|hour|day)s?\s*$")
 UNIT_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigProblem:
-    """One invalid value of a configuration document, with what to do about it."""
-
-    section: str
-    field: str
-    value: Any
-    fix: str
-
-    def __str__(self) -> str:
-        return f"section {self.section}, field {self.field or '(whole section)'}: " + (
-            f"invalid value {self.value!r}: {self.fix}"
-        )
-
-
-class ConfigInvalid(CommandInvalid):
-    """A configuration document with one or more invalid sections; nothing was applied."""
-
-    def __init__(self, problems: list[ConfigProblem]) -> None:
-        self.problems = problems
-        super().__init__("invalid configuration, nothing applied: " + "; ".join(map(str, problems)))
 
 
 @dataclass
@@ -475,3 +452,68 @@ def apply_config(
         tenant_id, tenant_stream_id(tenant_id), events, expected_version=config.version
     )
     return ApplyResult(result.stream_version, changed)
+
+
+def import_holidays(
+    store: PostgresEventStore,
+    tenant_id: str,
+    calendar_name: str,
+    ics_data: bytes,
+    *,
+    occurred_at: datetime,
+    actor: str,
+) -> ApplyResult:
+    """Add the days of an iCalendar file to the holidays of one of the tenant's calendars.
+
+    Raises TenantNotFound, and ConfigInvalid when the calendar is not configured or the
+    data is not iCalendar.
+    """
+    config = require_tenant(store, tenant_id)
+    calendars = current_payloads(config).get("calendars", {}).get("calendars", [])
+    names = [item["name"] for item in calendars]
+    if calendar_name not in names:
+        raise ConfigInvalid(
+            [
+                ConfigProblem(
+                    "calendars",
+                    "name",
+                    calendar_name,
+                    f"no such calendar; configure it first or use one of {names or '(none)'}",
+                )
+            ]
+        )
+    try:
+        days = read_ics_holidays(ics_data, "the uploaded file")
+    except ValueError as error:
+        raise ConfigInvalid(
+            [ConfigProblem("calendars", f"{calendar_name}.holidays", "(file)", str(error))]
+        ) from None
+    updated = []
+    for item in calendars:
+        if item["name"] == calendar_name:
+            merged = sorted({*item["holidays"], *(day.isoformat() for day in days)})
+            item = {**item, "holidays": merged}
+        updated.append(item)
+    return apply_config(
+        store, tenant_id, {"calendars": updated}, occurred_at=occurred_at, actor=actor
+    )
+
+
+def configuration_history(store: PostgresEventStore, tenant_id: str) -> list[dict[str, Any]]:
+    """Return every version of the tenant's configuration: the event that made it."""
+    require_tenant(store, tenant_id)
+    history = []
+    for event in store.read_stream(tenant_id, tenant_stream_id(tenant_id)):
+        section = section_for_event(event.event_type)
+        history.append(
+            {
+                "version": event.stream_version,
+                "event_type": event.event_type,
+                "section": section.name if section else None,
+                "occurred_at": event.occurred_at,
+                "recorded_at": event.recorded_at,
+                "actor": event.metadata.get("actor"),
+                "payload": event.payload,
+            }
+        )
+    return history

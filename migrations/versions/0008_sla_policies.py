@@ -70,8 +70,46 @@ def upgrade() -> None:
     op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON sla_configs TO {worker_role}")
     op.execute(f"GRANT SELECT ON sla_configs TO {app_role}")
 
+    # The last error of each projection, written by the worker that failed, for status pages.
+    op.execute(
+        "ALTER TABLE projection_checkpoints ADD COLUMN last_error text, "
+        "ADD COLUMN last_error_at timestamptz"
+    )
+    # Like projection_lag(), with the age of the oldest event not applied yet and the last
+    # error. Counts, times and error messages only, so the API may call it without a tenant.
+    op.execute(
+        """
+        CREATE FUNCTION projection_status()
+        RETURNS TABLE (projection text, tx_id xid8, "position" bigint,
+                       updated_at timestamptz, events_behind bigint,
+                       oldest_pending_recorded_at timestamptz,
+                       last_error text, last_error_at timestamptz)
+        LANGUAGE sql STABLE SECURITY DEFINER
+        SET search_path = public, pg_temp
+        AS $$
+            SELECT c.projection, c.tx_id, c.position, c.updated_at,
+                   (SELECT count(*) FROM (
+                        SELECT 1 FROM events AS e
+                        WHERE (e.tx_id, e.position) > (c.tx_id, c.position)
+                        LIMIT 1000000) AS behind),
+                   (SELECT e.recorded_at FROM events AS e
+                    WHERE (e.tx_id, e.position) > (c.tx_id, c.position)
+                    ORDER BY e.tx_id, e.position LIMIT 1),
+                   c.last_error, c.last_error_at
+            FROM projection_checkpoints AS c
+            ORDER BY c.projection
+        $$
+        """
+    )
+    op.execute("REVOKE ALL ON FUNCTION projection_status() FROM PUBLIC")
+    op.execute(f"GRANT EXECUTE ON FUNCTION projection_status() TO {app_role}, {worker_role}")
+
 
 def downgrade() -> None:
+    op.execute("DROP FUNCTION projection_status()")
+    op.execute(
+        "ALTER TABLE projection_checkpoints DROP COLUMN last_error, DROP COLUMN last_error_at"
+    )
     op.execute("DROP TABLE sla_configs")
     op.execute("DROP INDEX incident_sla_open_due")
     op.execute("TRUNCATE incident_sla")

@@ -109,6 +109,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "keys": {"role": "staff", "name": "new clerk"},
     "erase": {"reason": "erasure request"},
     "reclassify": {"severity": "high"},
+    "config": {"routing": []},
 }
 
 
@@ -121,6 +122,7 @@ def call(
         incident_id=ids.incident_id,
         key_id=ids.key_id,
         reporter_id=ids.reporter_id,
+        calendar_name="office",
     )
     last = path.rstrip("/").rsplit("/", 1)[-1]
     body = BODIES.get(last)

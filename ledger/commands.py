@@ -30,6 +30,7 @@ from ledger.personal import (
     seal_contact,
     validate_reporter,
 )
+from ledger.routing import routing_event
 from ledger.store import AppendResult, PostgresEventStore, find_stored, read_stream
 from ledger.tenants import require_tenant
 
@@ -316,7 +317,19 @@ class IncidentCommands:
                 )
 
         event = NewEvent(event_type, payload, self.clock(), event_id=event_id, metadata=metadata)
-        result = self.store.append(tenant_id, stream_id, [event], expected_version=state.version)
+        events = [event]
+        if command == "reclassify" and "category" in payload:
+            routed = routing_event(
+                require_tenant(self.store, tenant_id),
+                self.store.read_stream(tenant_id, stream_id),
+                payload["category"],
+                cause=str(event_id),
+                occurred_at=event.occurred_at,
+                staff_correction=True,
+            )
+            if routed is not None:
+                events.append(routed)
+        result = self.store.append(tenant_id, stream_id, events, expected_version=state.version)
         return CommandResult(incident_id, result)
 
     def _replay(self, tenant_id: str, stream_id: str, probe: NewEvent) -> AppendResult | None:

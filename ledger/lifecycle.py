@@ -29,6 +29,8 @@ INCIDENT_MARKED_DUPLICATE = "IncidentMarkedDuplicate"
 REPORT_CLASSIFIED = "ReportClassified"
 CLASSIFICATION_FAILED = "ClassificationFailed"
 CLASSIFICATION_CORRECTED = "ClassificationCorrected"
+# The department routing rules chose for a classified report; the status does not change.
+INCIDENT_ROUTED = "IncidentRouted"
 # Escalations the scheduler appends when an SLA clock passes its warning or due time.
 SLA_WARNING_REACHED = "SlaWarningReached"
 SLA_BREACHED = "SlaBreached"
@@ -53,6 +55,7 @@ INCIDENT_EVENT_TYPES = frozenset(
         REPORT_CLASSIFIED,
         CLASSIFICATION_FAILED,
         CLASSIFICATION_CORRECTED,
+        INCIDENT_ROUTED,
         SLA_WARNING_REACHED,
         SLA_BREACHED,
     }
@@ -187,6 +190,8 @@ def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState |
     elif kind == INCIDENT_ASSIGNED:
         changes["status"] = ASSIGNED
         changes["assignee"] = payload.get("assignee")
+        changes["department"] = payload.get("department") or state.department
+    elif kind == INCIDENT_ROUTED:
         changes["department"] = payload.get("department") or state.department
     elif kind == WORK_STARTED:
         changes["status"] = IN_PROGRESS

@@ -144,11 +144,37 @@ class SlaConfig:
         )
 
     def department_for(self, category: str | None, area: str | None) -> str | None:
-        """Return the department of the first matching route, else the category's."""
-        for route in self.routes:
-            if _condition(route.categories, category) and _condition(route.areas, area):
-                return route.department
-        return self.departments.get(category) if category is not None else None
+        return routed_department(self.routes, self.departments, category, area)
+
+
+def routed_department(
+    routes: tuple[Route, ...], departments: dict[str, str], category: str | None, area: str | None
+) -> str | None:
+    """Return the department of the first matching route, else the category's department."""
+    for route in routes:
+        if _condition(route.categories, category) and _condition(route.areas, area):
+            return route.department
+    return departments.get(category) if category is not None else None
+
+
+def routing_from_payloads(
+    payloads: dict[str, dict[str, Any]],
+) -> tuple[tuple[Route, ...], dict[str, str]]:
+    """Return the routes and the category departments stored in configuration payloads."""
+    departments = {
+        item["name"]: item["department"]
+        for item in payloads.get(CATEGORIES_CONFIGURED, {}).get("categories", [])
+        if item.get("department")
+    }
+    routes = tuple(
+        Route(
+            _optional_set(item.get("categories")),
+            _optional_set(item.get("areas")),
+            item["department"],
+        )
+        for item in payloads.get(ROUTING_CONFIGURED, {}).get("routes", [])
+    )
+    return routes, departments
 
 
 def _hours_target(hours: float) -> Target:
@@ -166,19 +192,7 @@ def sla_config_from_payloads(version: int, payloads: dict[str, dict[str, Any]]) 
         _policy(item, calendars)
         for item in payloads.get(SLA_POLICIES_CONFIGURED, {}).get("policies", [])
     )
-    departments = {
-        item["name"]: item["department"]
-        for item in payloads.get(CATEGORIES_CONFIGURED, {}).get("categories", [])
-        if item.get("department")
-    }
-    routes = tuple(
-        Route(
-            _optional_set(item.get("categories")),
-            _optional_set(item.get("areas")),
-            item["department"],
-        )
-        for item in payloads.get(ROUTING_CONFIGURED, {}).get("routes", [])
-    )
+    routes, departments = routing_from_payloads(payloads)
     return SlaConfig(
         version=version,
         policies=policies,

@@ -55,6 +55,7 @@ FROM_CLASSIFIER = "classifier"
 FROM_STAFF = "staff"
 FROM_CONFIG = "config"
 FROM_ASSIGNMENT = "assignment"
+FROM_ROUTING = "routing"
 
 _FIRST_RESPONSES = frozenset(
     {
@@ -318,7 +319,7 @@ def _classified(
     config = history.in_force(event) if history is not None else None
     if config is None:
         return
-    if state.department_source in (None, FROM_CONFIG):
+    if state.department_source in (None, FROM_CONFIG, FROM_ROUTING):
         department = config.department_for(category, state.area)
         changes.update(department=department, department_source=FROM_CONFIG if department else None)
     pinned = _pinned_policy(state, history)
@@ -364,6 +365,9 @@ def evolve_sla(
             changes.update(
                 department=event.payload["department"], department_source=FROM_ASSIGNMENT
             )
+    elif kind == lc.INCIDENT_ROUTED:
+        if state.department_source != FROM_ASSIGNMENT and event.payload.get("department"):
+            changes.update(department=event.payload["department"], department_source=FROM_ROUTING)
     elif kind == lc.INFORMATION_REQUESTED:
         if state.paused_since is None and state.resolved_at is None:
             changes["status"] = PAUSED

@@ -747,7 +747,12 @@ def schedule() -> None:
     settings, database = _migrated()
     serve_metrics(settings)
     scheduler = Scheduler(
-        database, default_jobs(database, seal_interval_seconds=settings.seal_interval_seconds)
+        database,
+        default_jobs(
+            database,
+            seal_interval_seconds=settings.seal_interval_seconds,
+            escalation_interval_seconds=settings.escalation_interval_seconds,
+        ),
     )
     _stop_on_signals(scheduler.stop_event)
     scheduler.run_forever()
@@ -836,7 +841,12 @@ def run(
     # and raises the signal again: ours stop the projector, so the process exits normally.
     _stop_on_signals(projector.stop_event, server)
     scheduler = Scheduler(
-        database, default_jobs(database, seal_interval_seconds=settings.seal_interval_seconds)
+        database,
+        default_jobs(
+            database,
+            seal_interval_seconds=settings.seal_interval_seconds,
+            escalation_interval_seconds=settings.escalation_interval_seconds,
+        ),
     )
     scheduler_thread = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)
     projector.start()

@@ -278,3 +278,26 @@ def test_registered_section_plugs_in(
 
     assert result.changed == [extra_section]
     assert configuration_history(store, tenant_id)[-1]["section"] == extra_section
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "city-config.yaml"
+
+
+def test_documented_example_applies(store: PostgresEventStore, tenant_id: str) -> None:
+    import yaml
+
+    document = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    assert document.pop("tenant") == "demo"
+    result = apply_config(store, tenant_id, document, occurred_at=NOW, base_dir=EXAMPLE.parent)
+    again = apply_config(store, tenant_id, document, occurred_at=NOW, base_dir=EXAMPLE.parent)
+    config = load_tenant(store, tenant_id)
+
+    assert result.changed == ["categories", "calendars", "sla_policies", "routing"]
+    assert again.changed == []
+    assert config is not None
+    holidays = config.payloads[CALENDARS_CONFIGURED]["calendars"][0]["holidays"]
+    assert "2026-11-27" in holidays
+    assert "2026-09-07" in holidays
+    assert "2026-07-03" in holidays
+    policies = config.payloads[SLA_POLICIES_CONFIGURED]["policies"]
+    assert [policy["id"] for policy in policies] == ["emergency", "urgent", "phone", "standard"]

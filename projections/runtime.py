@@ -127,10 +127,15 @@ def projection_status(conn: psycopg.Connection[Any]) -> list[ProjectionStatus]:
 
 def record_error(conn: psycopg.Connection[Any], name: str, message: str) -> None:
     """Store a projection's last error beside its checkpoint (autocommit connection)."""
+    # An upsert: a projection that failed its first batch has no checkpoint row yet.
     conn.execute(
-        "UPDATE projection_checkpoints SET last_error = %s, last_error_at = now() "
-        "WHERE projection = %s",
-        (message[:2000], name),
+        """
+        INSERT INTO projection_checkpoints (projection, last_error, last_error_at)
+        VALUES (%s, %s, now())
+        ON CONFLICT (projection)
+        DO UPDATE SET last_error = EXCLUDED.last_error, last_error_at = EXCLUDED.last_error_at
+        """,
+        (name, message[:2000]),
     )
 
 

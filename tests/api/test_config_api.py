@@ -155,3 +155,33 @@ def test_cli_projections_status(database: Database) -> None:
     assert "incidents" in shown.stdout
     assert "sla" in shown.stdout
     assert "boom at 7" in shown.stdout
+
+
+def test_status_shows_lag_and_last_error(
+    database: Database, session_pool: ConnectionPool[Any], store: PostgresEventStore, tenant_id: str
+) -> None:
+    from ledger.commands import Actor, IncidentCommands
+    from projections.runtime import record_error
+
+    project_everything(database)
+    with database.connect_worker(autocommit=True) as conn:
+        record_error(conn, "sla", "projection sla failed at position 12: boom")
+    IncidentCommands(store).submit(tenant_id, {"description": "Leak"}, actor=Actor("r", "reporter"))
+    try:
+        with TestClient(create_app(database, pool=session_pool)) as client:
+            projections = {
+                item["name"]: item for item in client.get("/status").json()["projections"]
+            }
+    finally:
+        with database.connect_owner() as conn:
+            conn.execute(
+                "UPDATE projection_checkpoints SET last_error = NULL, last_error_at = NULL"
+            )
+
+    sla = projections["sla"]
+    assert sla["events_behind"] >= 1
+    assert sla["caught_up"] is False
+    assert sla["lag_seconds"] >= 0
+    assert sla["last_error"] == "projection sla failed at position 12: boom"
+    assert sla["last_error_at"] is not None
+    assert projections["incidents"]["last_error"] is None

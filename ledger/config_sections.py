@@ -2,7 +2,7 @@
 
 A configuration document (a YAML or JSON file, or a request body) is an object whose keys
 are section names. Each section is validated by its entry in SECTIONS and stored as one
-event type in the tenant's stream; the event's payload is the section as validated, so an
+event type in the tenant's stream. The event's payload is the section as validated, so an
 unchanged section is recognized by comparing payloads. Another section plugs in with one
 `register_section` call.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -52,7 +52,7 @@ UNIT_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 
 @dataclass
 class SectionContext:
-    """What a section's validation may look at besides its own value."""
+    """Context of a section's validation, besides the section's own value."""
 
     # Folder of the configuration file, for files a section names (None for API bodies).
     base_dir: Path | None
@@ -170,15 +170,20 @@ def read_ics_holidays(data: bytes, source: str) -> list[date]:
         start = event.decoded("DTSTART", None)
         if start is None:
             continue
-        day = start.date() if hasattr(start, "date") and callable(start.date) else start
+        day = _as_date(start)
         end = event.decoded("DTEND", None)
-        last = (end.date() if hasattr(end, "date") and callable(end.date) else end) if end else None
         days.add(day)
+        if end is None:
+            continue
         # DTEND of an all-day event is the day after its last day (RFC 5545, 3.6.1).
-        while last is not None and (following := date.fromordinal(day.toordinal() + 1)) < last:
-            days.add(following)
-            day = following
+        last = _as_date(end)
+        while (day := day + timedelta(days=1)) < last:
+            days.add(day)
     return sorted(days)
+
+
+def _as_date(value: date | datetime) -> date:
+    return value.date() if isinstance(value, datetime) else value
 
 
 def _validate_calendars(value: Any, context: SectionContext) -> dict[str, Any]:
@@ -345,7 +350,7 @@ def validate_document(
 ) -> dict[str, dict[str, Any]]:
     """Validate every section of a configuration document; return payloads by section.
 
-    `current` holds the tenant's stored payloads, which sections may refer to. Raises
+    `current` contains the tenant's stored payloads, which sections may refer to. Raises
     ConfigInvalid listing every problem found, in every section.
     """
     if not isinstance(document, dict):

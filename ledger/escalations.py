@@ -4,8 +4,8 @@ The scheduler's escalation job reads the SLA read model for open incidents judge
 policy whose warning or due time has passed and that have no escalation of that kind for
 that clock yet, and appends one event each. An escalation's event id derives from the
 incident, kind, target and clock, and its payload and valid time from the read model's
-row, so two schedulers that escalate the same incident at once append one event: the
-second append is an idempotent replay. A reopen that restarts the clock may escalate again.
+row. So two schedulers that escalate the same incident at once append one event, because
+the second append is an idempotent replay. A reopen that restarts the clock may escalate again.
 
 NOTE: incidents that keep their report's own target (imported city cases) are not
 escalated: their targets belong to the city's own process.
@@ -60,7 +60,7 @@ _CHECKS = [
 
 @dataclass
 class EscalationReport:
-    """What one run of the escalation job did."""
+    """The outcome of one run of the escalation job."""
 
     appended: int = 0
     already_stored: int = 0
@@ -139,7 +139,7 @@ def escalate(
 ) -> EscalationReport:
     """Append the escalations due at `now`. `should_stop` is checked between incidents.
 
-    Connection failures are raised; an incident whose append fails otherwise is logged
+    Connection failures are raised. An incident whose append fails otherwise is logged
     with its ids and retried at the next run.
     """
     report = EscalationReport()

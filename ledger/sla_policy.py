@@ -229,7 +229,7 @@ def _target(text: str | None, business_day_hours: float) -> Target | None:
         return None
     amount, clock, unit = parse_target(text)
     if clock == "business" and unit == "day":
-        # A business day is as long as the calendar says, not 24 hours.
+        # A business day lasts the calendar's business_day_hours, not 24 hours.
         seconds = amount * business_day_hours * 3600
     else:
         seconds = amount * UNIT_SECONDS[unit]

@@ -49,7 +49,7 @@ DUPLICATE = "duplicate"
 NOT_JUDGED = (REJECTED, DUPLICATE)
 
 TENANT_STREAM_PREFIX = "tenant-"
-# Where an incident's category or department came from.
+# Sources of an incident's category or department.
 FROM_REPORT = "report"
 FROM_CLASSIFIER = "classifier"
 FROM_STAFF = "staff"
@@ -251,6 +251,7 @@ def _submitted(event: RecordedEvent, history: ConfigHistory | None) -> SlaState:
     category = payload.get("category")
     area = payload.get("area")
     channel = payload.get("source_channel") or event.metadata.get("channel")
+
     state = SlaState(
         incident_id=UUID(payload["incident_id"]),
         category=category,
@@ -276,6 +277,7 @@ def _submitted(event: RecordedEvent, history: ConfigHistory | None) -> SlaState:
     config = history.in_force(event) if history is not None else None
     if config is None:
         return state
+
     changes: dict[str, Any] = {}
     if state.department is None:
         department = config.department_for(category, area)

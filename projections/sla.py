@@ -15,9 +15,11 @@ back-dated change would otherwise rewrite verdicts already given.
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import operator
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -121,6 +123,23 @@ class SlaState:
     pauses: list[list[str]] = field(default_factory=list)
     # Escalations recorded for this incident, as "kind:target:clock" keys.
     escalations: list[str] = field(default_factory=list)
+
+
+_STATE_FIELDS = tuple(item.name for item in dataclasses.fields(SlaState))
+_STATE_INDEX = {name: index for index, name in enumerate(_STATE_FIELDS)}
+_state_values = operator.attrgetter(*_STATE_FIELDS)
+
+
+def _replace(state: SlaState, changes: dict[str, Any]) -> SlaState:
+    """Return `state` with `changes`: dataclasses.replace, at half its cost or less.
+
+    replace() looks up each field's init flag on every call, and a rebuild calls it for
+    most events.
+    """
+    values = list(_state_values(state))
+    for name, value in changes.items():
+        values[_STATE_INDEX[name]] = value
+    return SlaState(*values)
 
 
 @dataclass(slots=True)
@@ -291,9 +310,9 @@ def _submitted(event: RecordedEvent, history: ConfigHistory | None) -> SlaState:
     if not own_target:
         policy = config.policy_for(category, state.severity, channel)
         changes.update(policy_id=policy.id, policy_version=config.version)
-        state = replace(state, **changes)
-        return replace(state, **_due_times(state, policy))
-    return replace(state, **changes) if changes else state
+        state = _replace(state, changes)
+        return _replace(state, _due_times(state, policy))
+    return _replace(state, changes) if changes else state
 
 
 def _classified(
@@ -417,9 +436,9 @@ def evolve_sla(
     recompute = changes.pop("_recompute", False)
     if not changes:
         return state
-    state = replace(state, **changes)
+    state = _replace(state, changes)
     if recompute:
-        state = replace(state, **_due_times(state, _pinned_policy(state, history)))
+        state = _replace(state, _due_times(state, _pinned_policy(state, history)))
     return state
 
 

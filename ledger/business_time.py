@@ -10,7 +10,7 @@ and measuring it again returns the same duration.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import cached_property
 from zoneinfo import ZoneInfo
@@ -19,6 +19,8 @@ MINUTES_PER_DAY = 24 * 60
 # add_business_duration gives up when a target lies this many days past its start: a
 # calendar whose hours are all holidays would otherwise loop for ever.
 MAX_SEARCH_DAYS = 3700
+# Dates whose intervals one calendar keeps; about 30 years of dates.
+MAX_CACHED_DAYS = 11_000
 
 # (start minute, end minute) after local midnight; an end of 1440 is the next midnight.
 Window = tuple[int, int]
@@ -37,6 +39,11 @@ class BusinessCalendar:
     time_zone: str
     weekly_hours: tuple[tuple[Window, ...], ...]
     holidays: frozenset[date] = frozenset()
+    # The opening intervals of each date computed so far: zoneinfo conversions dominate
+    # the cost of a due time, and an SLA fold asks for the same dates again and again.
+    _days: dict[date, tuple[tuple[datetime, datetime], ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         if len(self.weekly_hours) != 7:
@@ -63,16 +70,23 @@ class BusinessCalendar:
         """
         previous_end = datetime.min.replace(tzinfo=UTC)
         for offset in range(MAX_SEARCH_DAYS):
-            day = first_day + timedelta(days=offset)
-            if day in self.holidays:
-                continue
-            for start_minute, end_minute in self.weekly_hours[day.weekday()]:
+            for start, end in self._day_intervals(first_day + timedelta(days=offset)):
                 # max() keeps intervals in order when a skipped wall time maps backwards.
-                start = max(self._instant(day, start_minute), previous_end)
-                end = self._instant(day, end_minute)
+                start = max(start, previous_end)
                 if end > start:
                     previous_end = end
                     yield start, end
+
+    def _day_intervals(self, day: date) -> tuple[tuple[datetime, datetime], ...]:
+        intervals = self._days.get(day)
+        if intervals is None:
+            windows = () if day in self.holidays else self.weekly_hours[day.weekday()]
+            intervals = tuple(
+                (self._instant(day, start), self._instant(day, end)) for start, end in windows
+            )
+            if len(self._days) < MAX_CACHED_DAYS:
+                self._days[day] = intervals
+        return intervals
 
     def _instant(self, day: date, minute: int) -> datetime:
         if minute == MINUTES_PER_DAY:

@@ -40,7 +40,7 @@ class BusinessCalendar:
     weekly_hours: tuple[tuple[Window, ...], ...]
     holidays: frozenset[date] = frozenset()
     # The opening intervals of each date computed so far: zoneinfo conversions dominate
-    # the cost of a due time, and an SLA fold asks for the same dates again and again.
+    # the cost of a due time, and an SLA fold needs the same dates again and again.
     _days: dict[date, tuple[tuple[datetime, datetime], ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )

@@ -560,8 +560,10 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         if new_versions:
             with conn.cursor() as cur:
                 cur.executemany(
+                    # A version is a function of its event, so a row already stored (by a
+                    # rebuild that kept this table) is the same row.
                     "INSERT INTO sla_configs (tenant_id, version, tx_id, position, payloads) "
-                    "VALUES (%s, %s, %s, %s, %s)",
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant_id, version) DO NOTHING",
                     [
                         (tenant_id, item.version, item.tx_id, item.position, Jsonb(item.payloads))
                         for tenant_id, item in new_versions

@@ -34,7 +34,7 @@ from projections.sla import NOT_JUDGED, RESOLUTION_BREACHED_SQL, RESOLUTION_WARN
 logger = logging.getLogger(__name__)
 
 ESCALATION_METADATA = {"actor": "scheduler", "role": "system"}
-# Incidents escalated per query; the job queries again until none are left.
+# Escalations read per query; the job pages through all of them in one run.
 BATCH_SIZE = 500
 
 # (kind, target, time column, condition) for each escalation. The resolution conditions
@@ -79,8 +79,13 @@ class Due:
     policy_version: int
 
 
-def find_due(conn: psycopg.Connection[Any], now: datetime, limit: int) -> list[Due]:
-    """Return escalations whose time has passed at `now` and that are not recorded yet."""
+def find_due(
+    conn: psycopg.Connection[Any], now: datetime, limit: int, offset: int = 0
+) -> list[Due]:
+    """Return escalations whose time has passed at `now` and that are not recorded yet.
+
+    Returns up to `limit` of each kind and target, skipping the first `offset`.
+    """
     found: list[Due] = []
     for kind, target, column, condition in _CHECKS:
         clock = "clock" if target == "resolution" else "1"
@@ -93,14 +98,15 @@ def find_due(conn: psycopg.Connection[Any], now: datetime, limit: int) -> list[D
               AND {column} IS NOT NULL
               AND ({condition})
               AND NOT escalations ? (%(prefix)s || {clock}::text)
-            ORDER BY {column}
-            LIMIT %(limit)s
+            ORDER BY {column}, tenant_id, incident_id
+            LIMIT %(limit)s OFFSET %(offset)s
             """,
             {
                 "now": now,
                 "not_judged": list(NOT_JUDGED),
                 "prefix": f"{kind}:{target}:",
                 "limit": limit,
+                "offset": offset,
             },
         ).fetchall()
         found.extend(
@@ -143,10 +149,6 @@ def escalate(
     with its ids and retried at the next run.
     """
     report = EscalationReport()
-    with database.connect_worker(autocommit=True) as conn:
-        pending = find_due(conn, now, batch_size)
-    if not pending:
-        return report
     pool: ConnectionPool[Any] = ConnectionPool(
         database.worker_conninfo,
         min_size=1,
@@ -156,11 +158,21 @@ def escalate(
     )
     with pool:
         store = PostgresEventStore(pool)
-        for due in pending:
-            if should_stop():
-                logger.info("escalation run stopped with %d escalations left", len(pending))
+        # Pages by offset: the rows just escalated stay in the query until the projector
+        # records them. A row that moves between pages waits for the next run, and one
+        # read twice is an idempotent replay.
+        offset = 0
+        while not should_stop():
+            with database.connect_worker(autocommit=True) as conn:
+                pending = find_due(conn, now, batch_size, offset)
+            if not pending:
                 break
-            _append(store, due, report)
+            for due in pending:
+                if should_stop():
+                    logger.info("escalation run stopped before incident %s", due.incident_id)
+                    break
+                _append(store, due, report)
+            offset += batch_size
     return report
 
 

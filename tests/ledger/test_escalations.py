@@ -175,3 +175,19 @@ def test_paused_incident_not_escalated(
     escalate(database, T0 + 10 * 60 * MINUTE)
 
     assert escalations(store, tenant_id, incident) == []
+
+
+def test_one_run_pages_through_all(
+    database: Database, store: PostgresEventStore, tenant_id: str
+) -> None:
+    apply_config(store, tenant_id, POLICIES, occurred_at=T0 - MINUTE)
+    commands = IncidentCommands(store, clock=lambda: T0)
+    incidents = [
+        commands.submit(tenant_id, {"description": f"Leak {number}"}, actor=STAFF).incident_id
+        for number in range(5)
+    ]
+    project_everything(database)
+    escalate(database, T0 + 2 * 60 * MINUTE, batch_size=2)
+
+    for incident in incidents:
+        assert len(escalations(store, tenant_id, incident)) == 4, incident

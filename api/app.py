@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from api.audit import add_audit_routes
 from api.auth import actor_of, allow, document_roles
+from api.config_routes import add_config_routes
 from api.grouping import add_grouping_routes
 from api.observability import RequestContext, readiness_checks
 from api.open311 import add_open311_routes
@@ -38,7 +39,7 @@ from ledger.seals import latest_seal
 from ledger.store import PostgresEventStore
 from ledger.tenants import require_tenant
 from ledger.verification import verify_on
-from projections.runtime import projection_progress
+from projections.runtime import projection_progress, projection_status
 from projections.sla_queries import SlaCounts, consistent_snapshot, sla_summary
 
 logger = logging.getLogger(__name__)
@@ -516,9 +517,9 @@ def create_app(
 
     @app.get("/status", tags=["operations"])
     def status() -> dict[str, Any]:
-        """Report each projection's checkpoint and whether it has read the whole log."""
+        """Report each projection's checkpoint, lag and last error, and the classifier pools."""
         with pool.connection() as conn:
-            progress = projection_progress(conn)
+            progress = projection_status(conn)
             classifiers = conn.execute(
                 """
                 SELECT pool_id, classifier, state, reason, paused_until, started_at, updated_at,
@@ -556,9 +557,13 @@ def create_app(
                     "tx_id": item.checkpoint.tx_id,
                     "position": item.checkpoint.position,
                     "updated_at": item.updated_at,
-                    "caught_up": item.caught_up,
+                    "caught_up": item.events_behind == 0,
+                    "events_behind": item.events_behind,
+                    "lag_seconds": item.lag_seconds,
+                    "last_error": item.last_error,
+                    "last_error_at": item.last_error_at,
                 }
-                for item in progress.values()
+                for item in progress
             ],
         }
 
@@ -931,6 +936,7 @@ def create_app(
     add_audit_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
     add_open311_routes(app, pool=pool, commands=commands)
     add_grouping_routes(app, pool=pool, store=store, responses=COMMAND_RESPONSES)
+    add_config_routes(app, store=store, responses=PROBLEM_RESPONSES)
     document_roles(app)
     return app
 

@@ -38,12 +38,16 @@ classify_app = typer.Typer(help="Measure the report classifiers.", no_args_is_he
 sla_app = typer.Typer(help="SLA figures.", no_args_is_help=True)
 key_app = typer.Typer(help="Issue, list and revoke API keys.", no_args_is_help=True)
 reporter_app = typer.Typer(help="Reporters' personal data.", no_args_is_help=True)
+config_app = typer.Typer(help="Tenant configuration.", no_args_is_help=True)
+projections_app = typer.Typer(help="Read-model projections.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(key_app, name="key")
 app.add_typer(sla_app, name="sla")
 app.add_typer(reporter_app, name="reporter")
 app.add_typer(audit_app, name="audit")
 app.add_typer(classify_app, name="classify")
+app.add_typer(config_app, name="config")
+app.add_typer(projections_app, name="projections")
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -191,6 +195,101 @@ def tenant_open311(
             raise _fail(str(error)) from error
     state = "public" if public_reads else "for API keys of the tenant only"
     console.print(f"Open311 reads of tenant {tenant} are {state}")
+
+
+@config_app.command("apply")
+def config_apply(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            dir_okay=False,
+            help="YAML or JSON file of configuration sections (see docs/sla.md)",
+        ),
+    ],
+    tenant: Annotated[
+        str | None,
+        typer.Option("--tenant", help="Tenant id (default: the file's `tenant` key)"),
+    ] = None,
+) -> None:
+    """Apply a configuration file; each changed section becomes a new version."""
+    import yaml
+
+    from ledger.config_sections import apply_config
+
+    try:
+        # YAML 1.2 is a superset of JSON, so one loader reads both kinds of file.
+        document = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise _fail(f"invalid YAML or JSON in {file}: {error}") from error
+    if not isinstance(document, dict):
+        raise _fail(f"{file} must contain an object of sections, such as `sla_policies:`")
+    named = document.pop("tenant", None)
+    tenant = tenant or named
+    if not tenant:
+        raise _fail(f"no tenant: pass --tenant or add `tenant: ID` to {file}")
+    _, database = _migrated()
+    pool, store = _store(database)
+    with pool:
+        try:
+            result = apply_config(
+                store,
+                tenant,
+                document,
+                occurred_at=datetime.now(UTC),
+                base_dir=file.resolve().parent,
+            )
+        except LedgerError as error:
+            raise _fail(str(error)) from error
+    if result.changed:
+        console.print(
+            f"tenant {tenant} configuration is now version {result.version}; changed: "
+            + ", ".join(result.changed)
+        )
+    else:
+        console.print(f"tenant {tenant} configuration unchanged at version {result.version}")
+
+
+@config_app.command("show")
+def config_show(tenant: TenantOption) -> None:
+    """Print the tenant's current configuration as JSON."""
+    from ledger.config_sections import current_payloads
+    from ledger.tenants import require_tenant
+
+    _, database = _migrated()
+    pool, store = _store(database)
+    with pool:
+        try:
+            config = require_tenant(store, tenant)
+        except LedgerError as error:
+            raise _fail(str(error)) from error
+    document = {"tenant": tenant, "version": config.version, **current_payloads(config)}
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+@projections_app.command("status")
+def projections_status() -> None:
+    """Print each projection's checkpoint, lag in events and seconds, and last error."""
+    from projections.runtime import projection_status
+
+    _, database = _migrated()
+    with database.connect_any() as conn:
+        rows = projection_status(conn)
+    table = Table(title="projections")
+    for column in ("projection", "checkpoint", "events behind", "lag (s)", "last error"):
+        table.add_column(column)
+    for item in rows:
+        error = "-"
+        if item.last_error is not None and item.last_error_at is not None:
+            error = f"{item.last_error_at.isoformat(timespec='seconds')}: {item.last_error}"
+        table.add_row(
+            item.name,
+            f"tx {item.checkpoint.tx_id}, position {item.checkpoint.position}",
+            str(item.events_behind),
+            f"{item.lag_seconds:.1f}",
+            error,
+        )
+    Console().print(table)
 
 
 @key_app.command("issue")
@@ -713,7 +812,12 @@ def schedule() -> None:
     settings, database = _migrated()
     serve_metrics(settings)
     scheduler = Scheduler(
-        database, default_jobs(database, seal_interval_seconds=settings.seal_interval_seconds)
+        database,
+        default_jobs(
+            database,
+            seal_interval_seconds=settings.seal_interval_seconds,
+            escalation_interval_seconds=settings.escalation_interval_seconds,
+        ),
     )
     _stop_on_signals(scheduler.stop_event)
     scheduler.run_forever()
@@ -812,7 +916,12 @@ def run(
     # and raises the signal again: ours stop the projector, so the process exits normally.
     _stop_on_signals(projector.stop_event, server)
     scheduler = Scheduler(
-        database, default_jobs(database, seal_interval_seconds=settings.seal_interval_seconds)
+        database,
+        default_jobs(
+            database,
+            seal_interval_seconds=settings.seal_interval_seconds,
+            escalation_interval_seconds=settings.escalation_interval_seconds,
+        ),
     )
     scheduler_thread = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)
     projector.start()

@@ -31,6 +31,7 @@ _LEDGER_ERRORS: list[tuple[type[errors.LedgerError], int, str, str]] = [
     ),
     (errors.IdempotencyKeyReused, 422, "idempotency-key-reused", "Idempotency key reused"),
     (errors.CommandRejected, 409, "command-not-allowed", "Command not allowed in this state"),
+    (errors.ConfigInvalid, 422, "invalid-configuration", "Invalid configuration"),
     (errors.CommandInvalid, 422, "invalid-command", "Invalid command"),
     (errors.InvalidEventData, 422, "invalid-data", "Invalid data"),
     (errors.InvalidRequest, 422, "invalid-request", "Invalid request"),
@@ -77,6 +78,18 @@ def _extra_fields(error: errors.LedgerError) -> dict[str, Any]:
         return {"expected_version": error.expected, "current_version": error.actual}
     if isinstance(error, errors.CommandRejected):
         return {"state": error.status, "command": error.command, "allowed_commands": error.allowed}
+    if isinstance(error, errors.ConfigInvalid):
+        return {
+            "errors": [
+                {
+                    "section": item.section,
+                    "field": item.field,
+                    "value": _json_safe(item.value),
+                    "fix": item.fix,
+                }
+                for item in error.problems
+            ]
+        }
     if isinstance(error, errors.Forbidden):
         return {"role": error.role, "allowed_roles": error.allowed}
     return {}

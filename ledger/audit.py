@@ -27,6 +27,11 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
+from ledger.config_sections import (
+    CALENDARS_CONFIGURED,
+    ROUTING_CONFIGURED,
+    SLA_POLICIES_CONFIGURED,
+)
 from ledger.database import set_tenant
 from ledger.errors import IncidentNotFound, InvalidRequest
 from ledger.events import RecordedEvent
@@ -56,6 +61,9 @@ KNOWN_EVENT_TYPES = INCIDENT_EVENT_TYPES | {
     TENANT_CREATED,
     CATEGORIES_CONFIGURED,
     GROUPING_CONFIGURED,
+    CALENDARS_CONFIGURED,
+    SLA_POLICIES_CONFIGURED,
+    ROUTING_CONFIGURED,
     KEY_ISSUED,
     KEY_REVOKED,
 }

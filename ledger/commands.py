@@ -6,7 +6,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -30,6 +30,7 @@ from ledger.personal import (
     seal_contact,
     validate_reporter,
 )
+from ledger.routing import routing_event
 from ledger.store import AppendResult, PostgresEventStore, find_stored, read_stream
 from ledger.tenants import require_tenant
 
@@ -140,7 +141,7 @@ class IncidentCommands:
                 "text; pass the reporter's name, email and phone in `reporter` instead"
             )
         contact = validate_reporter(reporter)
-        tenant = require_tenant(self.store, tenant_id)
+        require_tenant(self.store, tenant_id)  # raises TenantNotFound
         now = self.clock()
         if idempotency_key is not None:
             incident_id = derived_id(tenant_id, "submit", idempotency_key)
@@ -149,15 +150,10 @@ class IncidentCommands:
             incident_id = new_id()
             event_id = new_id()
 
-        category = report.get("category")
         payload = {key: value for key, value in report.items() if value is not None}
         payload["incident_id"] = str(incident_id)
-        payload["first_response_due_at"] = (
-            now + timedelta(hours=tenant.first_response_hours)
-        ).isoformat()
-        payload["resolution_due_at"] = (
-            now + timedelta(hours=tenant.resolution_hours_for(category))
-        ).isoformat()
+        # No due times: the SLA read model computes them from the policy in force, and due
+        # times in a payload are kept as the report's own (an imported city's) targets.
         event = NewEvent(
             REPORT_SUBMITTED,
             payload,
@@ -327,7 +323,19 @@ class IncidentCommands:
                 )
 
         event = NewEvent(event_type, payload, self.clock(), event_id=event_id, metadata=metadata)
-        result = self.store.append(tenant_id, stream_id, [event], expected_version=state.version)
+        events = [event]
+        if command == "reclassify" and "category" in payload:
+            routed = routing_event(
+                require_tenant(self.store, tenant_id),
+                self.store.read_stream(tenant_id, stream_id),
+                payload["category"],
+                cause=str(event_id),
+                occurred_at=event.occurred_at,
+                staff_correction=True,
+            )
+            if routed is not None:
+                events.append(routed)
+        result = self.store.append(tenant_id, stream_id, events, expected_version=state.version)
         return CommandResult(incident_id, result)
 
     def _replay(self, tenant_id: str, stream_id: str, probe: NewEvent) -> AppendResult | None:

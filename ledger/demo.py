@@ -11,9 +11,11 @@ import os
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 from ledger.commands import Actor, IncidentCommands
+from ledger.config_sections import apply_config
 from ledger.errors import AuthenticationFailed, TenantExists
 from ledger.keys import Role, authenticate, issue_key
 from ledger.store import PostgresEventStore
@@ -78,6 +80,45 @@ CATEGORIES: list[tuple[str, str, float, list[str]]] = [
         ],
     ),
 ]
+# The demo's business calendar and SLA policies: emergencies run on calendar time, the
+# rest on city-hall hours.
+DEMO_CONFIG: dict[str, Any] = {
+    "calendars": [
+        {
+            "name": "city-hall",
+            "time_zone": "America/New_York",
+            "weekly_hours": {
+                day: ["08:00-12:00", "13:00-17:00"]
+                for day in ("monday", "tuesday", "wednesday", "thursday", "friday")
+            },
+            "holidays": [
+                "2026-01-01",
+                "2026-01-19",
+                "2026-02-16",
+                "2026-05-25",
+                "2026-07-03",
+                "2026-09-07",
+                "2026-11-26",
+                "2026-12-25",
+            ],
+        }
+    ],
+    "sla_policies": [
+        {
+            "id": "emergency",
+            "match": {"categories": ["No heat", "Water leak"]},
+            "first_response": "1 calendar hours",
+            "resolution": "24 calendar hours",
+            "on_reopen": "restart",
+        },
+        {
+            "id": "standard",
+            "calendar": "city-hall",
+            "first_response": "4 business hours",
+            "resolution": "5 business days",
+        },
+    ],
+}
 STREETS = ["Main St", "Elm St", "Harbor Ave", "Union Sq", "Oak Rd", "Station Pl", "Park Ln"]
 STAFF = ["j.alvarez", "m.chen", "r.okafor", "s.kowalski", "t.nguyen"]
 
@@ -117,6 +158,7 @@ def seed_demo(
         )
     except TenantExists:
         return 0
+    apply_config(store, tenant_id, DEMO_CONFIG, occurred_at=start, actor="demo")
     commands = IncidentCommands(store, clock=clock)
     resident = Actor("resident", "reporter", "web")
     appended = 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 
 class LedgerError(Exception):
     """Base class for every error the ledger raises on purpose."""
@@ -148,3 +151,29 @@ class ContactNotGiven(LedgerError):
 
 class InvalidSeal(LedgerError):
     """A tenant's seal stream contains an event that cannot be read as a seal."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One invalid value of a configuration document, with what to do about it."""
+
+    section: str
+    field: str
+    value: Any
+    fix: str
+
+    def __str__(self) -> str:
+        text = f"section {self.section}"
+        if self.field:
+            text += f", field {self.field}"
+        if self.value is not None:
+            text += f", value {self.value!r}"
+        return f"{text}: {self.fix}"
+
+
+class ConfigInvalid(CommandInvalid):
+    """A configuration document with one or more invalid sections; nothing was applied."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration, nothing applied: " + "; ".join(map(str, problems)))

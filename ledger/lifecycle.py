@@ -32,6 +32,11 @@ CLASSIFICATION_CORRECTED = "ClassificationCorrected"
 # Staff decisions on duplicate groups, recorded in the stream of the incident acted on.
 REPORTS_MERGED = "ReportsMerged"
 REPORT_SPLIT_FROM_GROUP = "ReportSplitFromGroup"
+# The department routing rules chose for a classified report; the status does not change.
+INCIDENT_ROUTED = "IncidentRouted"
+# Escalations the scheduler appends when an SLA clock passes its warning or due time.
+SLA_WARNING_REACHED = "SlaWarningReached"
+SLA_BREACHED = "SlaBreached"
 
 # Events that end the automatic classification of a report: the worker pool skips reports
 # with one of them.
@@ -55,6 +60,9 @@ INCIDENT_EVENT_TYPES = frozenset(
         CLASSIFICATION_CORRECTED,
         REPORTS_MERGED,
         REPORT_SPLIT_FROM_GROUP,
+        INCIDENT_ROUTED,
+        SLA_WARNING_REACHED,
+        SLA_BREACHED,
     }
 )
 
@@ -188,6 +196,8 @@ def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState |
     elif kind == INCIDENT_ASSIGNED:
         changes["status"] = ASSIGNED
         changes["assignee"] = payload.get("assignee")
+        changes["department"] = payload.get("department") or state.department
+    elif kind == INCIDENT_ROUTED:
         changes["department"] = payload.get("department") or state.department
     elif kind == WORK_STARTED:
         changes["status"] = IN_PROGRESS

@@ -23,6 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from ledger.database import Database
+from ledger.escalations import escalate
 from ledger.metrics import SCHEDULER_RUNS
 from ledger.seals import seal_all
 
@@ -68,8 +69,36 @@ def seal_job(database: Database, interval_seconds: float) -> ScheduledJob:
     return ScheduledJob("seal", interval_seconds, seal)
 
 
-def default_jobs(database: Database, *, seal_interval_seconds: float) -> list[ScheduledJob]:
-    return [seal_job(database, seal_interval_seconds)]
+def escalation_job(
+    database: Database, interval_seconds: float, clock: Callable[[], datetime] | None = None
+) -> ScheduledJob:
+    """Build the job that appends SLA warning and breach escalations.
+
+    `clock` returns the time to judge against (default: now, UTC); the job passes it to
+    the judgement, which never reads the clock itself.
+    """
+
+    def run(stop: threading.Event) -> None:
+        now = clock() if clock is not None else datetime.now(UTC)
+        report = escalate(database, now, should_stop=stop.is_set)
+        if report.appended or report.failed:
+            logger.info(
+                "escalation run: %d appended, %d already stored, %d failed",
+                report.appended,
+                report.already_stored,
+                len(report.failed),
+            )
+
+    return ScheduledJob("escalation", interval_seconds, run)
+
+
+def default_jobs(
+    database: Database, *, seal_interval_seconds: float, escalation_interval_seconds: float = 60
+) -> list[ScheduledJob]:
+    return [
+        seal_job(database, seal_interval_seconds),
+        escalation_job(database, escalation_interval_seconds),
+    ]
 
 
 class Scheduler:

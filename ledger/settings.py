@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         le=86_400,
         description="Seconds between two runs of the scheduler's seal job.",
     )
+    escalation_interval_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=86_400,
+        description="Seconds between two runs of the scheduler's SLA escalation job.",
+    )
 
     # Classification. Without llm_base_url the rule-based classifier decides; there is no
     # default server.

@@ -51,6 +51,8 @@ class TenantConfig:
     # Whether the Open311 facade serves the tenant's services and requests without a key.
     open311_public_reads: bool = False
     grouping: GroupingSettings = DEFAULT_SETTINGS
+    # The latest payload of each configuration event type (sections of ledger.config_sections).
+    payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def category_names(self) -> list[str]:
@@ -120,6 +122,10 @@ def fold_tenant(tenant_id: str, events: list[RecordedEvent]) -> TenantConfig | N
             config = replace(
                 config, grouping=settings_from_payload(event.payload), version=event.stream_version
             )
+        elif config is not None:
+            config = replace(config, version=event.stream_version)
+        if config is not None and event.event_type != TENANT_CREATED:
+            config = replace(config, payloads={**config.payloads, event.event_type: event.payload})
     return config
 
 

@@ -177,7 +177,7 @@ class IncidentRowProjection(Projection, Generic[State]):
 
 
 def _is_json_object(hint: Any) -> bool:
-    """Return True when a field's type is a dict or an optional dict."""
+    """Return True when a field's type is a dict or a list, or an optional one, stored as jsonb."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_is_json_object(member) for member in typing.get_args(hint))
-    return hint is dict or typing.get_origin(hint) is dict
+    return hint in (dict, list) or typing.get_origin(hint) in (dict, list)

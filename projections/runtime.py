@@ -88,6 +88,58 @@ def projection_progress(conn: psycopg.Connection[Any]) -> dict[str, ProjectionPr
     }
 
 
+@dataclass(frozen=True, slots=True)
+class ProjectionStatus:
+    """A projection's progress, lag and last error, for status pages."""
+
+    name: str
+    checkpoint: Checkpoint
+    updated_at: datetime | None
+    events_behind: int  # up to 10**6, as in ProjectionProgress
+    # Seconds since the oldest event not applied yet was recorded; 0 when caught up.
+    lag_seconds: float
+    last_error: str | None
+    last_error_at: datetime | None
+
+
+def projection_status(conn: psycopg.Connection[Any]) -> list[ProjectionStatus]:
+    """Return the status of each projection that has a checkpoint, by name."""
+    rows = conn.execute(
+        """
+        SELECT projection, tx_id::text::bigint, position, updated_at, events_behind,
+               COALESCE(extract(epoch FROM now() - oldest_pending_recorded_at), 0),
+               last_error, last_error_at
+        FROM projection_status()
+        """
+    ).fetchall()
+    return [
+        ProjectionStatus(
+            name,
+            Checkpoint(int(tx_id), position),
+            updated_at,
+            int(behind),
+            max(0.0, float(lag)),
+            last_error,
+            last_error_at,
+        )
+        for name, tx_id, position, updated_at, behind, lag, last_error, last_error_at in rows
+    ]
+
+
+def record_error(conn: psycopg.Connection[Any], name: str, message: str) -> None:
+    """Store a projection's last error beside its checkpoint (autocommit connection)."""
+    # An upsert: a projection that failed its first batch has no checkpoint row yet.
+    conn.execute(
+        """
+        INSERT INTO projection_checkpoints (projection, last_error, last_error_at)
+        VALUES (%s, %s, now())
+        ON CONFLICT (projection)
+        DO UPDATE SET last_error = EXCLUDED.last_error, last_error_at = EXCLUDED.last_error_at
+        """,
+        (name, message[:2000]),
+    )
+
+
 class CheckpointMoved(Exception):
     """Another process advanced the checkpoint during this batch."""
 
@@ -212,10 +264,22 @@ class ProjectionWorker(threading.Thread):
                 # A poison event stops this projection only. Its batch was rolled back and is
                 # retried after each poll interval, until a fix is deployed.
                 logger.error("%s: %s; retrying in %.1fs", error, error.__cause__, self.poll_seconds)
+                self._record_error(f"{error}: {error.__cause__}")
                 self.stop_event.wait(self.poll_seconds)
         logger.info(
             "projection worker %s stopped after %d events", self.projection.name, self.applied
         )
+
+    def _record_error(self, message: str) -> None:
+        try:
+            with self.database.connect_worker(autocommit=True) as conn:
+                record_error(conn, self.projection.name, message)
+        except psycopg.Error as error:
+            logger.warning(
+                "projection worker %s could not store its last error: %s",
+                self.projection.name,
+                error,
+            )
 
     def _log_connection_error(self, error: psycopg.OperationalError) -> None:
         now = time.monotonic()

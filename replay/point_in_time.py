@@ -16,7 +16,7 @@ import psycopg
 from ledger.events import RecordedEvent
 from ledger.ids import incident_stream_id
 from ledger.store import EVENT_COLUMNS, row_to_event
-from projections.sla import SlaState, evolve_sla
+from projections.sla import SlaState, evolve_sla, load_histories
 
 
 def straddling_sla_states(
@@ -49,11 +49,14 @@ def straddling_sla_states(
         for row in cur:
             event = row_to_event(row)
             events[event.stream_id].append(event)
+    # The configuration version in force for each event comes from its log position, as
+    # in the streaming fold, whatever the valid time asked about.
+    history = load_histories(conn, [tenant_id]).get(tenant_id)
     states = []
     for stream_events in events.values():
         state: SlaState | None = None
         for event in stream_events:
-            state = evolve_sla(state, event)
+            state = evolve_sla(state, event, history)
         if state is not None:
             states.append(state)
     return states

@@ -44,6 +44,7 @@ from ledger.metrics import (
     CLASSIFIER_RETRIES,
     CLASSIFIER_STOPPED,
 )
+from ledger.routing import routing_event
 from ledger.store import PostgresEventStore
 from ledger.tenants import TenantConfig, load_tenant
 
@@ -501,6 +502,9 @@ class ClassifierPool:
 
     def _record(self, item: PendingReport, events: list[NewEvent], outcome: str) -> None:
         stream_id = incident_stream_id(item.incident_id)
+        routed = self._routing(item, events)
+        if routed is not None:
+            events = [*events, routed]
         try:
             # No expected version: the outcome may follow any lifecycle event, and its derived
             # id keeps a second append of the same outcome out.
@@ -520,6 +524,25 @@ class ClassifierPool:
         CLASSIFICATIONS.labels(outcome).inc()
         with self._lock:
             self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
+
+    def _routing(self, item: PendingReport, events: list[NewEvent]) -> NewEvent | None:
+        """Return the event routing the report to the department of its new category."""
+        classified = [event for event in events if event.event_type == REPORT_CLASSIFIED]
+        if not classified:
+            return None
+        config = load_tenant(self.store, item.tenant_id)
+        if config is None:
+            return None
+        history = self.store.read_stream(item.tenant_id, incident_stream_id(item.incident_id))
+        if not history:
+            return None
+        return routing_event(
+            config,
+            history,
+            classified[-1].payload.get("category"),
+            cause=str(classified[-1].event_id),
+            occurred_at=classified[-1].occurred_at,
+        )
 
     # Pausing and stopping
 

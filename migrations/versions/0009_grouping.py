@@ -1,7 +1,7 @@
 """The duplicate grouping read model.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 
 - `grouping_settings`: each tenant's grouping settings as the projector last read them from
   its configuration stream, so that a batch applies the settings in force at its position.
@@ -16,7 +16,7 @@ Revises: 0007
 from alembic import context, op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

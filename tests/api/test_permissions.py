@@ -125,6 +125,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "reclassify": {"severity": "high"},
     "suggestions": {"latitude": 42.3474, "longitude": -71.0944, "description": "Light out"},
     "grouping": {"distance_m": 120},
+    "config": {"routing": []},
 }
 
 
@@ -141,6 +142,7 @@ def call(
         service_code="pothole",
         service_request_id=ids.incident_id,
         token=ids.token,
+        calendar_name="office",
     )
     last = path.rstrip("/").rsplit("/", 1)[-1]
     body = BODIES.get(last)

@@ -244,14 +244,12 @@ def test_other_tenants_incident_not_found(
         commands.execute(other, incident, "acknowledge", {}, actor=STAFF, expected_version=None)
 
 
-def test_submit_sets_due_times_from_tenant(
+def test_submit_leaves_due_times_to_policies(
     commands: IncidentCommands, tenant_id: str, store: PostgresEventStore
 ) -> None:
     incident = new_incident(commands, tenant_id, [])
     (event,) = store.read_stream(tenant_id, f"incident-{incident}")
 
-    due = datetime.fromisoformat(event.payload["resolution_due_at"])
-    first_response = datetime.fromisoformat(event.payload["first_response_due_at"])
-    assert due - event.occurred_at == timedelta(hours=72)
-    assert first_response - event.occurred_at == timedelta(hours=24)
+    assert "resolution_due_at" not in event.payload
+    assert "first_response_due_at" not in event.payload
     assert event.metadata["actor"] == "resident"

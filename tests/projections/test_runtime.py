@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -235,6 +236,42 @@ def test_failed_batch_names_events_and_rolls_back(
     assert incident_stream_id(incident) in str(raised.value)
     assert "positions" in str(raised.value)
     assert checkpoint == Checkpoint()
+
+
+def test_failing_worker_stores_last_error(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    from projections.runtime import ProjectionWorker, projection_status
+
+    incident = uuid.uuid4()
+    fresh_store.append(
+        "acme", incident_stream_id(incident), [submitted(incident)], expected_version=0
+    )
+    stop = threading.Event()
+    worker = ProjectionWorker(
+        fresh_database, FailingProjection(), batch_size=10, poll_seconds=0.1, stop=stop
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        failing = None
+        while time.monotonic() < deadline and failing is None:
+            with fresh_database.connect_worker() as conn:
+                rows = {item.name: item for item in projection_status(conn)}
+            failing = rows.get("failing")
+            if failing is None or failing.last_error is None:
+                failing = None
+                time.sleep(0.1)
+    finally:
+        stop.set()
+        worker.join(10)
+
+    assert failing is not None
+    assert failing.last_error is not None
+    assert incident_stream_id(incident) in failing.last_error
+    assert "incident_id" in failing.last_error
+    assert failing.events_behind >= 1
+    assert failing.lag_seconds > 0
 
 
 def test_catch_up_skips_owned_projection(

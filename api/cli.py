@@ -26,6 +26,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from api.audit_cli import audit_app
+from api.replay_cli import rebuild_command, replay_command, snapshot_app
 from ledger.database import Database, resolve_database
 from ledger.errors import LedgerError
 from ledger.logs import configure_logging
@@ -46,6 +47,9 @@ app.add_typer(sla_app, name="sla")
 app.add_typer(reporter_app, name="reporter")
 app.add_typer(audit_app, name="audit")
 app.add_typer(classify_app, name="classify")
+app.add_typer(snapshot_app, name="snapshot")
+app.command("rebuild")(rebuild_command)
+app.command("replay")(replay_command)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -649,7 +653,12 @@ def schedule() -> None:
     settings, database = _migrated()
     serve_metrics(settings)
     scheduler = Scheduler(
-        database, default_jobs(database, seal_interval_seconds=settings.seal_interval_seconds)
+        database,
+        default_jobs(
+            database,
+            seal_interval_seconds=settings.seal_interval_seconds,
+            snapshot_interval_seconds=settings.snapshot_interval_seconds,
+        ),
     )
     _stop_on_signals(scheduler.stop_event)
     scheduler.run_forever()
@@ -738,7 +747,12 @@ def run(
     # and raises the signal again: ours stop the projector, so the process exits normally.
     _stop_on_signals(projector.stop_event, server)
     scheduler = Scheduler(
-        database, default_jobs(database, seal_interval_seconds=settings.seal_interval_seconds)
+        database,
+        default_jobs(
+            database,
+            seal_interval_seconds=settings.seal_interval_seconds,
+            snapshot_interval_seconds=settings.snapshot_interval_seconds,
+        ),
     )
     scheduler_thread = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)
     projector.start()

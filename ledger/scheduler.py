@@ -68,8 +68,23 @@ def seal_job(database: Database, interval_seconds: float) -> ScheduledJob:
     return ScheduledJob("seal", interval_seconds, seal)
 
 
-def default_jobs(database: Database, *, seal_interval_seconds: float) -> list[ScheduledJob]:
-    return [seal_job(database, seal_interval_seconds)]
+def snapshot_job(database: Database, interval_seconds: float) -> ScheduledJob:
+    """Build the job that snapshots each tenant's read models that have new events."""
+    from replay.snapshots import snapshot_job_function
+
+    return ScheduledJob("snapshot", interval_seconds, snapshot_job_function(database))
+
+
+def default_jobs(
+    database: Database,
+    *,
+    seal_interval_seconds: float,
+    snapshot_interval_seconds: float = 3600,
+) -> list[ScheduledJob]:
+    return [
+        seal_job(database, seal_interval_seconds),
+        snapshot_job(database, snapshot_interval_seconds),
+    ]
 
 
 class Scheduler:

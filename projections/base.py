@@ -63,6 +63,11 @@ class Projection:
         """
         raise NotImplementedError
 
+    def stream_key(self, tenant_id: str, stream_id: str) -> tuple[str, Any] | None:
+        """Return the row key a stream's events fold into, or None for a stream without a
+        row of its own. Only stream-keyed models need it."""
+        raise NotImplementedError
+
     def retarget(self, schema: str, tables: dict[str, str]) -> Projection:
         """Return a copy that applies and writes to `tables` (live name -> new name) in
         `schema`: how a rebuild fills its shadow tables."""
@@ -124,6 +129,11 @@ class IncidentRowProjection(Projection, Generic[State]):
         if self.schema is None:
             return sql.Identifier(self.table)
         return sql.Identifier(self.schema, self.table)
+
+    def stream_key(self, tenant_id: str, stream_id: str) -> tuple[str, UUID] | None:
+        if not stream_id.startswith(INCIDENT_STREAM_PREFIX):
+            return None
+        return (tenant_id, UUID(stream_id.removeprefix(INCIDENT_STREAM_PREFIX)))
 
     def retarget(self, schema: str, tables: dict[str, str]) -> IncidentRowProjection[State]:
         clone = copy.copy(self)
@@ -238,10 +248,12 @@ class IncidentRowProjection(Projection, Generic[State]):
 
     def write_states(self, conn: psycopg.Connection[Any], states: Folded) -> None:
         columns = sql.SQL(", ").join(map(sql.Identifier, ["tenant_id", *self.columns]))
-        with conn.cursor() as cur:
-            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(self._target, columns)) as copy_:
-                for (tenant_id, _), state in states.items():
-                    copy_.write_row((tenant_id, *self._row(state)))
+        with (
+            conn.cursor() as cur,
+            cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(self._target, columns)) as copy_,
+        ):
+            for (tenant_id, _), state in states.items():
+                copy_.write_row((tenant_id, *self._row(state)))
 
     def read_all(self, conn: psycopg.Connection[Any]) -> dict[tuple[str, UUID], State]:
         """Read the whole table back as states, for comparisons with a fresh fold."""

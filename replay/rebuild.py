@@ -129,8 +129,7 @@ def rebuild(
         ).fetchone()
         if not (locked and locked[0]):
             raise RebuildFailed(
-                f"another rebuild of projection {projection.name} is running; wait for it "
-                "to finish"
+                f"another rebuild of projection {projection.name} is running; wait for it to finish"
             )
         try:
             _drop_shadows(admin, projection.name, None)
@@ -281,7 +280,7 @@ def plan_partitions(
         query += " AND tenant_id = %s"
         params.append(tenant_id)
     counts = conn.execute(query + " GROUP BY tenant_id ORDER BY count(*) DESC", params).fetchall()
-    partitions = []
+    partitions: list[Partition] = []
     for tenant, count in counts:
         split = buckets if count >= 2 * min_partition_events else 1
         share = math.ceil(count / split)
@@ -346,6 +345,8 @@ def _fold_partitions(
     # forkserver: workers start from a clean process, not a fork of one that may hold
     # threads and open connections.
     context = multiprocessing.get_context("forkserver")
+    # Imported once by the fork server rather than by every worker it starts.
+    context.set_forkserver_preload(["replay.rebuild"])
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
     try:
         futures: dict[Future[tuple[int, int]], Partition] = {

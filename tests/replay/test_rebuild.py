@@ -168,8 +168,11 @@ def test_rebuild_keeps_events_appended_during_it(
     with fresh_database.connect_worker() as conn:
         events = read_after(conn, Checkpoint(), 10_000_000)
         rows = projection_named("incidents").read_all(conn)  # type: ignore[attr-defined]
-    upto = [e for e in events if (e.tx_id, e.position) <= (result.checkpoint.tx_id,
-                                                           result.checkpoint.position)]
+    upto = [
+        e
+        for e in events
+        if (e.tx_id, e.position) <= (result.checkpoint.tx_id, result.checkpoint.position)
+    ]
     in_model = {key[1] for key in rows}
     assert result.events_caught_up > 0
     assert sum(1 for incident in appended[:during] if incident in in_model) >= 5
@@ -251,6 +254,5 @@ def test_killed_worker_changes_nothing(
     assert shadow_tables(fresh_database) == []
     with fresh_database.connect_worker() as conn:
         conn.execute("SELECT 1")  # the server is fine
-    with pytest.raises(psycopg.Error):
-        with fresh_database.connect() as conn:
-            conn.execute(f"SELECT 1 FROM {SHADOW_SCHEMA}.anything")
+    with pytest.raises(psycopg.Error), fresh_database.connect() as conn:
+        conn.execute(f"SELECT 1 FROM {SHADOW_SCHEMA}.anything")

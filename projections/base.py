@@ -47,9 +47,10 @@ class Projection:
 
     name: str
     tables: tuple[str, ...]
-    # True when each row depends only on the events of one stream (and the tenant's
-    # configuration streams), so a rebuild may fold a tenant's incident streams in several
-    # processes and time travel may refold single streams from a snapshot.
+    # True when each row depends only on the events of its own stream and of the tenant's
+    # streams that have no row (its configuration). A rebuild may then fold a tenant's
+    # incident streams in several processes, and time travel may refold single streams
+    # on top of a snapshot.
     stream_keyed: bool = False
 
     def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -256,3 +258,40 @@ def test_killed_worker_changes_nothing(
         conn.execute("SELECT 1")  # the server is fine
     with pytest.raises(psycopg.Error), fresh_database.connect() as conn:
         conn.execute(f"SELECT 1 FROM {SHADOW_SCHEMA}.anything")
+
+
+@pytest.mark.slow
+def test_interrupted_rebuild_command_changes_nothing(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    for number in range(12):
+        seed_demo(fresh_store, f"town-{number}", incidents=40, seed=number, end=T0)
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+    env = dict(os.environ)
+    env["DATABASE_URL"] = fresh_database.owner_conninfo
+    env["CIVICPULSE_LOG_LEVEL"] = "WARNING"
+
+    # Its own process group, as a shell gives a job: Ctrl-C reaches every process in it.
+    command = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "rebuild", "sla", "--workers", "2"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _rebuild_workers(fresh_database) and time.monotonic() < deadline:
+            assert command.poll() is None, command.communicate()[1]
+            time.sleep(0.005)
+        os.killpg(command.pid, signal.SIGINT)
+        _, stderr = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+
+    assert command.returncode == 130, stderr
+    assert "the live model and its checkpoint are unchanged" in stderr
+    assert tables(fresh_database) == before
+    assert shadow_tables(fresh_database) == []

@@ -296,8 +296,8 @@ def snapshot_prune(
     tenant: EveryTenantOption = None,
     projection: ProjectionOption = None,
 ) -> None:
-    """Delete all but the newest snapshots. Answers stay the same; only time travel into
-    the past of the deleted snapshots gets slower."""
+    """Delete all but the newest snapshots. Replays return the same rows, but those into the
+    past of the deleted snapshots take longer."""
     from replay.snapshots import prune_snapshots
 
     with _database().connect_worker() as conn:

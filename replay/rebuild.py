@@ -9,10 +9,10 @@ A rebuild of one projection runs in four steps:
    shadow tables in the `replay_shadow` schema, which the application role cannot read.
    Each worker bulk-writes its states with COPY.
 3. Catch the shadow tables up with the events appended since, batch by batch.
-4. Swap, in one transaction that holds the projection's apply lock (so no streaming batch
-   runs meanwhile): apply the last few events, replace the live rows with the shadow rows
-   (DELETE and INSERT, so readers see the old rows until the commit and are never blocked),
-   and set the checkpoint.
+4. Swap in one transaction that takes the projection's apply lock, so no streaming batch
+   runs meanwhile. It applies the last few events, replaces the live rows with the shadow
+   rows and sets the checkpoint. DELETE and INSERT replace the rows, so readers see the old
+   rows until the commit and are never blocked.
 
 Nothing touches the live tables or the checkpoint before step 4's commit, so a rebuild that
 fails or is interrupted (a worker killed, an exception, SIGINT) leaves them as they were. Its
@@ -65,7 +65,7 @@ class RebuildFailed(LedgerError):
 class Partition:
     """A slice of one tenant's log below the horizon that one worker folds.
 
-    With `buckets` > 1 it holds the incident streams whose hash falls in `bucket`, and
+    With `buckets` > 1 it contains the incident streams whose hash falls in `bucket`, and
     every other stream of the tenant (its configuration), which each bucket needs.
     """
 
@@ -86,8 +86,8 @@ class RebuildProgress:
 
 @dataclass(frozen=True, slots=True)
 class RebuildReport:
-    """What a rebuild did. `swap_seconds` is how long the apply lock was held, which is how
-    long streaming batches of this projection waited; readers did not wait."""
+    """Figures of a finished rebuild. `swap_seconds` is how long the apply lock was held, so
+    how long streaming batches of this projection waited. Readers did not wait."""
 
     projection: str
     tenant_id: str | None
@@ -342,8 +342,8 @@ def _fold_partitions(
     total = sum(partition.events for partition in partitions)
     folded = 0
     done = 0
-    # forkserver: workers start from a clean process, not a fork of one that may hold
-    # threads and open connections.
+    # forkserver: workers start from a clean process, not from a fork of the caller, which
+    # may have threads and open connections.
     context = multiprocessing.get_context("forkserver")
     # Imported once by the fork server rather than by every worker it starts.
     context.set_forkserver_preload(["replay.rebuild"])

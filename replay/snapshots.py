@@ -4,8 +4,8 @@ A snapshot is taken from the live read model and its checkpoint, read in one rep
 transaction, so its rows are the fold of exactly the tenant's events up to that checkpoint.
 It records the checkpoint, the latest `recorded_at` and `occurred_at` among those events,
 their count, and the SHA-256 of its canonical JSON rows, which are stored zlib-compressed.
-Snapshots are derived data: time travel starts from one to fold fewer events, and gives the
-same answer without any.
+Snapshots are derived data: time travel starts from one to fold fewer events, and returns
+the same states without any.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bitemporal replay: any read model as of a valid time, as known at a transaction time.
 
 `as_of` keeps the events that happened by then (`occurred_at`): the state of the world at
-that moment as the ledger tells it today. `known_at` keeps the events recorded by then
+that moment as the ledger records it today. `known_at` keeps the events recorded by then
 (`recorded_at`): what the ledger could have told at that moment. Together they give the
 state of the world at `as_of` as the ledger knew it at `known_at`. The same filter applies
 to the tenant's configuration streams, so a past view folds with the rules of its day.
@@ -82,9 +82,10 @@ def replay(
 ) -> Replayed:
     """Fold one tenant's rows of `projection` as of `as_of` and as known at `known_at`.
 
-    None for either means no limit on that axis. Runs on one database snapshot; on an
-    application-role connection it sees the tenant's rows only. Pass a projection built
-    with another rule set for a what-if replay: the live model is never written.
+    None for either means no limit on that axis. Runs on one database snapshot. On an
+    application-role connection, row-level security limits it to the tenant's rows. Pass a
+    projection built with another rule set for a what-if replay: the live model is never
+    written.
     """
     with consistent_snapshot(conn):
         set_tenant(conn, tenant_id)

@@ -186,6 +186,10 @@ def _rebuild(
         buckets=workers if projection.stream_keyed else 1,
         min_partition_events=min_partition_events,
     )
+    if tenant_id is not None and not partitions:
+        raise RebuildFailed(
+            f"tenant {tenant_id!r} has no events below the horizon; check the tenant id"
+        )
     for live, table in shadow.items():
         admin.execute(
             sql.SQL("CREATE UNLOGGED TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(

@@ -295,3 +295,14 @@ def test_interrupted_rebuild_command_changes_nothing(
     assert "the live model and its checkpoint are unchanged" in stderr
     assert tables(fresh_database) == before
     assert shadow_tables(fresh_database) == []
+
+
+def test_rebuild_unknown_tenant_fails(database: Database) -> None:
+    with pytest.raises(RebuildFailed, match="tenant 'nobody-here' has no events"):
+        rebuild(database, projection_named("sla"), tenant_id="nobody-here")
+    assert shadow_tables(database) == []
+
+
+def test_rebuild_needs_a_worker(database: Database) -> None:
+    with pytest.raises(ValueError, match="workers = 0"):
+        rebuild(database, projection_named("sla"), workers=0)

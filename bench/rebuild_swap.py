@@ -32,7 +32,7 @@ DEFAULT_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "boston
 def stream_from_scratch(database: Database, name: str) -> float:
     """Empty the projection's table and checkpoint, then time a streaming catch-up."""
     projection = projection_named(name)
-    with database.connect_worker() as conn:
+    with database.connect_owner() as conn:
         for table in projection.tables:
             conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
         conn.execute("DELETE FROM projection_checkpoints WHERE projection = %s", (name,))

@@ -26,6 +26,7 @@ from api.grouping import add_grouping_routes
 from api.observability import RequestContext, readiness_checks
 from api.open311 import add_open311_routes
 from api.problems import install_problem_handlers
+from ledger.audit import parse_time
 from ledger.commands import IncidentCommands
 from ledger.database import Database, checked_pool, set_tenant
 from ledger.errors import ContactNotGiven, IncidentNotFound, InvalidRequest
@@ -40,7 +41,14 @@ from ledger.store import PostgresEventStore
 from ledger.tenants import require_tenant
 from ledger.verification import verify_on
 from projections.runtime import projection_progress, projection_status
-from projections.sla_queries import SlaCounts, consistent_snapshot, sla_summary
+from projections.sla import SlaState, sla_projection
+from projections.sla_queries import (
+    SlaCounts,
+    consistent_snapshot,
+    sla_summary,
+    summarize_states,
+)
+from replay.time_travel import incident_at, replay
 
 logger = logging.getLogger(__name__)
 
@@ -237,10 +245,20 @@ class SlaCountsOut(BaseModel):
 
 class SlaSummaryOut(BaseModel):
     tenant_id: str
-    as_of: datetime
+    as_of: datetime = Field(description="Valid time the incidents were judged at.")
+    known_at: datetime | None = Field(
+        default=None,
+        description="Transaction time: only events recorded by then were counted. Set, the "
+        "figures are folded from the log rather than read from the read model.",
+    )
+    snapshot_id: int | None = Field(
+        default=None,
+        description="Snapshot the replay started from, when known_at is set and one fits.",
+    )
     caught_up: bool = Field(
         description="False while the projector is still applying events: the figures are "
-        "then partial. GET /status shows its progress."
+        "then partial. GET /status shows its progress. Always true with known_at, whose "
+        "figures come from the log itself."
     )
     projected_position: int = Field(
         description="Log position up to which the SLA read model has applied events."
@@ -298,6 +316,26 @@ def parse_if_match(value: str | None) -> int | None:
             f"invalid If-Match header {value!r}: versions run from 1 to {MAX_VERSION}"
         )
     return version
+
+
+AsOfQuery = Annotated[
+    str | None,
+    Query(
+        description="Valid time (RFC 3339): the state of the world at that moment, from the "
+        "events that had happened by then. Without an offset it is read in the tenant's time "
+        "zone. Defaults to now.",
+        json_schema_extra={"format": "date-time"},
+    ),
+]
+KnownAtQuery = Annotated[
+    str | None,
+    Query(
+        description="Transaction time (RFC 3339): count only the events the ledger had "
+        "recorded by then. Without an offset it is read in the tenant's time zone. Defaults "
+        "to everything recorded.",
+        json_schema_extra={"format": "date-time"},
+    ),
+]
 
 
 def parse_as_of(value: str | None, zone_name: str) -> datetime:
@@ -679,17 +717,33 @@ def create_app(
         response: Response,
         service: Commands,
         principal: Annotated[Principal, allow(Reporter, Staff, Officer, action="read incidents")],
+        as_of: AsOfQuery = None,
+        known_at: KnownAtQuery = None,
     ) -> dict[str, Any]:
-        """Return the incident's current state, folded from its stream (never stale).
+        """Return the incident's current state, folded from its stream (never stale), or its
+        state at a past valid time and as known at a past transaction time.
 
-        Reporters see only the incidents their own key submitted."""
-        state = service.load(tenant_id, incident_id)
+        Reporters see only the incidents their own key submitted. The ETag, the version to
+        send with a command, comes with the current state only."""
+        if as_of is None and known_at is None:
+            state = service.load(tenant_id, incident_id)
+        else:
+            zone = require_tenant(store, tenant_id).time_zone
+            with pool.connection() as conn:
+                state = incident_at(
+                    conn,
+                    tenant_id,
+                    incident_id,
+                    as_of=parse_time("as_of", as_of, zone),
+                    known_at=parse_time("known_at", known_at, zone),
+                )
         if principal.role == Reporter:
             _require_own(state, principal, incident_id)
         data = _state_dict(state)
         if principal.role == Reporter:
             data.pop("reporter_id")
-        response.headers["ETag"] = f'"{state.version}"'
+        if as_of is None and known_at is None:
+            response.headers["ETag"] = f'"{state.version}"'
         return {"tenant_id": tenant_id, **data}
 
     @app.get(
@@ -729,28 +783,37 @@ def create_app(
     def get_sla_summary(
         tenant_id: TenantPath,
         _: Annotated[Principal, allow(Staff, Officer, Admin, action="read SLA figures")],
-        as_of: Annotated[
-            str | None,
-            Query(
-                description="Valid time to judge at (ISO 8601); without an offset it is read "
-                "in the tenant's time zone. Defaults to now.",
-                json_schema_extra={"format": "date-time"},
-            ),
-        ] = None,
+        as_of: AsOfQuery = None,
+        known_at: KnownAtQuery = None,
     ) -> SlaSummaryOut:
-        """Count incidents and breaches of their resolution targets, by type and department."""
+        """Count incidents and breaches of their resolution targets, by type and department.
+
+        Without `known_at` the figures come from the SLA read model; with it they are folded
+        from the events recorded by then, and judged at `as_of`, or else at `known_at`."""
         tenant = require_tenant(store, tenant_id)
-        moment = parse_as_of(as_of, tenant.time_zone)
+        known = parse_time("known_at", known_at, tenant.time_zone)
+        moment = parse_time("as_of", as_of, tenant.time_zone)
+        snapshot_id = None
         with pool.connection() as conn, consistent_snapshot(conn):
-            summary = sla_summary(conn, tenant_id, moment)
             progress = projection_progress(conn).get("sla")
+            if known is None:
+                moment = moment or datetime.now(UTC)
+                summary = sla_summary(conn, tenant_id, moment)
+            else:
+                replayed = replay(conn, sla_projection(), tenant_id, as_of=moment, known_at=known)
+                moment = moment or known
+                states: list[SlaState] = list(replayed.states.values())
+                summary = summarize_states(states, moment)
+                snapshot_id = replayed.snapshot_id
         totals = SlaCounts()
         for counts in summary["category"].values():
             totals += counts
         return SlaSummaryOut(
             tenant_id=tenant_id,
             as_of=moment,
-            caught_up=progress.caught_up if progress else False,
+            known_at=known,
+            snapshot_id=snapshot_id,
+            caught_up=known is not None or (progress.caught_up if progress else False),
             projected_position=progress.checkpoint.position if progress else 0,
             totals=_counts_out(None, totals),
             by_category=[_counts_out(k, v) for k, v in _sorted(summary["category"])],

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from api.audit_cli import audit_app
+from api.replay_cli import rebuild_command, replay_command, snapshot_app
 from ledger.database import Database, resolve_database
 from ledger.errors import LedgerError
 from ledger.logs import configure_logging
@@ -48,6 +49,9 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(classify_app, name="classify")
 app.add_typer(config_app, name="config")
 app.add_typer(projections_app, name="projections")
+app.add_typer(snapshot_app, name="snapshot")
+app.command("rebuild")(rebuild_command)
+app.command("replay")(replay_command)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -817,6 +821,7 @@ def schedule() -> None:
             database,
             seal_interval_seconds=settings.seal_interval_seconds,
             escalation_interval_seconds=settings.escalation_interval_seconds,
+            snapshot_interval_seconds=settings.snapshot_interval_seconds,
         ),
     )
     _stop_on_signals(scheduler.stop_event)
@@ -921,6 +926,7 @@ def run(
             database,
             seal_interval_seconds=settings.seal_interval_seconds,
             escalation_interval_seconds=settings.escalation_interval_seconds,
+            snapshot_interval_seconds=settings.snapshot_interval_seconds,
         ),
     )
     scheduler_thread = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)

@@ -92,12 +92,24 @@ def escalation_job(
     return ScheduledJob("escalation", interval_seconds, run)
 
 
+def snapshot_job(database: Database, interval_seconds: float) -> ScheduledJob:
+    """Build the job that snapshots each tenant's read models that have new events."""
+    from replay.snapshots import snapshot_job_function
+
+    return ScheduledJob("snapshot", interval_seconds, snapshot_job_function(database))
+
+
 def default_jobs(
-    database: Database, *, seal_interval_seconds: float, escalation_interval_seconds: float = 60
+    database: Database,
+    *,
+    seal_interval_seconds: float,
+    escalation_interval_seconds: float = 60,
+    snapshot_interval_seconds: float = 3600,
 ) -> list[ScheduledJob]:
     return [
         seal_job(database, seal_interval_seconds),
         escalation_job(database, escalation_interval_seconds),
+        snapshot_job(database, snapshot_interval_seconds),
     ]
 
 

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         le=86_400,
         description="Seconds between two runs of the scheduler's SLA escalation job.",
     )
+    snapshot_interval_seconds: int = Field(
+        default=3600,
+        ge=1,
+        le=7 * 86_400,
+        description="Seconds between two runs of the scheduler's read-model snapshot job.",
+    )
 
     # Classification. Without llm_base_url the rule-based classifier decides; there is no
     # default server.

@@ -1,13 +1,22 @@
-"""Read models kept as one row per incident, folded from the incident's events."""
+"""Read models fed by the event log, and the contract they follow to take part in replay.
+
+A projection streams (`apply`), and for rebuilds, time travel and snapshots it also folds
+events in memory (`fold`), writes folded states in bulk (`write_states`), reads them back
+(`read_states`) and serializes them canonically (`to_records`, `from_records`). The
+replay machinery treats the folded states as an opaque mapping from a row key to a state.
+`IncidentRowProjection` implements the whole contract for one-row-per-incident models.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 import types
 import typing
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
@@ -23,13 +32,65 @@ State = TypeVar("State")
 INCIDENT_STREAM_PREFIX = "incident-"
 
 
+# Folded states of a projection: row key -> state. The key's first element is the tenant id.
+Folded = dict[tuple[str, Any], Any]
+
+
 class Projection:
-    """A read model fed by the event log. `apply` runs inside the checkpoint's transaction."""
+    """A read model fed by the event log. `apply` runs inside the checkpoint's transaction.
+
+    Replay (rebuilds, time travel, snapshots) needs the methods below `apply` too. They fold
+    only from their arguments: the clock, random ids and tenant rules come from events, so
+    a fold of the same events gives the same states wherever it runs. A what-if replay
+    passes a projection built with another rule set; nothing else changes.
+    """
 
     name: str
     tables: tuple[str, ...]
+    # True when each row depends only on the events of its own stream and of the tenant's
+    # streams that have no row (its configuration). A rebuild may then fold a tenant's
+    # incident streams in several processes, and time travel may refold single streams
+    # on top of a snapshot.
+    stream_keyed: bool = False
+    # False for a model that implements only `apply` so far: rebuilds, time travel and
+    # snapshots refuse it with a clear error instead of failing half-way.
+    replayable: bool = False
 
     def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        raise NotImplementedError
+
+    def fold(self, events: Iterable[RecordedEvent], initial: Folded | None = None) -> Folded:
+        """Fold events, in the order given, onto `initial` (or nothing) and return the states.
+
+        The events are one tenant's log in (tx_id, position) order, configuration streams
+        included, possibly filtered by valid or transaction time.
+        """
+        raise NotImplementedError
+
+    def stream_key(self, tenant_id: str, stream_id: str) -> tuple[str, Any] | None:
+        """Return the row key a stream's events fold into, or None for a stream without a
+        row of its own. Only stream-keyed models need it."""
+        raise NotImplementedError
+
+    def retarget(self, schema: str, tables: dict[str, str]) -> Projection:
+        """Return a copy that applies and writes to `tables` (live name -> new name) in
+        `schema`: how a rebuild fills its shadow tables."""
+        raise NotImplementedError
+
+    def write_states(self, conn: psycopg.Connection[Any], states: Folded) -> None:
+        """Bulk-write folded states into this projection's tables, which hold none of them."""
+        raise NotImplementedError
+
+    def read_states(self, conn: psycopg.Connection[Any], tenant_id: str) -> Folded:
+        """Read one tenant's rows back as states."""
+        raise NotImplementedError
+
+    def to_records(self, states: Folded) -> list[dict[str, Any]]:
+        """Serialize states to JSON objects in a canonical order, for snapshots and output."""
+        raise NotImplementedError
+
+    def from_records(self, tenant_id: str, records: list[dict[str, Any]]) -> Folded:
+        """Read back what `to_records` wrote for one tenant."""
         raise NotImplementedError
 
 
@@ -40,6 +101,9 @@ class IncidentRowProjection(Projection, Generic[State]):
     in log order and writes them back with one upsert.
     """
 
+    stream_keyed = True
+    replayable = True
+
     def __init__(
         self,
         name: str,
@@ -49,6 +113,7 @@ class IncidentRowProjection(Projection, Generic[State]):
     ) -> None:
         self.name = name
         self.table = table
+        self.schema: str | None = None
         self.tables = (table,)
         self.state_type = state_type
         self.evolve = evolve
@@ -62,10 +127,34 @@ class IncidentRowProjection(Projection, Generic[State]):
         self._json_indexes = [
             index for index, name in enumerate(self.columns) if _is_json_object(hints[name])
         ]
+        self._decoders = {name: _decoder(hints[name]) for name in self.columns}
 
-    def fold(self, events: Iterable[RecordedEvent]) -> dict[tuple[str, UUID], State]:
-        """Fold events from nothing: the table this projection should hold for them."""
-        states: dict[tuple[str, str], State | None] = {}
+    @property
+    def _target(self) -> sql.Identifier:
+        if self.schema is None:
+            return sql.Identifier(self.table)
+        return sql.Identifier(self.schema, self.table)
+
+    def stream_key(self, tenant_id: str, stream_id: str) -> tuple[str, UUID] | None:
+        if not stream_id.startswith(INCIDENT_STREAM_PREFIX):
+            return None
+        return (tenant_id, UUID(stream_id.removeprefix(INCIDENT_STREAM_PREFIX)))
+
+    def retarget(self, schema: str, tables: dict[str, str]) -> IncidentRowProjection[State]:
+        clone = copy.copy(self)
+        clone.schema = schema
+        clone.table = tables[self.table]
+        clone.tables = (clone.table,)
+        return clone
+
+    def fold(
+        self, events: Iterable[RecordedEvent], initial: Folded | None = None
+    ) -> dict[tuple[str, UUID], State]:
+        """Fold events onto `initial`: the table this projection should hold for them."""
+        states: dict[tuple[str, str], State | None] = {
+            (tenant_id, INCIDENT_STREAM_PREFIX + str(incident_id)): state
+            for (tenant_id, incident_id), state in (initial or {}).items()
+        }
         for event in events:
             if event.event_type in INCIDENT_EVENT_TYPES:
                 key = (event.tenant_id, event.stream_id)
@@ -100,7 +189,7 @@ class IncidentRowProjection(Projection, Generic[State]):
         loaded: dict[tuple[str, str], State] = {}
         query = sql.SQL(
             "SELECT {} FROM {} WHERE tenant_id = %s AND incident_id = ANY(%s::uuid[])"
-        ).format(self._column_list, sql.Identifier(self.table))
+        ).format(self._column_list, self._target)
         with conn.cursor() as cur:
             for tenant_id, ids in by_tenant.items():
                 cur.execute(query, (tenant_id, ids))
@@ -116,7 +205,7 @@ class IncidentRowProjection(Projection, Generic[State]):
         """Upsert the given states and delete the rows whose state is None."""
         columns = ["tenant_id", *self.columns]
         staging = sql.Identifier(f"{self.table}_batch")
-        target = sql.Identifier(self.table)
+        target = self._target
         conn.execute(
             sql.SQL(
                 "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
@@ -162,18 +251,97 @@ class IncidentRowProjection(Projection, Generic[State]):
                 row[index] = Jsonb(row[index])
         return tuple(row)
 
+    def write_states(self, conn: psycopg.Connection[Any], states: Folded) -> None:
+        columns = sql.SQL(", ").join(map(sql.Identifier, ["tenant_id", *self.columns]))
+        with (
+            conn.cursor() as cur,
+            cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(self._target, columns)) as copy_,
+        ):
+            for (tenant_id, _), state in states.items():
+                copy_.write_row((tenant_id, *self._row(state)))
+
     def read_all(self, conn: psycopg.Connection[Any]) -> dict[tuple[str, UUID], State]:
         """Read the whole table back as states, for comparisons with a fresh fold."""
+        return self._read(conn, None)
+
+    def read_states(
+        self, conn: psycopg.Connection[Any], tenant_id: str
+    ) -> dict[tuple[str, UUID], State]:
+        return self._read(conn, tenant_id)
+
+    def _read(
+        self, conn: psycopg.Connection[Any], tenant_id: str | None
+    ) -> dict[tuple[str, UUID], State]:
+        query = sql.SQL("SELECT tenant_id, {} FROM {}").format(self._column_list, self._target)
+        params: tuple[Any, ...] = ()
+        if tenant_id is not None:
+            query += sql.SQL(" WHERE tenant_id = %s")
+            params = (tenant_id,)
         loaded: dict[tuple[str, UUID], State] = {}
         with conn.cursor() as cur:
-            cur.execute(
-                sql.SQL("SELECT tenant_id, {} FROM {}").format(
-                    self._column_list, sql.Identifier(self.table)
-                )
-            )
-            for tenant_id, *values in cur:
-                loaded[(tenant_id, values[0])] = self.state_type(*values)
+            cur.execute(query, params)
+            for row_tenant, *values in cur:
+                loaded[(row_tenant, values[0])] = self.state_type(*values)
         return loaded
+
+    def to_records(self, states: Folded) -> list[dict[str, Any]]:
+        """Serialize states as JSON objects sorted by tenant and incident id.
+
+        Times are written in UTC with microseconds, ids as text, so equal states give equal
+        bytes whatever time zone a connection used to read them.
+        """
+        records = []
+        for tenant_id, incident_id in sorted(states, key=lambda key: (key[0], str(key[1]))):
+            state = states[(tenant_id, incident_id)]
+            record: dict[str, Any] = {"tenant_id": tenant_id}
+            for name, value in zip(self.columns, self._values(state), strict=True):
+                record[name] = _encode(value)
+            records.append(record)
+        return records
+
+    def from_records(
+        self, tenant_id: str, records: list[dict[str, Any]]
+    ) -> dict[tuple[str, UUID], State]:
+        states: dict[tuple[str, UUID], State] = {}
+        for record in records:
+            values = [self._decoders[name](record[name]) for name in self.columns]
+            states[(tenant_id, values[0])] = self.state_type(*values)
+        return states
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+    if isinstance(value, UUID):
+        return str(value)
+    return value
+
+
+def _decoder(hint: Any) -> Callable[[Any], Any]:
+    """Return the function that reads a field of type `hint` back from `_encode`'s form."""
+    members = set(typing.get_args(hint)) if _is_union(hint) else {hint}
+    if datetime in members:
+        return _decode_datetime
+    if UUID in members:
+        return _decode_uuid
+    return _decode_as_is
+
+
+# Module-level functions, not lambdas: a rebuild pickles projections to its worker processes.
+def _decode_datetime(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _decode_uuid(value: str | None) -> UUID | None:
+    return None if value is None else UUID(value)
+
+
+def _decode_as_is(value: Any) -> Any:
+    return value
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
 def _is_json_object(hint: Any) -> bool:

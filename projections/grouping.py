@@ -614,8 +614,16 @@ class GroupingProjection(Projection):
             batch.apply(event)
         batch.write()
 
-    def fold(self, events: Iterable[RecordedEvent]) -> GroupingTables:
-        """Fold events from nothing, in memory and without any index: the reference."""
+    def fold(self, events: Iterable[RecordedEvent], initial: Any = None) -> Any:
+        """Fold events from nothing, in memory and without any index: the reference.
+
+        Returns GroupingTables. The model is not replayable yet, so there is no `initial`
+        state to start from.
+        """
+        # TODO: implement the replay contract of projections.base (retarget, write_states,
+        # read_states, records) so that grouping can be rebuilt, replayed and snapshotted.
+        if initial is not None:
+            raise ValueError("the grouping model folds only from nothing")
         return fold_grouping(events)
 
     def read_all(self, conn: psycopg.Connection[Any]) -> GroupingTables:

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 # First key of the two-key advisory locks that mark projection ownership.
 ADVISORY_LOCK_CLASS = 0x4350  # "CP"
+# First key of the transaction-level locks that keep a batch and a rebuild's swap apart: each
+# batch takes it for its transaction, and so does the swap, so neither runs during the other.
+APPLY_LOCK_CLASS = 0x4352  # "CR"
 NOTIFY_CHANNEL = "civicpulse_events"
 # Maximum time a worker waiting for events takes to notice a stop request, in seconds.
 STOP_CHECK_SECONDS = 0.5
@@ -44,6 +47,32 @@ RECONNECT_WARNING_SECONDS = 30.0
 
 def default_projections() -> list[Projection]:
     return [incidents_projection(), sla_projection(), grouping_projection()]
+
+
+def replayable_projections() -> list[Projection]:
+    """The default projections that rebuilds, time travel and snapshots can fold."""
+    return [projection for projection in default_projections() if projection.replayable]
+
+
+def projection_named(name: str, *, replayable: bool = False) -> Projection:
+    """Return the default projection called `name`; raise ValueError naming the known ones."""
+    for projection in default_projections():
+        if projection.name == name:
+            if replayable and not projection.replayable:
+                usable = ", ".join(item.name for item in replayable_projections())
+                raise ValueError(
+                    f"projection {name!r} cannot be rebuilt, replayed or snapshotted yet; "
+                    f"these can: {usable}"
+                )
+            return projection
+    known = ", ".join(projection.name for projection in default_projections())
+    raise ValueError(f"unknown projection {name!r}; known projections: {known}")
+
+
+def lock_for_apply(conn: psycopg.Connection[Any], name: str) -> None:
+    """Wait for, and hold until the transaction ends, the lock that serializes a projection's
+    batches with a rebuild's swap."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (APPLY_LOCK_CLASS, name))
 
 
 def load_checkpoint(conn: psycopg.Connection[Any], name: str) -> Checkpoint:
@@ -164,6 +193,7 @@ def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_s
     the same events twice: the second commit fails and rolls back.
     """
     with conn.transaction():
+        lock_for_apply(conn, projection.name)
         start = load_checkpoint(conn, projection.name)
         events = read_after(conn, start, batch_size)
         if not events:

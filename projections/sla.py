@@ -37,7 +37,7 @@ from ledger.sla_policy import (
     sla_config_from_payloads,
 )
 from ledger.tenants import TENANT_CREATED
-from projections.base import IncidentRowProjection
+from projections.base import INCIDENT_STREAM_PREFIX, Folded, IncidentRowProjection
 
 OPEN = "open"
 PAUSED = "paused"
@@ -507,9 +507,16 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         super().__init__("sla", "incident_sla", SlaState, evolve_sla)
         self.tables = ("incident_sla", "sla_configs")
 
-    def fold(self, events: Iterable[RecordedEvent]) -> dict[tuple[str, UUID], SlaState]:
+    def fold(
+        self, events: Iterable[RecordedEvent], initial: Folded | None = None
+    ) -> dict[tuple[str, UUID], SlaState]:
+        """Fold events onto `initial`; the events must include the tenant's configuration
+        stream from its start, which is how replay reads them."""
         histories: dict[str, ConfigHistory] = {}
-        states: dict[tuple[str, str], SlaState | None] = {}
+        states: dict[tuple[str, str], SlaState | None] = {
+            (tenant_id, INCIDENT_STREAM_PREFIX + str(incident_id)): state
+            for (tenant_id, incident_id), state in (initial or {}).items()
+        }
         for event in events:
             if is_config_event(event):
                 histories.setdefault(event.tenant_id, ConfigHistory(event.tenant_id)).add(event)

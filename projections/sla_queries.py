@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +14,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from ledger.database import set_tenant
-from projections.sla import NOT_JUDGED, RESOLUTION_BREACHED_SQL, resolution_breached
+from projections.sla import NOT_JUDGED, RESOLUTION_BREACHED_SQL, SlaState, resolution_breached
 from replay.point_in_time import straddling_sla_states
 
 GROUPINGS = {"category": "category", "department": "department"}
@@ -140,3 +140,34 @@ def _sla_summary(
             )
         result[grouping] = dict(groups)
     return result
+
+
+def summarize_states(
+    states: Iterable[SlaState], judged_at: datetime
+) -> dict[str, dict[str | None, SlaCounts]]:
+    """Count folded SLA states as `sla_summary` counts the read model, judged at `judged_at`.
+
+    Time travel folds states from the log; this gives them the same figures.
+    """
+    judged = [state for state in states if state.status not in NOT_JUDGED]
+    result: dict[str, dict[str | None, SlaCounts]] = {}
+    for grouping, column in GROUPINGS.items():
+        groups: dict[str | None, SlaCounts] = defaultdict(SlaCounts)
+        for state in judged:
+            groups[getattr(state, column)] += SlaCounts(
+                1,
+                int(state.resolution_due_at is not None),
+                int(state.resolved_at is None),
+                int(resolution_breached(state, judged_at)),
+            )
+        result[grouping] = dict(groups)
+    return result
+
+
+def verdicts_of_states(states: Iterable[SlaState], judged_at: datetime) -> dict[UUID, bool]:
+    """Return whether each judged incident among `states` was breached at `judged_at`."""
+    return {
+        state.incident_id: resolution_breached(state, judged_at)
+        for state in states
+        if state.status not in NOT_JUDGED
+    }

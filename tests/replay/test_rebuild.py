@@ -1,0 +1,308 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from ledger.database import Database
+from ledger.demo import seed_demo
+from ledger.events import NewEvent, RecordedEvent
+from ledger.ids import incident_stream_id
+from ledger.lifecycle import INCIDENT_ACKNOWLEDGED, REPORT_SUBMITTED, IncidentState, evolve
+from ledger.store import Checkpoint, PostgresEventStore, read_after
+from projections.base import IncidentRowProjection
+from projections.runtime import default_projections, load_checkpoint, projection_named
+from replay.rebuild import SHADOW_SCHEMA, RebuildFailed, rebuild
+from tests.conftest import project_everything
+
+T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+
+
+def tables(database: Database) -> dict[str, Any]:
+    """Every default projection's rows and checkpoint."""
+    with database.connect_worker() as conn, conn.transaction():
+        return {
+            projection.name: (
+                projection.read_all(conn),  # type: ignore[attr-defined]
+                load_checkpoint(conn, projection.name),
+            )
+            for projection in default_projections()
+        }
+
+
+def folded(database: Database, name: str) -> tuple[Any, Checkpoint]:
+    """The table a fresh fold of every committed event gives, and the last event's place."""
+    with database.connect_worker() as conn:
+        events = read_after(conn, Checkpoint(), 10_000_000)
+    last = Checkpoint(events[-1].tx_id, events[-1].position)
+    return projection_named(name).fold(events), last
+
+
+def shadow_tables(database: Database) -> list[str]:
+    with database.connect_worker() as conn:
+        rows = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s", (SHADOW_SCHEMA,)
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def report(incident_id: uuid.UUID, minutes: int) -> NewEvent:
+    return NewEvent(
+        REPORT_SUBMITTED,
+        {
+            "incident_id": str(incident_id),
+            "category": "Pothole",
+            "description": "hole",
+            "resolution_due_at": (T0 + timedelta(days=2)).isoformat(),
+        },
+        T0 + timedelta(minutes=minutes),
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_rebuild_equals_fold(
+    fresh_database: Database, fresh_store: PostgresEventStore, workers: int
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=80, seed=3, end=T0)
+    seed_demo(fresh_store, "other", incidents=30, seed=4, end=T0)
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+
+    result = rebuild(
+        fresh_database, projection_named("sla"), workers=workers, min_partition_events=10
+    )
+
+    after = tables(fresh_database)
+    expected, last = folded(fresh_database, "sla")
+    assert after["sla"][0] == expected
+    assert after["sla"][1] == last
+    assert result.checkpoint == last
+    assert result.rows == len(expected)
+    assert after["incidents"] == before["incidents"]
+    assert result.partitions == 2 * workers  # two tenants, each split by stream hash
+    assert shadow_tables(fresh_database) == []
+
+
+def test_rebuild_one_tenant(fresh_database: Database, fresh_store: PostgresEventStore) -> None:
+    seed_demo(fresh_store, "demo", incidents=40, seed=5, end=T0)
+    seed_demo(fresh_store, "other", incidents=20, seed=6, end=T0)
+    project_everything(fresh_database)
+    with fresh_database.connect_owner() as conn:
+        # A stray row no event explains: only a rebuild of its tenant removes it.
+        for tenant in ("demo", "other"):
+            conn.execute(
+                "INSERT INTO incidents (tenant_id, incident_id, version, status) "
+                "VALUES (%s, %s, 1, 'stray')",
+                (tenant, uuid.uuid4()),
+            )
+    appended_later = uuid.uuid4()
+    fresh_store.append(
+        "other",
+        incident_stream_id(appended_later),
+        [report(appended_later, 1)],
+        expected_version=0,
+    )
+
+    rebuild(fresh_database, projection_named("incidents"), tenant_id="demo", workers=2)
+
+    rows, checkpoint = tables(fresh_database)["incidents"]
+    expected, last = folded(fresh_database, "incidents")
+    stray = {key for key, state in rows.items() if state.status == "stray"}
+    assert [key[0] for key in stray] == ["other"]
+    # The live model moved to the swap's position for every tenant, as streaming would.
+    assert checkpoint == last
+    assert {key: state for key, state in rows.items() if key not in stray} == expected
+
+
+def test_rebuild_keeps_events_appended_during_it(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=300, seed=8, end=T0)
+    project_everything(fresh_database)
+    stop = threading.Event()
+    appended: list[uuid.UUID] = []
+    failures: list[BaseException] = []
+
+    def append_continuously() -> None:
+        try:
+            while not stop.is_set():
+                incident = uuid.uuid4()
+                fresh_store.append(
+                    "demo",
+                    incident_stream_id(incident),
+                    [report(incident, len(appended))],
+                    expected_version=0,
+                )
+                fresh_store.append(
+                    "demo",
+                    incident_stream_id(incident),
+                    [NewEvent(INCIDENT_ACKNOWLEDGED, {}, T0 + timedelta(hours=1))],
+                    expected_version=1,
+                )
+                appended.append(incident)
+        except BaseException as error:  # reported by the assert below
+            failures.append(error)
+
+    writer = threading.Thread(target=append_continuously)
+    writer.start()
+    try:
+        while len(appended) < 5:
+            time.sleep(0.01)
+        result = rebuild(
+            fresh_database, projection_named("incidents"), workers=2, min_partition_events=100
+        )
+        during = len(appended)
+    finally:
+        stop.set()
+        writer.join(30)
+    assert failures == []
+
+    # At the swap, the model held exactly the events up to its checkpoint.
+    with fresh_database.connect_worker() as conn:
+        events = read_after(conn, Checkpoint(), 10_000_000)
+        rows = projection_named("incidents").read_all(conn)  # type: ignore[attr-defined]
+    upto = [
+        e
+        for e in events
+        if (e.tx_id, e.position) <= (result.checkpoint.tx_id, result.checkpoint.position)
+    ]
+    in_model = {key[1] for key in rows}
+    assert result.events_caught_up > 0
+    assert sum(1 for incident in appended[:during] if incident in in_model) >= 5
+    # Streaming continues from the swap's checkpoint, and every event counts once.
+    project_everything(fresh_database)
+    expected, _ = folded(fresh_database, "incidents")
+    assert tables(fresh_database)["incidents"][0] == expected
+    assert all(("demo", incident) in expected for incident in appended)
+    assert len(upto) >= result.events_folded
+
+
+def _boom(state: IncidentState | None, event: RecordedEvent) -> IncidentState | None:
+    if event.payload.get("category") == "Explodes":
+        raise ValueError(f"cannot fold event {event.event_id}")
+    return evolve(state, event)
+
+
+def test_failed_rebuild_changes_nothing(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=40, seed=9, end=T0)
+    poison = uuid.uuid4()
+    event = report(poison, 5)
+    event.payload["category"] = "Explodes"
+    fresh_store.append("other", incident_stream_id(poison), [event], expected_version=0)
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+    broken = IncidentRowProjection("incidents", "incidents", IncidentState, _boom)
+
+    with pytest.raises(RebuildFailed, match="tenant other"):
+        rebuild(fresh_database, broken, workers=2)
+
+    assert tables(fresh_database) == before
+    assert shadow_tables(fresh_database) == []
+
+
+def _rebuild_workers(database: Database) -> list[tuple[int, str]]:
+    with database.connect_worker() as conn:
+        rows = conn.execute(
+            "SELECT application_name, state FROM pg_stat_activity "
+            "WHERE application_name LIKE 'civicpulse-rebuild-%%-%%'"
+        ).fetchall()
+    return [(int(name.rsplit("-", 1)[1]), state) for name, state in rows]
+
+
+@pytest.mark.slow
+def test_killed_worker_changes_nothing(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    for number in range(24):
+        seed_demo(fresh_store, f"city-{number}", incidents=60, seed=number, end=T0)
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+    killed: list[int] = []
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            rebuild(fresh_database, projection_named("sla"), workers=2)
+            outcome.append(None)
+        except BaseException as error:  # checked below
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not killed and time.monotonic() < deadline and thread.is_alive():
+        for pid, _ in _rebuild_workers(fresh_database):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            break
+        time.sleep(0.005)
+    thread.join(120)
+
+    assert killed, "no rebuild worker was seen in pg_stat_activity"
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], RebuildFailed), outcome[0]
+    assert tables(fresh_database) == before
+    assert shadow_tables(fresh_database) == []
+    with fresh_database.connect_worker() as conn:
+        conn.execute("SELECT 1")  # the server is fine
+    with pytest.raises(psycopg.Error), fresh_database.connect() as conn:
+        conn.execute(f"SELECT 1 FROM {SHADOW_SCHEMA}.anything")
+
+
+@pytest.mark.slow
+def test_interrupted_rebuild_command_changes_nothing(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    for number in range(12):
+        seed_demo(fresh_store, f"town-{number}", incidents=40, seed=number, end=T0)
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+    env = dict(os.environ)
+    env["DATABASE_URL"] = fresh_database.owner_conninfo
+    env["CIVICPULSE_LOG_LEVEL"] = "WARNING"
+
+    # Its own process group, as a shell gives a job: Ctrl-C reaches every process in it.
+    command = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "rebuild", "sla", "--workers", "2"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _rebuild_workers(fresh_database) and time.monotonic() < deadline:
+            assert command.poll() is None, command.communicate()[1]
+            time.sleep(0.005)
+        os.killpg(command.pid, signal.SIGINT)
+        _, stderr = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+
+    assert command.returncode == 130, stderr
+    assert "the live model and its checkpoint are unchanged" in stderr
+    assert tables(fresh_database) == before
+    assert shadow_tables(fresh_database) == []
+
+
+def test_rebuild_unknown_tenant_fails(database: Database) -> None:
+    with pytest.raises(RebuildFailed, match="tenant 'nobody-here' has no events"):
+        rebuild(database, projection_named("sla"), tenant_id="nobody-here")
+    assert shadow_tables(database) == []
+
+
+def test_rebuild_needs_a_worker(database: Database) -> None:
+    with pytest.raises(ValueError, match="workers = 0"):
+        rebuild(database, projection_named("sla"), workers=0)

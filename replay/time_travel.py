@@ -52,7 +52,8 @@ def read_tenant_events(
     """Read a tenant's events in (tx_id, position) order, every stream included.
 
     `after` keeps only the events after that place, plus, from before it, those of
-    `refold_streams`.
+    `refold_streams` and of every stream that is not an incident's: folds that apply the
+    tenant's rules (the SLA model) rebuild the configuration history from them.
     """
     query = f"SELECT {EVENT_COLUMNS} FROM events WHERE tenant_id = %s"
     params: list[Any] = [tenant_id]
@@ -63,7 +64,10 @@ def read_tenant_events(
         query += " AND recorded_at <= %s"
         params.append(known_at)
     if after is not None:
-        query += " AND ((tx_id, position) > (%s::text::xid8, %s) OR stream_id = ANY(%s))"
+        query += (
+            " AND ((tx_id, position) > (%s::text::xid8, %s) OR stream_id = ANY(%s)"
+            " OR NOT starts_with(stream_id, 'incident-'))"
+        )
         params += [str(after.tx_id), after.position, refold_streams or []]
     query += " ORDER BY tx_id, position"
     with conn.cursor() as cur:

@@ -171,7 +171,12 @@ def test_sql_breach_matches_python(
 
 
 # A history step: (event type, hours after the previous step; negative for back-dated facts)
-STEP_TYPES = sorted(lc.INCIDENT_EVENT_TYPES - {lc.REPORT_SUBMITTED})
+# Group merges and splits are left out: their payloads name another incident, which these
+# histories do not build, and the SLA fold ignores them.
+STEP_TYPES = sorted(
+    lc.INCIDENT_EVENT_TYPES
+    - {lc.REPORT_SUBMITTED, lc.REPORTS_MERGED, lc.REPORT_SPLIT_FROM_GROUP}
+)
 histories = st.lists(
     st.lists(
         st.tuples(st.sampled_from(STEP_TYPES), st.integers(min_value=-5, max_value=30)),

@@ -174,8 +174,7 @@ def test_sql_breach_matches_python(
 # Group merges and splits are left out: their payloads name another incident, which these
 # histories do not build, and the SLA fold ignores them.
 STEP_TYPES = sorted(
-    lc.INCIDENT_EVENT_TYPES
-    - {lc.REPORT_SUBMITTED, lc.REPORTS_MERGED, lc.REPORT_SPLIT_FROM_GROUP}
+    lc.INCIDENT_EVENT_TYPES - {lc.REPORT_SUBMITTED, lc.REPORTS_MERGED, lc.REPORT_SPLIT_FROM_GROUP}
 )
 histories = st.lists(
     st.lists(

@@ -69,8 +69,7 @@ CONFIGS: list[dict[str, Any]] = [
 # Group merges and splits are left out: their payloads name another incident, which these
 # histories do not build, and the SLA fold ignores them.
 STEP_TYPES = sorted(
-    lc.INCIDENT_EVENT_TYPES
-    - {lc.REPORT_SUBMITTED, lc.REPORTS_MERGED, lc.REPORT_SPLIT_FROM_GROUP}
+    lc.INCIDENT_EVENT_TYPES - {lc.REPORT_SUBMITTED, lc.REPORTS_MERGED, lc.REPORT_SPLIT_FROM_GROUP}
 )
 steps = st.lists(
     st.tuples(st.sampled_from(STEP_TYPES), st.integers(min_value=-5, max_value=30)), max_size=6

@@ -32,9 +32,10 @@ MEASURES = {"first_response": "first_response", "resolution": "resolution"}
 MAX_PERIODS = 1000
 DEFAULT_MIN_CASES = 20
 
+# Never NULL: a NULL here would drop records from `NOT flagged` filters unseen.
 FLAGGED_SQL = """
-    (flagged OR submitted_at > %(now)s OR resolved_at > %(now)s
-     OR first_response_at > %(now)s)
+    (flagged OR submitted_at > %(now)s OR COALESCE(resolved_at > %(now)s, false)
+     OR COALESCE(first_response_at > %(now)s, false))
 """
 
 

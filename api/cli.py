@@ -26,6 +26,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from api.audit_cli import audit_app
+from api.trends_cli import trends_app
 from ledger.database import Database, resolve_database
 from ledger.errors import LedgerError
 from ledger.logs import configure_logging
@@ -45,6 +46,7 @@ app.add_typer(key_app, name="key")
 app.add_typer(sla_app, name="sla")
 app.add_typer(reporter_app, name="reporter")
 app.add_typer(audit_app, name="audit")
+app.add_typer(trends_app, name="trends")
 app.add_typer(classify_app, name="classify")
 app.add_typer(config_app, name="config")
 app.add_typer(projections_app, name="projections")

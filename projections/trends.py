@@ -1,9 +1,9 @@
 """The trends read model: per-incident facts that trend, duration and ranking queries read.
 
-Each row is the incident's SLA facts (folded by `evolve_sla`, so category, department,
-policy and due times are exactly the SLA model's) plus what trends need on top: the area,
-the anomalies the importers flagged, and the business-time durations to first response and
-to resolution. Counts per period are not stored: they are aggregates over these rows
+Each row contains the incident's SLA facts, folded by `evolve_sla`, so category,
+department, policy and due times are exactly the SLA model's. Trends add the area, the
+anomalies the importers flagged, and the business-time durations to first response and to
+resolution. Counts per period are not stored: they are aggregates over these rows
 (projections/trends_queries.py), so a reopen, a reclassification or an event with an old
 `occurred_at` changes one row and every figure that depends on it at once.
 
@@ -50,7 +50,7 @@ class TrendState(SlaState):
     """An incident's SLA facts plus its area, anomalies and business-time durations.
 
     `flagged` is True when the history is impossible whatever the clock: an importer
-    flagged it, or it was closed or answered before it was opened. Queries add the
+    flagged it, or it was closed or responded to before it was opened. Queries add the
     records dated after the clock they are given.
     """
 
@@ -113,8 +113,8 @@ def evolve_trend(
     closed_early = sla.resolved_at is not None and sla.resolved_at < sla.submitted_at
     if closed_early and CLOSED_BEFORE_OPENED not in anomalies:
         anomalies.append(CLOSED_BEFORE_OPENED)
-    answered_early = sla.first_response_at is not None and sla.first_response_at < sla.submitted_at
-    if answered_early and RESPONDED_BEFORE_OPENED not in anomalies:
+    responded_early = sla.first_response_at is not None and sla.first_response_at < sla.submitted_at
+    if responded_early and RESPONDED_BEFORE_OPENED not in anomalies:
         anomalies.append(RESPONDED_BEFORE_OPENED)
 
     # Business durations are measured again only when their ends or the pinned policy

@@ -4,7 +4,7 @@ Periods are days, ISO weeks (Monday first) and months of the tenant's time zone.
 figure that depends on the clock takes `now` as an argument.
 
 A record is flagged when its history is impossible: an importer flagged it, it was closed
-or answered before it was opened, or it is dated after `now`. Flagged records count in
+or responded to before it was opened, or it is dated after `now`. Flagged records count in
 `opened`, `closed` and `backlog` like the others, are counted again in `flagged`, and are
 left out of durations and rankings.
 """
@@ -99,7 +99,7 @@ def check_dimension(by: str | None, allowed: tuple[str, ...] = tuple(DIMENSIONS)
 
 
 def period_range(period: str, since: date, until: date) -> list[date]:
-    """Return the starts of the periods from the one holding `since` to the one holding `until`."""
+    """Return the starts of the periods from the one that contains `since` to `until`'s."""
     check_period(period)
     if since > until:
         raise InvalidRequest(
@@ -140,7 +140,7 @@ def trend_counts(
     """Count opened, closed, backlog and flagged incidents per period and dimension value.
 
     An incident counts as closed in the period of its latest resolution (resolved, closed,
-    rejected or marked duplicate); a reopen takes it back into the backlog until then.
+    rejected or marked duplicate). A reopen takes it back into the backlog until then.
     """
     check_dimension(by)
     starts = period_range(period, since, until)

@@ -44,7 +44,7 @@ def test_counts_durations_and_rankings(
     rows = trends.json()["rows"]
     assert sum(row["opened"] for row in rows if row["key"] == "Pothole") == 2
     assert sum(row["closed"] for row in rows if row["key"] == "Pothole") == 1
-    # The backlog at the end of the last day holds the one open incident; dates in New York.
+    # The backlog at the end of the last day (New York time) contains the one open incident.
     assert rows[-1]["backlog"] == 1
     assert trends.json()["since"] == since
     assert durations.status_code == 200, durations.text

@@ -222,7 +222,7 @@ def test_periods_follow_the_tenant_time_zone(
     assert months[(date(2026, 3, 1), None)] == (1, 0, 1, 0)
 
 
-def test_impossible_records_are_flagged_and_left_out_of_durations(
+def test_impossible_records_are_flagged(
     store: PostgresEventStore, worker_pool: ConnectionPool[Any], city: str
 ) -> None:
     _incident(store, city, T0, [(lc.INCIDENT_CLOSED, T0 - timedelta(hours=3), {})])

@@ -109,10 +109,17 @@ def test_no_figure_is_ever_negative(
         total = conn.execute(
             "SELECT count(*) FROM incident_trends WHERE tenant_id = %s", (tenant,)
         ).fetchone()
+        shortest = conn.execute(
+            "SELECT min(first_response_business_seconds), min(resolution_business_seconds) "
+            "FROM incident_trends WHERE tenant_id = %s",
+            (tenant,),
+        ).fetchone()
 
     assert all(row.backlog >= 0 and row.opened >= 0 and row.closed >= 0 for row in counts)
     assert all(row.flagged <= row.opened for row in counts)
     assert total is not None and sum(row.opened for row in counts) == total[0]
+    assert shortest is not None
+    assert all(seconds is None or seconds >= 0 for seconds in shortest)
     for row in durations:
         assert row.count > 0
         assert min(row.business_median, row.business_p90) >= 0

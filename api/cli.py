@@ -27,6 +27,7 @@ from rich.table import Table
 
 from api.audit_cli import audit_app
 from api.replay_cli import rebuild_command, replay_command, snapshot_app
+from api.trends_cli import trends_app
 from ledger.database import Database, resolve_database
 from ledger.errors import LedgerError
 from ledger.logs import configure_logging
@@ -46,6 +47,7 @@ app.add_typer(key_app, name="key")
 app.add_typer(sla_app, name="sla")
 app.add_typer(reporter_app, name="reporter")
 app.add_typer(audit_app, name="audit")
+app.add_typer(trends_app, name="trends")
 app.add_typer(classify_app, name="classify")
 app.add_typer(config_app, name="config")
 app.add_typer(projections_app, name="projections")

@@ -27,6 +27,7 @@ from projections.base import Projection
 from projections.grouping import grouping_projection
 from projections.incidents import incidents_projection
 from projections.sla import sla_projection
+from projections.trends import trends_projection
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ RECONNECT_WARNING_SECONDS = 30.0
 
 
 def default_projections() -> list[Projection]:
-    return [incidents_projection(), sla_projection(), grouping_projection()]
+    return [incidents_projection(), sla_projection(), grouping_projection(), trends_projection()]
 
 
 def replayable_projections() -> list[Projection]:

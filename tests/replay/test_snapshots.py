@@ -243,9 +243,15 @@ def test_replay_command_bad_input(
 
 
 def test_replay_command_unknown_projection(database: Database, seeded: str) -> None:
-    result = cli(database, "replay", "trends", "--tenant", seeded)
+    result = cli(database, "replay", "weather", "--tenant", seeded)
     assert result.returncode == 2
-    assert "unknown projection 'trends'; known projections: incidents, sla" in result.stderr
+    assert "unknown projection 'weather'; known projections: incidents, sla" in result.stderr
+
+
+def test_replay_command_refuses_model_without_replay(database: Database, seeded: str) -> None:
+    result = cli(database, "replay", "grouping", "--tenant", seeded)
+    assert result.returncode == 2
+    assert "projection 'grouping' cannot be rebuilt, replayed or snapshotted yet" in result.stderr
 
 
 def test_snapshot_and_rebuild_commands(

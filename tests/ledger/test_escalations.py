@@ -5,6 +5,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from ledger.commands import Actor, IncidentCommands
 from ledger.config_sections import apply_config
 from ledger.database import Database
@@ -29,6 +31,18 @@ POLICIES = {
         }
     ]
 }
+
+
+@pytest.fixture
+def database(fresh_database: Database) -> Database:
+    """A database of the test's own: the job escalates the incidents of every tenant, and
+    the shared one holds thousands from other tests."""
+    return fresh_database
+
+
+@pytest.fixture
+def store(fresh_store: PostgresEventStore) -> PostgresEventStore:
+    return fresh_store
 
 
 def escalations(store: PostgresEventStore, tenant: str, incident: uuid.UUID) -> list[Any]:

@@ -25,7 +25,7 @@ from ledger.events import NewEvent, RecordedEvent
 from ledger.ids import incident_stream_id
 from ledger.store import Checkpoint, PostgresEventStore, read_after
 from ledger.tenants import configure_categories, create_tenant
-from projections.runtime import default_projections, project_batch
+from projections.runtime import project_batch, replayable_projections
 from replay.rebuild import rebuild
 from replay.snapshots import take_snapshot
 from replay.time_travel import replay
@@ -155,7 +155,7 @@ def _append_history(
 def _stream(database: Database, batch_sizes: list[int]) -> None:
     """Bring every projection up to date in batches of the given sizes, in turn."""
     with database.connect_worker() as conn:
-        for projection in default_projections():
+        for projection in replayable_projections():
             turn = 0
             while project_batch(conn, projection, batch_sizes[turn % len(batch_sizes)]):
                 turn += 1
@@ -165,7 +165,7 @@ def _tables(database: Database) -> dict[str, Any]:
     with database.connect_worker() as conn, conn.transaction():
         return {
             projection.name: projection.read_all(conn)  # type: ignore[attr-defined]
-            for projection in default_projections()
+            for projection in replayable_projections()
         }
 
 
@@ -202,16 +202,16 @@ def test_streaming_rebuild_and_replay_agree(
     # A snapshot in the middle of the history: later replays start from it.
     _stream(database, batch_sizes)
     with database.connect_worker() as conn:
-        for projection in default_projections():
+        for projection in replayable_projections():
             take_snapshot(conn, projection, tenant)
     _append_history(database, store, tenant, history[split:])
 
     _stream(database, batch_sizes)
     streamed = _tables(database)
-    for projection in default_projections():
+    for projection in replayable_projections():
         rebuild(database, projection, workers=1)
     rebuilt_once = _tables(database)
-    for projection in default_projections():
+    for projection in replayable_projections():
         rebuild(database, projection, workers=2, min_partition_events=1)
     rebuilt_twice = _tables(database)
     assert rebuilt_once == streamed
@@ -226,7 +226,7 @@ def test_streaming_rebuild_and_replay_agree(
     probes_known = [moments_known[0] - timedelta(microseconds=1), *moments_known[::2], None]
 
     with database.connect() as conn:
-        for projection in default_projections():
+        for projection in replayable_projections():
             now = replay(conn, projection, tenant)
             assert now.states == mine[projection.name]
             for as_of in probes_valid:

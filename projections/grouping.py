@@ -235,7 +235,7 @@ class _Batch:
                 continue
             cells, names = zip(*pairs, strict=True)
             # A join on the pairs, so that each pair is one search of the cell index. A
-            # missing category and an empty one share the key '': the rule tells them apart.
+            # missing category and an empty one share the key '': the rule distinguishes them.
             self._load_reports(
                 tenant_id,
                 source="unnest(%s::bigint[], %s::text[]) AS q(cell, category) "

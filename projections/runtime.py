@@ -51,7 +51,7 @@ def default_projections() -> list[Projection]:
 
 
 def replayable_projections() -> list[Projection]:
-    """The default projections that rebuilds, time travel and snapshots can fold."""
+    """Return the default projections that rebuilds, time travel and snapshots can fold."""
     return [projection for projection in default_projections() if projection.replayable]
 
 

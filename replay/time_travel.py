@@ -2,7 +2,7 @@
 
 `as_of` keeps the events that happened by then (`occurred_at`): the state of the world at
 that moment as the ledger records it today. `known_at` keeps the events recorded by then
-(`recorded_at`): what the ledger could have told at that moment. Together they give the
+(`recorded_at`): what the ledger contained at that moment. Together they give the
 state of the world at `as_of` as the ledger knew it at `known_at`. The same filter applies
 to the tenant's configuration streams, so a past view folds with the rules of its day.
 

@@ -69,7 +69,7 @@ class ParsedCase(NamedTuple):
     # The row's snapshot time (UTC text), when the format has one: the writer skips a row
     # older than what a stream already records.
     updated_at: str | None = None
-    # Whether the row lists the request as closed; None when the format does not say.
+    # Whether the row lists the request as closed, or None when the format has no status.
     closed: bool | None = None
     # A COPY line for an IncidentReopened event, without version and hash, that the writer
     # appends only when the stream's latest event closed it.

@@ -278,7 +278,7 @@ def read_layout(path: Path, format_name: str | None = None) -> Layout:
 def _json_layout(path: Path, first: bytes, format_name: str | None) -> Layout:
     if first == b"{":
         raise ImportFileError(
-            f"{path} holds a JSON object: expected the JSON array of requests that an "
+            f"{path} contains a JSON object: expected the JSON array of requests that an "
             "Open311 GeoReport v2 server returns from GET requests.json"
         )
     if format_name not in (None, "open311"):

@@ -35,8 +35,8 @@ POLICIES = {
 
 @pytest.fixture
 def database(fresh_database: Database) -> Database:
-    """A database of the test's own: the job escalates the incidents of every tenant, and
-    the shared one holds thousands from other tests."""
+    """Return a database of the test's own. The job escalates the incidents of every
+    tenant, and the shared database contains thousands from other tests."""
     return fresh_database
 
 

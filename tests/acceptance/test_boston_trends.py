@@ -32,6 +32,8 @@ def test_boston_monthly_counts_match_the_csv(fresh_database: Database) -> None:
     opened: Counter[tuple[Month, str | None]] = Counter()
     closed: Counter[tuple[Month, str | None]] = Counter()
     flagged: Counter[tuple[Month, str | None]] = Counter()
+    # The area is the neighborhood, or the ward when the neighborhood is blank.
+    by_area: Counter[tuple[Month, str | None]] = Counter()
     # (opened month, month the case left the backlog or None) per department.
     spans: list[tuple[str | None, Month, Month | None]] = []
     with gzip.open(boston_file(), "rt", encoding="utf-8", newline="") as source:
@@ -39,6 +41,8 @@ def test_boston_monthly_counts_match_the_csv(fresh_database: Database) -> None:
             department = row["Department"].strip() or None
             opened_at = datetime.strptime(row["OPEN_DT"], BOSTON_TIME)
             opened[(_month(row["OPEN_DT"]), department)] += 1
+            area = row["neighborhood"].strip() or row["ward"].strip() or None
+            by_area[(_month(row["OPEN_DT"]), area)] += 1
             left = None
             if row["CLOSED_DT"]:
                 closed_at = datetime.strptime(row["CLOSED_DT"], BOSTON_TIME)
@@ -69,6 +73,25 @@ def test_boston_monthly_counts_match_the_csv(fresh_database: Database) -> None:
             now=datetime(2030, 1, 1, tzinfo=UTC),
             time_zone="America/New_York",
         )
+
+        area_rows = trend_counts(
+            conn,
+            "boston",
+            period="month",
+            by="area",
+            since=date(*months[0], 1),
+            until=date(*months[-1], 1),
+            now=datetime(2030, 1, 1, tzinfo=UTC),
+            time_zone="America/New_York",
+        )
+
+    opened_by_area = {
+        ((row.period.year, row.period.month), row.key): row.opened
+        for row in area_rows
+        if row.opened
+    }
+    assert opened_by_area == dict(by_area)
+    assert len({area for _, area in by_area if area is not None}) > 10
 
     ours = {((row.period.year, row.period.month), row.key): row for row in rows}
     assert {key: row.opened for key, row in ours.items() if row.opened} == dict(opened)

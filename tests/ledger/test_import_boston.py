@@ -95,7 +95,10 @@ def test_import_reports_bad_rows_and_keeps_good(
         make_row(header, **case("1004", "01/01/2015 10:00:00 AM", LATITUDE="142.1")),
         make_row(header, **case("10O5", "01/01/2015 10:00:00 AM")),
         make_row(header, **case("1006", "")),
-        make_row(header, **case("1007", "02/01/2015 03:04:05 PM")),
+        make_row(
+            header,
+            **case("1007", "02/01/2015 03:04:05 PM", neighborhood=" Roxbury ", ward="Ward 8"),
+        ),
         ["too", "few", "fields"],
     ]
     path = write_export(tmp_path / "export.csv", rows, bom=True)
@@ -121,6 +124,9 @@ def test_import_reports_bad_rows_and_keeps_good(
     assert closed[1].payload["reason"] == 'Case Closed\nline two, "quoted"'
     afternoon = store.read_stream(tenant, stream_of(tenant, "1007"))
     assert afternoon[0].occurred_at == datetime(2015, 2, 1, 20, 4, 5, tzinfo=UTC)
+    assert afternoon[0].payload["neighborhood"] == "Roxbury"
+    assert afternoon[0].payload["ward"] == "Ward 8"
+    assert "neighborhood" not in closed[0].payload
 
 
 def test_reimport_adds_nothing(

@@ -61,7 +61,7 @@ def server_conninfo() -> Iterator[str]:
         server.cleanup()
 
 
-def _create_database(server_conninfo: str) -> tuple[str, Database]:
+def create_database(server_conninfo: str) -> tuple[str, Database]:
     name = f"civicpulse_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_conninfo, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -72,7 +72,7 @@ def _create_database(server_conninfo: str) -> tuple[str, Database]:
     return name, database
 
 
-def _drop_database(server_conninfo: str, name: str) -> None:
+def drop_database(server_conninfo: str, name: str) -> None:
     with psycopg.connect(server_conninfo, autocommit=True) as conn:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
@@ -82,26 +82,26 @@ def _drop_database(server_conninfo: str, name: str) -> None:
 @pytest.fixture(scope="session")
 def database(server_conninfo: str) -> Iterator[Database]:
     """A migrated database shared by the session; tests keep apart by tenant."""
-    name, database = _create_database(server_conninfo)
+    name, database = create_database(server_conninfo)
     yield database
-    _drop_database(server_conninfo, name)
+    drop_database(server_conninfo, name)
 
 
 @pytest.fixture
 def fresh_database(server_conninfo: str) -> Iterator[Database]:
     """A migrated database of this test's own, for tests that read the whole log."""
-    name, database = _create_database(server_conninfo)
+    name, database = create_database(server_conninfo)
     yield database
-    _drop_database(server_conninfo, name)
+    drop_database(server_conninfo, name)
 
 
-def _pool(database: Database) -> ConnectionPool[Any]:
+def app_pool(database: Database) -> ConnectionPool[Any]:
     return ConnectionPool(database.app_conninfo, min_size=1, max_size=12, open=True)
 
 
 @pytest.fixture(scope="session")
 def session_pool(database: Database) -> Iterator[ConnectionPool[Any]]:
-    pool = _pool(database)
+    pool = app_pool(database)
     yield pool
     pool.close()
 
@@ -123,7 +123,7 @@ def store(session_pool: ConnectionPool[Any]) -> PostgresEventStore:
 
 @pytest.fixture
 def fresh_pool(fresh_database: Database) -> Iterator[ConnectionPool[Any]]:
-    pool = _pool(fresh_database)
+    pool = app_pool(fresh_database)
     yield pool
     pool.close()
 

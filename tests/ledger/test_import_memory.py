@@ -83,7 +83,7 @@ def peak_import_memory(database: Database, path: Path) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_memory_does_not_grow_with_file(
-    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fresh_database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ledger.imports.pipeline as pipeline
 
@@ -94,9 +94,9 @@ def test_memory_does_not_grow_with_file(
     write_nyc_export(large, 60_000)
 
     # A first import warms this process up (imports, caches, connection buffers).
-    peak_import_memory(database, small)
-    small_events, small_peak = peak_import_memory(database, small)
-    large_events, large_peak = peak_import_memory(database, large)
+    peak_import_memory(fresh_database, small)
+    small_events, small_peak = peak_import_memory(fresh_database, small)
+    large_events, large_peak = peak_import_memory(fresh_database, large)
 
     # A request in three is closed: two events for those, one for the others.
     assert small_events == 10_000 + 3_334

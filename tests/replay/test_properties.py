@@ -29,7 +29,7 @@ from projections.runtime import project_batch, replayable_projections
 from replay.rebuild import rebuild
 from replay.snapshots import take_snapshot
 from replay.time_travel import replay
-from tests.conftest import _create_database, _drop_database
+from tests.conftest import create_database, drop_database
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 FOLLOW_UPS = [
@@ -78,9 +78,9 @@ steps = st.lists(
 
 @pytest.fixture(scope="module")
 def database(server_conninfo: str) -> Iterator[Database]:
-    name, database = _create_database(server_conninfo)
+    name, database = create_database(server_conninfo)
     yield database
-    _drop_database(server_conninfo, name)
+    drop_database(server_conninfo, name)
 
 
 @pytest.fixture(scope="module")

@@ -38,10 +38,26 @@ from replay.snapshots import (
     take_snapshots,
 )
 from replay.time_travel import replay
-from tests.conftest import project_everything
+from tests.conftest import app_pool, create_database, drop_database, project_everything
 
 END = datetime(2026, 1, 31, tzinfo=UTC)
 PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def database(server_conninfo: str) -> Iterator[Database]:
+    """A database of this module's own: snapshots, the scheduler and the commands here read
+    every tenant's log, and the session database holds what every earlier test left."""
+    name, database = create_database(server_conninfo)
+    yield database
+    drop_database(server_conninfo, name)
+
+
+@pytest.fixture(scope="module")
+def session_pool(database: Database) -> Iterator[ConnectionPool[Any]]:
+    pool = app_pool(database)
+    yield pool
+    pool.close()
 
 
 @pytest.fixture(scope="module")

@@ -397,8 +397,9 @@ def add_dashboard_routes(
             if any(widget.public for widget in item.widgets)
         ]
         moment = dashboards[0].as_of if dashboards else (as_of or datetime.now(UTC))
+        # The latest seal of the ledger now, whatever day is shown: it is what a reader copies.
         with pool.connection() as conn:
-            context = DashboardContext(conn, tenant_id, tenant.time_zone, moment, None)
+            context = DashboardContext(conn, tenant_id, tenant.time_zone, datetime.now(UTC), None)
             with conn.transaction():
                 set_tenant(conn, tenant_id)
                 latest = recent_seals(context, 1)

@@ -93,7 +93,7 @@ class DashboardContext:
                     known_at=self.known_at,
                 )
                 self.snapshot_id = replayed.snapshot_id
-                states = replayed.states.values()
+                states: Iterable[Any] = replayed.states.values()
             else:
                 states = straddling_trend_states(self.conn, self.tenant_id, self.as_of)
             self._folded = [state for state in states if isinstance(state, TrendState)]

@@ -35,8 +35,13 @@ DASHBOARDS = [
             {"id": "on-time", "kind": "on_time_rate", "by": "category", "public": True},
             {"id": "backlog", "kind": "backlog", "period": "day", "periods": 7, "public": True},
             {"id": "closing", "kind": "time_to_close", "span_days": 30, "public": True},
-            {"id": "ranking", "kind": "ranking", "by": "department", "min_cases": 1,
-             "public": True},
+            {
+                "id": "ranking",
+                "kind": "ranking",
+                "by": "department",
+                "min_cases": 1,
+                "public": True,
+            },
             {"id": "map", "kind": "open_map", "public": True},
             {"id": "seals", "kind": "recent_seals", "public": True},
             {"id": "staff-ranking", "kind": "ranking", "by": "department", "min_cases": 1},
@@ -122,19 +127,30 @@ def city(fresh_database: Database, fresh_pool: ConnectionPool[Any]) -> Iterator[
             category="Pothole",
             latitude=42.36041,
             longitude=-71.05889,
-            reporter={"name": SECRETS["name"], "email": SECRETS["email"],
-                      "phone": SECRETS["phone"]},
+            reporter={
+                "name": SECRETS["name"],
+                "email": SECRETS["email"],
+                "phone": SECRETS["phone"],
+            },
         )
         second = _submit(
-            staff, tenant_id, description="Lamp dark", category="Streetlight",
-            latitude=42.35, longitude=-71.06,
+            staff,
+            tenant_id,
+            description="Lamp dark",
+            category="Streetlight",
+            latitude=42.35,
+            longitude=-71.06,
         )
         _run(staff, tenant_id, second, "request-information", question=SECRETS["question"])
         _run(staff, tenant_id, second, "resolve", note=SECRETS["note"])
         before_last = datetime.now(UTC)
         third = _submit(
-            staff, tenant_id, description="Another hole", category="Pothole",
-            latitude=42.3605, longitude=-71.0589,
+            staff,
+            tenant_id,
+            description="Another hole",
+            category="Pothole",
+            latitude=42.3605,
+            longitude=-71.0589,
         )
         _run(staff, tenant_id, third, "merge-group", with_incident=first)
         _run(staff, tenant_id, second, "reopen", reason=SECRETS["reason"])
@@ -237,7 +253,9 @@ def test_widget_csv_matches_json(city: City) -> None:
         assert response.headers["content-type"].startswith("text/csv")
         rows = list(csv.reader(io.StringIO(response.text)))
         assert rows[0] == widget["columns"], widget_id
-        expected = [["" if value is None else str(value) for value in row] for row in widget["rows"]]
+        expected = [
+            ["" if value is None else str(value) for value in row] for row in widget["rows"]
+        ]
         assert rows[1:] == expected, widget_id
 
 
@@ -250,8 +268,9 @@ def test_public_page_shows_tables_and_seal(city: City) -> None:
     assert html.count("<table>") == 6
     assert "staff-ranking" not in html
     assert 'src="/static/plotly.min.js"' in html
-    seal = _widgets(city.public.get(
-        f"/public/tenants/{city.tenant_id}/dashboards/overview").json())["seals"]["rows"][0]
+    seal = _widgets(
+        city.public.get(f"/public/tenants/{city.tenant_id}/dashboards/overview").json()
+    )["seals"]["rows"][0]
     assert f'<code id="seal-root">{seal[3]}</code>' in html
     assert f"civicpulse verify --tenant {city.tenant_id}" in html
     bundle = city.public.get("/static/plotly.min.js")
@@ -266,6 +285,8 @@ def test_public_page_takes_a_past_day(city: City) -> None:
     assert page.status_code == 200, page.text
     assert 'datetime="2015-07-01T00:00:00-04:00"' in page.text
     assert "No data for this day." in page.text
+    # The latest seal is shown whatever the day.
+    assert '<code id="seal-root">' in page.text
     assert_problem(bad, 422, "'30/06/2015'", "YYYY-MM-DD")
 
 
@@ -274,8 +295,9 @@ def test_public_views_contain_no_personal_data(city: City) -> None:
     moment = {"as_of": city.before_last.isoformat()}
     texts = [
         city.public.get(f"/public/tenants/{tenant}").text,
-        city.public.get(f"/public/tenants/{tenant}", params={"day": datetime.now(UTC).date()
-                        .isoformat()}).text,
+        city.public.get(
+            f"/public/tenants/{tenant}", params={"day": datetime.now(UTC).date().isoformat()}
+        ).text,
         city.public.get(f"/public/tenants/{tenant}/dashboards/overview").text,
         city.public.get(f"/public/tenants/{tenant}/dashboards/overview", params=moment).text,
         city.public.get(
@@ -285,11 +307,15 @@ def test_public_views_contain_no_personal_data(city: City) -> None:
     ]
     for widget in DASHBOARDS[0]["widgets"]:
         if widget.get("public"):
-            texts.append(city.public.get(
-                f"/public/tenants/{tenant}/dashboards/overview/widgets/{widget['id']}.csv").text)
+            texts.append(
+                city.public.get(
+                    f"/public/tenants/{tenant}/dashboards/overview/widgets/{widget['id']}.csv"
+                ).text
+            )
     # The reporter's contact details are stored: staff can read them back.
     contact = city.clients[Role.STAFF].get(
-        f"/tenants/{tenant}/incidents/{city.incidents[0]}/contact")
+        f"/tenants/{tenant}/incidents/{city.incidents[0]}/contact"
+    )
     assert contact.json()["name"] == SECRETS["name"]
 
     for text in texts:
@@ -315,8 +341,14 @@ def test_put_dashboard_replaces_one_dashboard(city: City) -> None:
     assert put.json()["changed"] == ["dashboards"]
     assert [item["name"] for item in listed.json()] == ["overview", "internal"]
     assert listed.json()[1]["widgets"] == ["seals"]
-    assert listed.json()[0]["public_widgets"] == ["on-time", "backlog", "closing", "ranking",
-                                                  "map", "seals"]
+    assert listed.json()[0]["public_widgets"] == [
+        "on-time",
+        "backlog",
+        "closing",
+        "ranking",
+        "map",
+        "seals",
+    ]
     assert_problem(mismatch, 422, "'other'", "'internal'")
     assert_problem(invalid, 422, "'pie'")
 
@@ -340,7 +372,9 @@ def test_incident_list_filters(city: City) -> None:
     assert [item["incident_id"] for item in resolved.json()["incidents"]] == [city.incidents[1]]
     assert breached.json()["incidents"] == []
     assert {item["incident_id"] for item in grouped.json()["incidents"]} == {
-        city.incidents[0], city.incidents[2]}
+        city.incidents[0],
+        city.incidents[2],
+    }
     assert [item["incident_id"] for item in paged.json()["incidents"]] == [city.incidents[1]]
     for item in incidents:
         assert "description" not in item
@@ -394,8 +428,12 @@ def test_dashboards_need_a_staff_officer_or_admin_key(city: City) -> None:
 
     assert_problem(city.clients[Role.REPORTER].get(url), 403)
     assert_problem(city.public.get(url), 401)
-    assert_problem(city.clients[Role.OFFICER].get(f"/tenants/{city.tenant_id}/dashboards/none"),
-                   404, "dashboard 'none'", "overview, internal")
+    assert_problem(
+        city.clients[Role.OFFICER].get(f"/tenants/{city.tenant_id}/dashboards/none"),
+        404,
+        "dashboard 'none'",
+        "overview, internal",
+    )
 
 
 def test_bad_times_get_a_problem(city: City) -> None:

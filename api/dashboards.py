@@ -205,6 +205,25 @@ def add_dashboard_routes(
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
 
+    def latest_seal_view(tenant: TenantConfig) -> SealView | None:
+        # The latest seal now, whatever day the page shows: it is the root a reader copies.
+        with pool.connection() as conn, conn.transaction():
+            set_tenant(conn, tenant.tenant_id)
+            context = DashboardContext(
+                conn, tenant.tenant_id, tenant.time_zone, datetime.now(UTC), None
+            )
+            latest = recent_seals(context, 1)
+        if not latest:
+            return None
+        seal, recorded_at = latest[0]
+        return SealView(
+            seal=seal.stream_version,
+            sealed_at=recorded_at,
+            events=seal.event_count,
+            merkle_root=seal.merkle_root.hex(),
+            previous_root=seal.previous_root.hex() if seal.previous_root else None,
+        )
+
     def times(tenant: TenantConfig, as_of: str | None, known_at: str | None) -> dict[str, Any]:
         return {
             "as_of": parse_time("as_of", as_of, tenant.time_zone),
@@ -378,7 +397,7 @@ def add_dashboard_routes(
             ),
         ] = None,
     ) -> HTMLResponse:
-        """The tenant's public page: every public widget as a chart and a table."""
+        """Render the tenant's public page: every public widget as a chart and a table."""
         tenant = require_tenant(store, tenant_id)
         zone = ZoneInfo(tenant.time_zone)
         today = datetime.now(zone).date()
@@ -391,28 +410,14 @@ def add_dashboard_routes(
                     f"invalid day {day!r}: use a date such as 2015-06-30 (YYYY-MM-DD)"
                 ) from None
             as_of = end_of_day(chosen, tenant.time_zone) if chosen < today else None
+
         dashboards = [
             compute(tenant, item, as_of=as_of, known_at=None, public_only=True)
             for item in tenant_dashboards(tenant)
             if any(widget.public for widget in item.widgets)
         ]
         moment = dashboards[0].as_of if dashboards else (as_of or datetime.now(UTC))
-        # The latest seal of the ledger now, whatever day is shown: it is what a reader copies.
-        with pool.connection() as conn:
-            context = DashboardContext(conn, tenant_id, tenant.time_zone, datetime.now(UTC), None)
-            with conn.transaction():
-                set_tenant(conn, tenant_id)
-                latest = recent_seals(context, 1)
-        seal = None
-        if latest:
-            found_seal, recorded_at = latest[0]
-            seal = SealView(
-                seal=found_seal.stream_version,
-                sealed_at=recorded_at,
-                events=found_seal.event_count,
-                merkle_root=found_seal.merkle_root.hex(),
-                previous_root=found_seal.previous_root.hex() if found_seal.previous_root else None,
-            )
+        seal = latest_seal_view(tenant)
         local = moment.astimezone(zone)
         shown_day = (local - timedelta(microseconds=1)).date() if as_of else local.date()
         html = _templates.get_template("public.html").render(
@@ -420,7 +425,9 @@ def add_dashboard_routes(
             tenant_id=tenant_id,
             time_zone=tenant.time_zone,
             as_of=moment.isoformat(),
-            as_of_text=local.strftime("%Y-%m-%d %H:%M"),
+            as_of_text=(
+                f"the end of {shown_day.isoformat()}" if as_of else local.strftime("%Y-%m-%d %H:%M")
+            ),
             is_past=as_of is not None,
             day=shown_day.isoformat(),
             today=today.isoformat(),
@@ -436,8 +443,8 @@ def add_dashboard_routes(
         tags=["staff"],
     )
     def get_staff_page(tenant_id: TenantPath) -> HTMLResponse:
-        """The staff page: it asks for a staff key in the browser and calls the JSON API
-        with it; the page itself contains no data."""
+        """Render the staff page, whose script sends the staff key typed into it with each
+        call of the JSON API. The page itself contains no data."""
         tenant = require_tenant(store, tenant_id)
         html = _templates.get_template("staff.html").render(
             tenant_name=tenant.name,

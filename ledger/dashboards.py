@@ -17,14 +17,6 @@ from ledger.tenants import TenantConfig
 DASHBOARDS_CONFIGURED = "DashboardsConfigured"
 
 SLUG = r"^[a-z0-9][a-z0-9-]{0,62}$"
-WIDGET_KINDS = (
-    "on_time_rate",
-    "backlog",
-    "time_to_close",
-    "ranking",
-    "open_map",
-    "recent_seals",
-)
 DEFAULT_TITLES = {
     "on_time_rate": "On-time rate",
     "backlog": "Backlog over time",
@@ -132,14 +124,14 @@ class Dashboard(BaseModel):
 
     def widget(self, tenant_id: str, widget_id: str, *, public_only: bool) -> Widget:
         """Return the widget `widget_id`; raise DashboardNotFound naming the ones there are."""
-        shown = [item for item in self.widgets if item.public or not public_only]
-        for item in shown:
+        visible = [item for item in self.widgets if item.public or not public_only]
+        for item in visible:
             if item.id == widget_id:
                 return item
         raise DashboardNotFound(
             tenant_id,
             f"{'public ' if public_only else ''}widget {widget_id!r} of dashboard {self.name!r}",
-            [item.id for item in shown],
+            [item.id for item in visible],
         )
 
 
@@ -186,5 +178,5 @@ def find_dashboard(config: TenantConfig, name: str, *, public_only: bool) -> Das
     for item in dashboards:
         if item.name == name:
             return item
-    what = f"{'public ' if public_only else ''}dashboard {name!r}"
-    raise DashboardNotFound(config.tenant_id, what, [item.name for item in dashboards])
+    missing = f"{'public ' if public_only else ''}dashboard {name!r}"
+    raise DashboardNotFound(config.tenant_id, missing, [item.name for item in dashboards])

@@ -33,8 +33,8 @@ from ledger.dashboards import (
 )
 from ledger.database import set_tenant
 from ledger.seals import SEAL_EVENT_TYPE, Seal, seal_from_event, seal_stream_id
-from projections.sla import NOT_JUDGED, resolution_breached
-from projections.sla_queries import SlaCounts, consistent_snapshot, sla_summary, summarize_states
+from projections.sla import NOT_JUDGED, RESOLUTION_BREACHED_SQL, resolution_breached
+from projections.sla_queries import SlaCounts, consistent_snapshot, summarize_states
 from projections.trends import TrendState, trends_projection
 from projections.trends_queries import FLAGGED_SQL, period_start, rankings
 from replay.point_in_time import straddling_trend_states
@@ -58,7 +58,7 @@ class WidgetTable:
 
 @dataclass(slots=True)
 class DashboardContext:
-    """What every widget of one request reads: the tenant, the times and folded states.
+    """Inputs of one request's widgets: the tenant, the times and the folded states.
 
     Run the widgets of one dashboard inside one `consistent_snapshot`, so that they agree.
     """
@@ -133,7 +133,7 @@ def _rate(part: int, whole: int) -> float | None:
 
 
 def _flagged(state: TrendState, now: datetime) -> bool:
-    """The trend queries' FLAGGED_SQL, for a folded state."""
+    """Judge a folded state as the trend queries' FLAGGED_SQL judges a row."""
     return (
         state.flagged
         or state.submitted_at > now
@@ -146,14 +146,31 @@ def _flagged(state: TrendState, now: datetime) -> bool:
 
 
 def _on_time_rate(context: DashboardContext, widget: OnTimeRateWidget) -> WidgetTable:
-    # sla_summary folds the incidents that straddle as_of itself.
-    if context.replaying:
-        groups = summarize_states(context.folded(), context.as_of)[widget.by]
-    else:
-        groups = sla_summary(context.conn, context.tenant_id, context.as_of)[widget.by]
+    groups: dict[str | None, SlaCounts] = defaultdict(SlaCounts)
+    if not context.replaying:
+        # The counts of sla_summary, over the trends model's copy of the SLA columns, so
+        # that the incidents straddling as_of are folded once for every widget.
+        column = "category" if widget.by == "category" else "department"
+        rows = context.conn.execute(
+            f"""
+            SELECT {column}, count(*),
+                   count(*) FILTER (WHERE resolution_due_at IS NOT NULL),
+                   count(*) FILTER (WHERE resolved_at IS NULL),
+                   count(*) FILTER (WHERE {RESOLUTION_BREACHED_SQL})
+            FROM incident_trends
+            WHERE tenant_id = %(tenant)s AND {SETTLED_SQL}
+              AND status <> ALL(%(not_judged)s)
+            GROUP BY {column}
+            """,
+            context.params(not_judged=list(NOT_JUDGED)),
+        )
+        for key, total, with_target, still_open, breached in rows:
+            groups[key] += SlaCounts(total, with_target, still_open, breached)
+    for key, counts in summarize_states(context.folded(), context.as_of)[widget.by].items():
+        groups[key] += counts
     ordered = sorted(groups.items(), key=lambda item: (-item[1].total, item[0] or ""))
-    rows = [_rate_row(key, counts) for key, counts in ordered[: widget.limit]]
-    return WidgetTable([widget.by, "incidents", "breached", "on_time_rate"], rows)
+    rows_out = [_rate_row(key, counts) for key, counts in ordered[: widget.limit]]
+    return WidgetTable([widget.by, "incidents", "breached", "on_time_rate"], rows_out)
 
 
 def _rate_row(key: str | None, counts: SlaCounts) -> list[Any]:
@@ -221,7 +238,7 @@ def _add_backlog_marks_sql(
 def _add_backlog_marks(
     context: DashboardContext, period: str, begin: datetime, marks: Marks
 ) -> None:
-    """The same counts as `_add_backlog_marks_sql`, over the folded states."""
+    """Count the marks of `_add_backlog_marks_sql` in the folded states."""
     zone = ZoneInfo(context.time_zone)
 
     def bucket(moment: datetime) -> date | None:

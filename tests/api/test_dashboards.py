@@ -24,6 +24,8 @@ from ledger.keys import Role, issue_key
 from ledger.seals import seal_all
 from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant
+from projections.trends import trends_projection
+from replay.snapshots import take_snapshot
 from tests.api.test_app import assert_problem
 from tests.conftest import project_everything
 
@@ -454,3 +456,37 @@ def test_dashboards_before_any_event_are_empty(city: City) -> None:
     assert widgets["on-time"]["rows"] == []
     assert all(row[1:] == [0, 0, 0] for row in widgets["backlog"]["rows"])
     assert widgets["map"]["rows"] == []
+
+
+def test_known_at_replay_starts_from_a_snapshot(city: City, fresh_database: Database) -> None:
+    url = f"/tenants/{city.tenant_id}/dashboards/overview"
+    officer = city.clients[Role.OFFICER]
+    with fresh_database.connect_worker() as conn:
+        snapshot = take_snapshot(conn, trends_projection(), city.tenant_id)
+    assert snapshot is not None
+
+    live = _widgets(officer.get(url).json())
+    replayed = officer.get(url, params={"known_at": datetime.now(UTC).isoformat()})
+
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["snapshot_id"] == snapshot.snapshot_id
+    widgets = _widgets(replayed.json())
+    for name in ("on-time", "backlog", "closing", "ranking", "map", "seals"):
+        assert widgets[name]["rows"] == live[name]["rows"], name
+
+
+@pytest.mark.parametrize("moment", ["now", "before_last"])
+def test_on_time_rate_equals_sla_summary(city: City, moment: str) -> None:
+    officer = city.clients[Role.OFFICER]
+    params = {} if moment == "now" else {"as_of": city.before_last.isoformat()}
+
+    widget = _widgets(
+        officer.get(f"/tenants/{city.tenant_id}/dashboards/overview", params=params).json()
+    )["on-time"]
+    summary = officer.get(f"/tenants/{city.tenant_id}/sla/summary", params=params).json()
+
+    expected = [
+        [item["key"] or "(none)", item["total"], item["breached"], round(item["on_time_rate"], 4)]
+        for item in summary["by_category"]
+    ]
+    assert widget["rows"] == expected

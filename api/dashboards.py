@@ -34,7 +34,12 @@ from ledger.errors import InvalidRequest
 from ledger.keys import Principal, Role
 from ledger.store import PostgresEventStore
 from ledger.tenants import TENANT_ID_PATTERN, TenantConfig, require_tenant
-from projections.dashboard_queries import DashboardContext, recent_seals, widget_table
+from projections.dashboard_queries import (
+    DashboardContext,
+    recent_seals,
+    widget_table,
+    widget_tables,
+)
 from projections.incident_queries import (
     DEFAULT_LIST_LIMIT,
     MAX_LIST_LIMIT,
@@ -45,7 +50,6 @@ from projections.incident_queries import (
     list_incidents,
 )
 from projections.runtime import projection_progress
-from projections.sla_queries import consistent_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -154,25 +158,24 @@ def add_dashboard_routes(
         public_only: bool,
     ) -> DashboardOut:
         moment = as_of or known_at or datetime.now(UTC)
-        widgets = []
-        with pool.connection() as conn, consistent_snapshot(conn):
-            context = DashboardContext(conn, tenant.tenant_id, tenant.time_zone, moment, known_at)
-            for widget in dashboard.widgets:
-                if public_only and not widget.public:
-                    continue
-                table = widget_table(context, widget)
-                options = widget.model_dump(mode="json", exclude={"id", "kind", "title", "public"})
-                widgets.append(
-                    WidgetOut(
-                        id=widget.id,
-                        kind=widget.kind,
-                        title=widget.heading,
-                        public=widget.public,
-                        options=options,
-                        columns=table.columns,
-                        rows=table.rows,
-                    )
-                )
+        shown = [widget for widget in dashboard.widgets if widget.public or not public_only]
+        with pool.connection() as conn:
+            context = DashboardContext(
+                conn, tenant.tenant_id, tenant.time_zone, moment, known_at, fold_pool=pool
+            )
+            tables = widget_tables(context, shown)
+        widgets = [
+            WidgetOut(
+                id=widget.id,
+                kind=widget.kind,
+                title=widget.heading,
+                public=widget.public,
+                options=widget.model_dump(mode="json", exclude={"id", "kind", "title", "public"}),
+                columns=table.columns,
+                rows=table.rows,
+            )
+            for widget, table in zip(shown, tables, strict=True)
+        ]
         return DashboardOut(
             tenant_id=tenant.tenant_id,
             name=dashboard.name,
@@ -196,7 +199,9 @@ def add_dashboard_routes(
         widget = dashboard.widget(tenant.tenant_id, widget_id, public_only=public_only)
         moment = as_of or known_at or datetime.now(UTC)
         with pool.connection() as conn:
-            context = DashboardContext(conn, tenant.tenant_id, tenant.time_zone, moment, known_at)
+            context = DashboardContext(
+                conn, tenant.tenant_id, tenant.time_zone, moment, known_at, fold_pool=pool
+            )
             table = widget_table(context, widget)
         filename = _csv_name(tenant.tenant_id, dashboard.name, widget.id)
         return Response(

@@ -13,7 +13,8 @@ categories, departments, areas, times, counts, rounded coordinates and ids.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -21,6 +22,8 @@ from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
 
 from ledger.dashboards import (
     BacklogWidget,
@@ -56,11 +59,17 @@ class WidgetTable:
     rows: list[list[Any]]
 
 
+# Folds of the incidents that straddle a past as_of, run while the widgets' SQL runs.
+_FOLDS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dashboard-fold")
+
+
 @dataclass(slots=True)
 class DashboardContext:
     """Inputs of one request's widgets: the tenant, the times and the folded states.
 
-    Run the widgets of one dashboard inside one `consistent_snapshot`, so that they agree.
+    With `fold_pool`, `widget_tables` folds the incidents that straddle `as_of` on another
+    connection of that pool, in a thread, on the same database snapshot, while the widgets'
+    SQL runs on `conn`: the fold is Python work and the SQL is the server's.
     """
 
     conn: psycopg.Connection[Any]
@@ -68,8 +77,10 @@ class DashboardContext:
     time_zone: str
     as_of: datetime  # the valid time the figures are judged at
     known_at: datetime | None
+    fold_pool: ConnectionPool[Any] | None = None
     snapshot_id: int | None = None
     _folded: list[TrendState] | None = field(default=None, repr=False)
+    _pending: Future[list[TrendState]] | None = field(default=None, repr=False)
 
     @property
     def replaying(self) -> bool:
@@ -83,6 +94,8 @@ class DashboardContext:
         whose read-model rows are ahead of `as_of`. SQL counts the other rows, which are
         settled by `as_of` (latest_occurred_at <= as_of).
         """
+        if self._folded is None and self._pending is not None:
+            self._folded = self._pending.result()
         if self._folded is None:
             if self.replaying:
                 replayed = replay(
@@ -99,6 +112,18 @@ class DashboardContext:
             self._folded = [state for state in states if isinstance(state, TrendState)]
         return self._folded
 
+    def start_fold(self) -> None:
+        """Start folding the straddling incidents in a thread, when a pool is given.
+
+        Call it inside the transaction of `conn`, which must stay open until `folded`
+        returns: the thread's connection imports that transaction's snapshot.
+        """
+        if self.fold_pool is None or self.replaying or self._folded is not None:
+            return
+        row = self.conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert row is not None
+        self._pending = _FOLDS.submit(_fold_in_snapshot, self.fold_pool, row[0], self)
+
     @property
     def local_day(self) -> date:
         """The tenant-local date of `as_of`, counting local midnight as the end of a day."""
@@ -109,13 +134,28 @@ class DashboardContext:
         return {"tenant": self.tenant_id, "now": self.as_of, **extra}
 
 
+def _fold_in_snapshot(
+    pool: ConnectionPool[Any], snapshot: str, context: DashboardContext
+) -> list[TrendState]:
+    with pool.connection() as conn, conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        set_tenant(conn, context.tenant_id)
+        return straddling_trend_states(conn, context.tenant_id, context.as_of)
+
+
 # Read-model rows whose events all happened by as_of; the rest are folded (see `folded`).
 SETTLED_SQL = "latest_occurred_at <= %(now)s"
 
+# Each widget is a generator that runs its SQL over the settled rows, yields once, then
+# counts the folded states and returns its table. All widgets run their SQL before any
+# waits for the fold.
+WidgetSteps = Generator[None, None, WidgetTable]
 
-def widget_table(context: DashboardContext, widget: Widget) -> WidgetTable:
-    """Compute one widget's table."""
-    handlers: dict[type[Any], Callable[[DashboardContext, Any], WidgetTable]] = {
+
+def widget_tables(context: DashboardContext, widgets: Sequence[Widget]) -> list[WidgetTable]:
+    """Compute the tables of `widgets` on one database snapshot."""
+    handlers: dict[type[Any], Callable[[DashboardContext, Any], WidgetSteps]] = {
         OnTimeRateWidget: _on_time_rate,
         BacklogWidget: _backlog,
         TimeToCloseWidget: _time_to_close,
@@ -125,7 +165,25 @@ def widget_table(context: DashboardContext, widget: Widget) -> WidgetTable:
     }
     with consistent_snapshot(context.conn):
         set_tenant(context.conn, context.tenant_id)
-        return handlers[type(widget)](context, widget)
+        context.start_fold()
+        steps = [handlers[type(widget)](context, widget) for widget in widgets]
+        for step in steps:
+            next(step)
+        return [_finish(step) for step in steps]
+
+
+def _finish(step: WidgetSteps) -> WidgetTable:
+    try:
+        next(step)
+    except StopIteration as done:
+        table: WidgetTable = done.value
+        return table
+    raise RuntimeError("a dashboard widget yielded more than once")
+
+
+def widget_table(context: DashboardContext, widget: Widget) -> WidgetTable:
+    """Compute one widget's table."""
+    return widget_tables(context, [widget])[0]
 
 
 def _rate(part: int, whole: int) -> float | None:
@@ -145,7 +203,7 @@ def _flagged(state: TrendState, now: datetime) -> bool:
 # On-time rate.
 
 
-def _on_time_rate(context: DashboardContext, widget: OnTimeRateWidget) -> WidgetTable:
+def _on_time_rate(context: DashboardContext, widget: OnTimeRateWidget) -> WidgetSteps:
     groups: dict[str | None, SlaCounts] = defaultdict(SlaCounts)
     if not context.replaying:
         # The counts of sla_summary, over the trends model's copy of the SLA columns, so
@@ -166,6 +224,7 @@ def _on_time_rate(context: DashboardContext, widget: OnTimeRateWidget) -> Widget
         )
         for key, total, with_target, still_open, breached in rows:
             groups[key] += SlaCounts(total, with_target, still_open, breached)
+    yield
     for key, counts in summarize_states(context.folded(), context.as_of)[widget.by].items():
         groups[key] += counts
     ordered = sorted(groups.items(), key=lambda item: (-item[1].total, item[0] or ""))
@@ -182,7 +241,7 @@ def _rate_row(key: str | None, counts: SlaCounts) -> list[Any]:
 Marks = dict[date | None, list[int]]  # period start (None: before the first) -> counts
 
 
-def _backlog(context: DashboardContext, widget: BacklogWidget) -> WidgetTable:
+def _backlog(context: DashboardContext, widget: BacklogWidget) -> WidgetSteps:
     last = period_start(context.local_day, widget.period)
     starts = [last]
     while len(starts) < widget.periods:
@@ -192,6 +251,7 @@ def _backlog(context: DashboardContext, widget: BacklogWidget) -> WidgetTable:
     marks: Marks = defaultdict(lambda: [0, 0, 0])
     if not context.replaying:
         _add_backlog_marks_sql(context, widget.period, begin, marks)
+    yield
     _add_backlog_marks(context, widget.period, begin, marks)
     before = marks[None][0] - marks[None][2]
     rows = []
@@ -210,22 +270,29 @@ def _add_backlog_marks_sql(
 
     An incident leaves the backlog at greatest(opened, resolved), as in trend counts.
     """
+    # One aggregate counts the marks before `begin`; only the later ones are bucketed,
+    # which saves a time zone conversion per mark on the long history.
     query = f"""
         WITH facts AS (
-            SELECT submitted_at, resolved_at FROM incident_trends
+            SELECT submitted_at, resolved_at,
+                   CASE WHEN resolved_at IS NOT NULL THEN greatest(submitted_at, resolved_at) END
+                   AS left_at
+            FROM incident_trends
             WHERE tenant_id = %(tenant)s AND submitted_at <= %(now)s AND {SETTLED_SQL}
-        ), marks AS (
-            SELECT submitted_at AS at, 1 AS opened, 0 AS closed, 0 AS left_backlog FROM facts
-            UNION ALL
-            SELECT resolved_at, 0, 1, 0 FROM facts WHERE resolved_at IS NOT NULL
-            UNION ALL
-            SELECT greatest(submitted_at, resolved_at), 0, 0, 1
-            FROM facts WHERE resolved_at IS NOT NULL
         )
-        SELECT CASE WHEN at < %(begin)s THEN NULL
-                    ELSE date_trunc(%(unit)s, at AT TIME ZONE %(zone)s)::date END,
-               sum(opened), sum(closed), sum(left_backlog)
-        FROM marks GROUP BY 1
+        SELECT NULL::date, count(*) FILTER (WHERE submitted_at < %(begin)s),
+               count(*) FILTER (WHERE resolved_at < %(begin)s),
+               count(*) FILTER (WHERE left_at < %(begin)s)
+        FROM facts
+        UNION ALL
+        SELECT date_trunc(%(unit)s, submitted_at AT TIME ZONE %(zone)s)::date, count(*), 0, 0
+        FROM facts WHERE submitted_at >= %(begin)s GROUP BY 1
+        UNION ALL
+        SELECT date_trunc(%(unit)s, resolved_at AT TIME ZONE %(zone)s)::date, 0, count(*), 0
+        FROM facts WHERE resolved_at >= %(begin)s GROUP BY 1
+        UNION ALL
+        SELECT date_trunc(%(unit)s, left_at AT TIME ZONE %(zone)s)::date, 0, 0, count(*)
+        FROM facts WHERE left_at >= %(begin)s GROUP BY 1
     """
     params = context.params(begin=begin, unit=period, zone=context.time_zone)
     for bucket, opened, closed, left in context.conn.execute(query, params):
@@ -280,7 +347,7 @@ def _bucket_index(seconds: float) -> int:
     return index
 
 
-def _time_to_close(context: DashboardContext, widget: TimeToCloseWidget) -> WidgetTable:
+def _time_to_close(context: DashboardContext, widget: TimeToCloseWidget) -> WidgetSteps:
     since = context.as_of - timedelta(days=widget.span_days)
     counts: Counter[int] = Counter()
     if not context.replaying:
@@ -295,6 +362,7 @@ def _time_to_close(context: DashboardContext, widget: TimeToCloseWidget) -> Widg
         )
         for (seconds,) in rows:
             counts[_bucket_index(seconds)] += 1
+    yield
     for state in context.folded():
         if (
             state.resolved_at is None
@@ -316,7 +384,7 @@ def _time_to_close(context: DashboardContext, widget: TimeToCloseWidget) -> Widg
 # Rankings.
 
 
-def _ranking(context: DashboardContext, widget: RankingWidget) -> WidgetTable:
+def _ranking(context: DashboardContext, widget: RankingWidget) -> WidgetSteps:
     until = context.local_day
     since = until - timedelta(days=widget.span_days - 1) if widget.span_days else None
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -335,6 +403,7 @@ def _ranking(context: DashboardContext, widget: RankingWidget) -> WidgetTable:
         ):
             groups[row.key][0] += row.cases
             groups[row.key][1] += row.on_time
+    yield
     zone = ZoneInfo(context.time_zone)
     for state in context.folded():
         key = state.report_area if widget.by == "area" else state.department
@@ -380,7 +449,7 @@ MAP_COLUMNS = [
 ]
 
 
-def _open_map(context: DashboardContext, widget: OpenMapWidget) -> WidgetTable:
+def _open_map(context: DashboardContext, widget: OpenMapWidget) -> WidgetSteps:
     # (submitted_at, incident_id, category, latitude, longitude, group_id)
     found: list[tuple[datetime, UUID, str | None, float, float, UUID]] = []
     if not context.replaying:
@@ -393,6 +462,7 @@ def _open_map(context: DashboardContext, widget: OpenMapWidget) -> WidgetTable:
             """,
             context.params(not_judged=list(NOT_JUDGED), limit=widget.limit),
         ).fetchall()
+    yield
     open_states = [
         state
         for state in context.folded()
@@ -503,7 +573,7 @@ def recent_seals(context: DashboardContext, limit: int) -> list[tuple[Seal, date
     ]
 
 
-def _recent_seals(context: DashboardContext, widget: RecentSealsWidget) -> WidgetTable:
+def _recent_seals(context: DashboardContext, widget: RecentSealsWidget) -> WidgetSteps:
     rows = [
         [
             seal.stream_version,
@@ -514,4 +584,5 @@ def _recent_seals(context: DashboardContext, widget: RecentSealsWidget) -> Widge
         ]
         for seal, recorded_at in recent_seals(context, widget.limit)
     ]
+    yield
     return WidgetTable(["seal", "sealed_at", "events", "merkle_root", "previous_root"], rows)

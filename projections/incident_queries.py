@@ -25,6 +25,8 @@ from projections.sla import RESOLUTION_BREACHED_SQL, RESOLUTION_WARNING_SQL
 SLA_FILTERS = ("breached", "near_breach", "on_track")
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
+# Beyond this, page with filters instead; it also keeps the value inside a bigint.
+MAX_LIST_OFFSET = 10_000_000
 EXPORT_BATCH_ROWS = 2000
 
 INCIDENT_COLUMNS = (
@@ -137,8 +139,11 @@ def list_incidents(
     """Return one page of matching incidents, newest first; SLA states are judged at `now`."""
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise InvalidRequest(f"invalid limit {limit}: use 1 to {MAX_LIST_LIMIT}")
-    if offset < 0:
-        raise InvalidRequest(f"invalid offset {offset}: use 0 or more")
+    if not 0 <= offset <= MAX_LIST_OFFSET:
+        raise InvalidRequest(
+            f"invalid offset {offset}: use 0 to {MAX_LIST_OFFSET:,}, or narrow the list with "
+            "filters"
+        )
     query = _query(incident_filter)
     paged = sql.SQL("{} LIMIT %(limit)s OFFSET %(offset)s").format(query)
     params = {**_params(tenant_id, incident_filter, now), "limit": limit, "offset": offset}

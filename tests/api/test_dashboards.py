@@ -389,6 +389,7 @@ def test_incident_list_filters(city: City) -> None:
         ({"status": "lost"}, ("status lost", "submitted")),
         ({"sla": "late"}, ("'late'", "breached, near_breach, on_track")),
         ({"limit": 0}, ("limit 0", "1 to 1000")),
+        ({"offset": 2**70}, (f"offset {2**70}", "filters")),
         ({"group": "not-a-uuid"}, ("group",)),
     ],
 )

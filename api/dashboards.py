@@ -403,6 +403,8 @@ def add_dashboard_routes(
         ] = None,
     ) -> HTMLResponse:
         """Render the tenant's public page: every public widget as a chart and a table."""
+        # NOTE: public routes have no rate limit, and a past day costs a fold of the
+        # incidents that straddle it (about 0.7 s for a tenant of a million events).
         tenant = require_tenant(store, tenant_id)
         zone = ZoneInfo(tenant.time_zone)
         today = datetime.now(zone).date()

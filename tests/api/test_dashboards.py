@@ -24,6 +24,7 @@ from ledger.keys import Role, issue_key
 from ledger.seals import seal_all
 from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant
+from projections.incident_queries import IncidentFilter, export_incidents
 from projections.trends import trends_projection
 from replay.snapshots import take_snapshot
 from tests.api.test_app import assert_problem
@@ -491,3 +492,22 @@ def test_on_time_rate_equals_sla_summary(city: City, moment: str) -> None:
         for item in summary["by_category"]
     ]
     assert widget["rows"] == expected
+
+
+def test_incident_export_yields_one_chunk_per_batch(
+    city: City, fresh_pool: ConnectionPool[Any]
+) -> None:
+    with fresh_pool.connection() as conn:
+        chunks = list(
+            export_incidents(
+                conn,
+                city.tenant_id,
+                IncidentFilter(),
+                "jsonl",
+                now=datetime.now(UTC),
+                batch_size=1,
+            )
+        )
+
+    assert len(chunks) == 3
+    assert [json.loads(chunk)["incident_id"] for chunk in chunks] == city.incidents[::-1]

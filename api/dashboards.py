@@ -158,12 +158,12 @@ def add_dashboard_routes(
         public_only: bool,
     ) -> DashboardOut:
         moment = as_of or known_at or datetime.now(UTC)
-        shown = [widget for widget in dashboard.widgets if widget.public or not public_only]
+        visible = [widget for widget in dashboard.widgets if widget.public or not public_only]
         with pool.connection() as conn:
             context = DashboardContext(
                 conn, tenant.tenant_id, tenant.time_zone, moment, known_at, fold_pool=pool
             )
-            tables = widget_tables(context, shown)
+            tables = widget_tables(context, visible)
         widgets = [
             WidgetOut(
                 id=widget.id,
@@ -174,7 +174,7 @@ def add_dashboard_routes(
                 columns=table.columns,
                 rows=table.rows,
             )
-            for widget, table in zip(shown, tables, strict=True)
+            for widget, table in zip(visible, tables, strict=True)
         ]
         return DashboardOut(
             tenant_id=tenant.tenant_id,

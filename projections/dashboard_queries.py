@@ -67,9 +67,9 @@ _FOLDS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dashboard-fold")
 class DashboardContext:
     """Inputs of one request's widgets: the tenant, the times and the folded states.
 
-    With `fold_pool`, `widget_tables` folds the incidents that straddle `as_of` on another
-    connection of that pool, in a thread, on the same database snapshot, while the widgets'
-    SQL runs on `conn`: the fold is Python work and the SQL is the server's.
+    With `fold_pool`, `widget_tables` folds the incidents that straddle `as_of` in a thread,
+    on another connection of that pool that shares the snapshot of `conn`. The fold is
+    Python work and the widgets' SQL is the server's, so the two overlap.
     """
 
     conn: psycopg.Connection[Any]

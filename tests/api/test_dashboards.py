@@ -511,3 +511,14 @@ def test_incident_export_yields_one_chunk_per_batch(
 
     assert len(chunks) == 3
     assert [json.loads(chunk)["incident_id"] for chunk in chunks] == city.incidents[::-1]
+
+
+def test_public_page_says_when_figures_lag(city: City) -> None:
+    page = f"/public/tenants/{city.tenant_id}"
+    before = city.public.get(page).text
+
+    _submit(city.clients[Role.STAFF], city.tenant_id, description="Late report")
+    after = city.public.get(page).text
+
+    assert "still applying recent reports" not in before
+    assert "still applying recent reports" in after

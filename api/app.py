@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 from api.audit import add_audit_routes
 from api.auth import actor_of, allow, document_roles
 from api.config_routes import add_config_routes
+from api.dashboards import add_dashboard_routes
 from api.grouping import add_grouping_routes
 from api.observability import RequestContext, readiness_checks
 from api.open311 import add_open311_routes
@@ -1002,6 +1003,7 @@ def create_app(
     add_grouping_routes(app, pool=pool, store=store, responses=COMMAND_RESPONSES)
     add_config_routes(app, store=store, responses=PROBLEM_RESPONSES)
     add_trends_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
+    add_dashboard_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
     document_roles(app)
     return app
 

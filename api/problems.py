@@ -37,6 +37,7 @@ _LEDGER_ERRORS: list[tuple[type[errors.LedgerError], int, str, str]] = [
     (errors.InvalidRequest, 422, "invalid-request", "Invalid request"),
     (errors.TenantNotFound, 404, "tenant-not-found", "Tenant not found"),
     (errors.IncidentNotFound, 404, "incident-not-found", "Incident not found"),
+    (errors.DashboardNotFound, 404, "dashboard-not-found", "Dashboard not found"),
     (errors.TenantExists, 409, "tenant-exists", "Tenant exists"),
     (errors.AuthenticationFailed, 401, "unauthenticated", "API key missing or not valid"),
     (errors.Forbidden, 403, "forbidden", "Role not allowed"),

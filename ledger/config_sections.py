@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from ledger.business_time import BusinessCalendar
+from ledger.dashboards import DASHBOARDS_CONFIGURED, validate_dashboards
 from ledger.errors import CommandInvalid, ConfigInvalid, ConfigProblem
 from ledger.events import NewEvent, normalize_json
 from ledger.grouping import GROUPING_CONFIGURED, validate_grouping
@@ -351,6 +352,13 @@ def _validate_grouping(value: Any, context: SectionContext) -> dict[str, Any]:
 
 
 register_section(ConfigSection("grouping", GROUPING_CONFIGURED, _validate_grouping))
+
+
+def _validate_dashboards(value: Any, context: SectionContext) -> dict[str, Any]:
+    return validate_dashboards(value)
+
+
+register_section(ConfigSection("dashboards", DASHBOARDS_CONFIGURED, _validate_dashboards))
 
 
 def validate_document(

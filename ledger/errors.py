@@ -87,6 +87,15 @@ class CommandInvalid(LedgerError):
     """A lifecycle command carries a value that cannot be accepted."""
 
 
+class DashboardNotFound(LedgerError):
+    """A dashboard or widget the tenant's configuration does not define (or does not publish)."""
+
+    def __init__(self, tenant_id: str, missing: str, known: list[str]) -> None:
+        self.tenant_id = tenant_id
+        choices = ", ".join(known) if known else "none is configured"
+        super().__init__(f"{missing} not found in tenant {tenant_id!r}; use one of: {choices}")
+
+
 class InvalidRequest(LedgerError):
     """A request parameter or header (not a command argument) is malformed."""
 

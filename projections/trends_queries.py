@@ -273,13 +273,15 @@ def rankings(
     until: date | None = None,
     now: datetime,
     time_zone: str,
+    settled_by: datetime | None = None,
 ) -> list[RankRow]:
     """Rank departments or areas by on-time rate, best first.
 
     A case is an incident with a resolution target whose verdict is known at `now`: it was
     resolved, or it is still open and already late. Groups with fewer than `min_cases`
     cases are left out, so one fast fix cannot top the table. Ties go to the group with
-    more cases, then to the name that sorts first.
+    more cases, then to the name that sorts first. With `settled_by`, only incidents whose
+    events all happened by then count.
     """
     check_dimension(by, RANKED_DIMENSIONS)
     if min_cases < 1:
@@ -301,6 +303,7 @@ def rankings(
               AND NOT {FLAGGED_SQL}
               AND (%(begin)s::timestamptz IS NULL OR submitted_at >= %(begin)s)
               AND (%(end)s::timestamptz IS NULL OR submitted_at < %(end)s)
+              AND (%(settled)s::timestamptz IS NULL OR latest_occurred_at <= %(settled)s)
         ) AS judged
         WHERE resolved_at IS NOT NULL OR breached
         GROUP BY key
@@ -315,6 +318,7 @@ def rankings(
         "begin": _instant(since, zone) if since is not None else None,
         "end": _instant(until + timedelta(days=1), zone) if until is not None else None,
         "min_cases": min_cases,
+        "settled": settled_by,
     }
     with consistent_snapshot(conn):
         set_tenant(conn, tenant_id)

@@ -17,24 +17,64 @@ from ledger.events import RecordedEvent
 from ledger.ids import incident_stream_id
 from ledger.store import EVENT_COLUMNS, row_to_event
 from projections.sla import SlaState, evolve_sla, load_histories
+from projections.trends import TrendState, evolve_trend, load_trend_histories
 
 
 def straddling_sla_states(
     conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
 ) -> list[SlaState]:
     """Fold the SLA state at `as_of` of each incident with events before and after it."""
+    events = _straddling_events(conn, "incident_sla", tenant_id, as_of)
+    if not events:
+        return []
+    # The configuration version in force for each event comes from its log position, as
+    # in the streaming fold, whatever the valid time asked about.
+    history = load_histories(conn, [tenant_id]).get(tenant_id)
+    states = []
+    for stream_events in events.values():
+        state: SlaState | None = None
+        for event in stream_events:
+            state = evolve_sla(state, event, history)
+        if state is not None:
+            states.append(state)
+    return states
+
+
+def straddling_trend_states(
+    conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
+) -> list[TrendState]:
+    """Fold the trends state at `as_of` of each incident with events before and after it."""
+    events = _straddling_events(conn, "incident_trends", tenant_id, as_of)
+    if not events:
+        return []
+    history = load_trend_histories(conn, [tenant_id]).get(tenant_id)
+    states = []
+    for stream_events in events.values():
+        state: TrendState | None = None
+        for event in stream_events:
+            state = evolve_trend(state, event, history)
+        if state is not None:
+            states.append(state)
+    return states
+
+
+def _straddling_events(
+    conn: psycopg.Connection[Any], table: str, tenant_id: str, as_of: datetime
+) -> dict[str, list[RecordedEvent]]:
+    """Return, by stream, the events up to `as_of` of the incidents of `table` (a read model
+    with earliest_occurred_at and latest_occurred_at) that have events on both sides of it."""
     ids = [
         row[0]
         for row in conn.execute(
-            """
-            SELECT incident_id FROM incident_sla
+            f"""
+            SELECT incident_id FROM {table}
             WHERE tenant_id = %s AND earliest_occurred_at <= %s AND latest_occurred_at > %s
             """,
             (tenant_id, as_of, as_of),
         )
     ]
     if not ids:
-        return []
+        return {}
     streams = [incident_stream_id(incident_id) for incident_id in ids]
     events: dict[str, list[RecordedEvent]] = defaultdict(list)
     with conn.cursor() as cur:
@@ -49,14 +89,4 @@ def straddling_sla_states(
         for row in cur:
             event = row_to_event(row)
             events[event.stream_id].append(event)
-    # The configuration version in force for each event comes from its log position, as
-    # in the streaming fold, whatever the valid time asked about.
-    history = load_histories(conn, [tenant_id]).get(tenant_id)
-    states = []
-    for stream_events in events.values():
-        state: SlaState | None = None
-        for event in stream_events:
-            state = evolve_sla(state, event, history)
-        if state is not None:
-            states.append(state)
-    return states
+    return events

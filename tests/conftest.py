@@ -46,6 +46,31 @@ def boston_file() -> Path:
     return _BOSTON_FILE
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+# Flags for headless Chromium on a machine without network: no sandbox (tests run as root),
+# and none of the background fetches a fresh profile would try.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium() -> Path:
+    """Return Debian's Chromium, or skip the test without it (fail in CI, where CI=true)."""
+    if not CHROMIUM.is_file():
+        message = f"Chromium not found at {CHROMIUM}; install it with `apt-get install chromium`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return CHROMIUM
+
+
 @pytest.fixture(scope="session")
 def server_conninfo() -> Iterator[str]:
     """Owner connection string of the server the tests create databases on."""

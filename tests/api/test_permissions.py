@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool
 from api.app import create_app
 from api.auth import route_roles
 from ledger.commands import Actor, IncidentCommands
+from ledger.config_sections import apply_config
 from ledger.database import Database, set_tenant
 from ledger.keys import Role, issue_key, revoke_key
 from ledger.store import PostgresEventStore
@@ -74,6 +75,12 @@ def _make_tenant(store: PostgresEventStore) -> Tenant:
         {"categories": [{"name": "Pothole"}]},
         occurred_at=datetime(2015, 1, 1, tzinfo=UTC),
     )
+    apply_config(
+        store,
+        tenant_id,
+        {"dashboards": [{"name": "overview", "widgets": [DASHBOARD_WIDGET]}]},
+        occurred_at=datetime(2015, 1, 1, tzinfo=UTC),
+    )
     tokens = {}
     keys = {}
     for role in ROLES:
@@ -126,7 +133,9 @@ BODIES: dict[str, dict[str, Any]] = {
     "suggestions": {"latitude": 42.3474, "longitude": -71.0944, "description": "Light out"},
     "grouping": {"distance_m": 120},
     "config": {"routing": []},
+    "{dashboard}": {"widgets": [{"id": "seals", "kind": "recent_seals", "public": True}]},
 }
+DASHBOARD_WIDGET = {"id": "seals", "kind": "recent_seals", "public": True}
 
 
 def call(
@@ -143,6 +152,8 @@ def call(
         service_request_id=ids.incident_id,
         token=ids.token,
         calendar_name="office",
+        dashboard="overview",
+        widget_id="seals",
     )
     last = path.rstrip("/").rsplit("/", 1)[-1]
     body = BODIES.get(last)

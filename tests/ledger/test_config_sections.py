@@ -292,7 +292,7 @@ def test_documented_example_applies(store: PostgresEventStore, tenant_id: str) -
     again = apply_config(store, tenant_id, document, occurred_at=NOW, base_dir=EXAMPLE.parent)
     config = load_tenant(store, tenant_id)
 
-    assert result.changed == ["categories", "calendars", "sla_policies", "routing"]
+    assert result.changed == ["categories", "calendars", "sla_policies", "routing", "dashboards"]
     assert again.changed == []
     assert config is not None
     holidays = config.payloads[CALENDARS_CONFIGURED]["calendars"][0]["holidays"]

@@ -469,7 +469,9 @@ def import_command(
             "tenant's zone"
         ),
     ] = None,
-    workers: Annotated[int, typer.Option(min=0, help="Parser processes (0: one per CPU)")] = 0,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Parser processes (0: one per CPU, at most 3)")
+    ] = 0,
     rejects: Annotated[
         Path | None,
         typer.Option(

@@ -304,6 +304,17 @@ def _csv_layout(path: Path, header_line: bytes, format_name: str | None) -> Layo
     return Layout(fmt, indexes, len(header), delimiter)
 
 
+# At most this many parser processes unless more are asked for. Each holds an interpreter
+# and its blocks in flight, about 110 MiB, beside 130 to 160 MiB in the reading process
+# (docs/benchmarks.md, import memory), so three stay under the 500 MB memory target.
+MAX_DEFAULT_WORKERS = 3
+
+
+def default_workers() -> int:
+    """Parser processes when none are asked for: one per CPU, at most MAX_DEFAULT_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS))
+
+
 def import_file(
     conn: psycopg.Connection[Any],
     path: Path,
@@ -328,7 +339,7 @@ def import_file(
     validate_tenant_id(tenant_id)
     layout = read_layout(path, format_name)
     report = ImportReport(format=layout.format.name, rejects_path=rejects_path)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or default_workers()
     source_file = path.name
     now_text = utc_text(now or datetime.now(UTC))
     context = multiprocessing.get_context("spawn")

@@ -153,8 +153,16 @@ class _Version:
 class ConfigHistory:
     """The SLA configuration versions of one tenant, in log order."""
 
-    def __init__(self, tenant_id: str, versions: Iterable[_Version] = ()) -> None:
+    def __init__(
+        self,
+        tenant_id: str,
+        versions: Iterable[_Version] = (),
+        proposed: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.tenant_id = tenant_id
+        # Payloads by event type that replace the recorded ones in every version folded
+        # here, for a what-if replay. Versions passed in are taken as they are.
+        self.proposed = proposed or {}
         self._versions = sorted(versions, key=lambda item: (item.tx_id, item.position))
         self._keys = [(item.tx_id, item.position) for item in self._versions]
         self._parsed: dict[int, SlaConfig | None] = {}
@@ -166,7 +174,7 @@ class ConfigHistory:
             event.tx_id,
             event.position,
             event.stream_version,
-            {**previous, event.event_type: event.payload},
+            {**previous, event.event_type: event.payload, **self.proposed},
         )
         self._versions.append(version)
         self._keys.append((event.tx_id, event.position))
@@ -501,11 +509,17 @@ RESOLUTION_WARNING_SQL = _passed_sql("resolution_warning_at")
 
 
 class SlaProjection(IncidentRowProjection[SlaState]):
-    """The incident_sla table, and the sla_configs table of configuration versions it uses."""
+    """The incident_sla table, and the sla_configs table of configuration versions it uses.
 
-    def __init__(self) -> None:
+    With `proposed` (payloads by configuration event type), `fold` judges every incident as
+    if those payloads had replaced the recorded ones from the tenant's creation on: a
+    what-if replay. Such a projection only folds in memory, and writing it raises.
+    """
+
+    def __init__(self, proposed: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__("sla", "incident_sla", SlaState, evolve_sla)
         self.tables = ("incident_sla", "sla_configs")
+        self.proposed = proposed
 
     def fold(
         self, events: Iterable[RecordedEvent], initial: Folded | None = None
@@ -519,7 +533,12 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         }
         for event in events:
             if is_config_event(event):
-                histories.setdefault(event.tenant_id, ConfigHistory(event.tenant_id)).add(event)
+                history = histories.get(event.tenant_id)
+                if history is None:
+                    history = histories[event.tenant_id] = ConfigHistory(
+                        event.tenant_id, proposed=self.proposed
+                    )
+                history.add(event)
             elif event.event_type in lc.INCIDENT_EVENT_TYPES:
                 key = (event.tenant_id, event.stream_id)
                 states[key] = evolve_sla(states.get(key), event, histories.get(event.tenant_id))
@@ -542,6 +561,7 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         return rows
 
     def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        self._reject_proposed()
         relevant = [
             event
             for event in events
@@ -578,6 +598,22 @@ class SlaProjection(IncidentRowProjection[SlaState]):
                 )
         if states:
             self.write(conn, states)
+
+    def write_states(self, conn: psycopg.Connection[Any], states: Folded) -> None:
+        self._reject_proposed()
+        super().write_states(conn, states)
+
+    def write(
+        self, conn: psycopg.Connection[Any], states: dict[tuple[str, str], SlaState | None]
+    ) -> None:
+        self._reject_proposed()
+        super().write(conn, states)
+
+    def _reject_proposed(self) -> None:
+        # A what-if projection's rows are not the tenant's record: they must never reach
+        # the live tables, nor shadow tables that a rebuild would swap in.
+        if self.proposed is not None:
+            raise RuntimeError("a what-if SLA projection folds in memory only and never writes")
 
     def read_configs(self, conn: psycopg.Connection[Any]) -> dict[tuple[str, int], Any]:
         return {

@@ -126,6 +126,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "suggestions": {"latitude": 42.3474, "longitude": -71.0944, "description": "Light out"},
     "grouping": {"distance_m": 120},
     "config": {"routing": []},
+    "what-if": {"sla_policies": [{"id": "fast", "resolution": "2 calendar hours"}]},
 }
 
 

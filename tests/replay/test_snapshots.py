@@ -248,10 +248,21 @@ def test_replay_command_unknown_projection(database: Database, seeded: str) -> N
     assert "unknown projection 'weather'; known projections: incidents, sla" in result.stderr
 
 
-def test_replay_command_refuses_model_without_replay(database: Database, seeded: str) -> None:
-    result = cli(database, "replay", "grouping", "--tenant", seeded)
-    assert result.returncode == 2
-    assert "projection 'grouping' cannot be rebuilt, replayed or snapshotted yet" in result.stderr
+def test_replay_command_grouping(database: Database, seeded: str) -> None:
+    as_json = cli(database, "replay", "grouping", "--tenant", seeded)
+    as_csv = cli(database, "replay", "grouping", "--tenant", seeded, "--format", "csv")
+    projection = projection_named("grouping")
+    with database.connect() as conn:
+        expected = projection.to_records(replay(conn, projection, seeded).states)
+
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == expected
+    assert sum(1 for record in expected if record["row"] == "report") == 60
+    assert as_csv.returncode == 0, as_csv.stderr
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert [(row["row"], row["incident_id"]) for row in rows] == [
+        (record["row"], record.get("incident_id", "")) for record in expected
+    ]
 
 
 def test_snapshot_and_rebuild_commands(

@@ -15,6 +15,7 @@ back-dated change would otherwise rewrite verdicts already given.
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import operator
 from collections import defaultdict
@@ -25,6 +26,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from ledger import lifecycle as lc
@@ -37,7 +39,13 @@ from ledger.sla_policy import (
     sla_config_from_payloads,
 )
 from ledger.tenants import TENANT_CREATED
-from projections.base import INCIDENT_STREAM_PREFIX, Folded, IncidentRowProjection
+from projections.base import (
+    INCIDENT_STREAM_PREFIX,
+    Folded,
+    IncidentRowProjection,
+    copy_config_versions,
+    qualified,
+)
 
 OPEN = "open"
 PAUSED = "paused"
@@ -201,14 +209,20 @@ class ConfigHistory:
         return self._parsed[item.version]
 
 
+SLA_CONFIGS = sql.Identifier("sla_configs")
+
+
 def load_histories(
-    conn: psycopg.Connection[Any], tenants: Iterable[str]
+    conn: psycopg.Connection[Any],
+    tenants: Iterable[str],
+    table: sql.Composable = SLA_CONFIGS,
 ) -> dict[str, ConfigHistory]:
-    """Read the stored configuration versions of `tenants`."""
+    """Read the stored configuration versions of `tenants` from `table`."""
     rows: dict[str, list[_Version]] = defaultdict(list)
     for tenant_id, version, tx_id, position, payloads in conn.execute(
-        "SELECT tenant_id, version, tx_id, position, payloads FROM sla_configs "
-        "WHERE tenant_id = ANY(%s)",
+        sql.SQL(
+            "SELECT tenant_id, version, tx_id, position, payloads FROM {} WHERE tenant_id = ANY(%s)"
+        ).format(table),
         (list(tenants),),
     ):
         rows[tenant_id].append(_Version(tx_id, position, version, payloads))
@@ -518,8 +532,23 @@ class SlaProjection(IncidentRowProjection[SlaState]):
 
     def __init__(self, proposed: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__("sla", "incident_sla", SlaState, evolve_sla)
-        self.tables = ("incident_sla", "sla_configs")
+        self.configs_table = "sla_configs"
+        self.tables = ("incident_sla", self.configs_table)
         self.proposed = proposed
+
+    def retarget(self, schema: str, tables: dict[str, str]) -> SlaProjection:
+        clone = copy.copy(self)
+        clone.schema = schema
+        clone.table = tables[self.table]
+        clone.configs_table = tables[self.configs_table]
+        clone.tables = (clone.table, clone.configs_table)
+        return clone
+
+    def write_log_rows(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        self._reject_proposed()
+        copy_config_versions(
+            conn, qualified(self.schema, self.configs_table), self.fold_configs(events)
+        )
 
     def fold(
         self, events: Iterable[RecordedEvent], initial: Folded | None = None
@@ -569,7 +598,8 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         ]
         if not relevant:
             return
-        histories = load_histories(conn, {event.tenant_id for event in relevant})
+        configs = qualified(self.schema, self.configs_table)
+        histories = load_histories(conn, {event.tenant_id for event in relevant}, configs)
         incident_keys = {
             (event.tenant_id, event.stream_id) for event in relevant if not is_config_event(event)
         }
@@ -589,8 +619,10 @@ class SlaProjection(IncidentRowProjection[SlaState]):
                 cur.executemany(
                     # A version is a function of its event, so a row already stored (by a
                     # rebuild that kept this table) is the same row.
-                    "INSERT INTO sla_configs (tenant_id, version, tx_id, position, payloads) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant_id, version) DO NOTHING",
+                    sql.SQL(
+                        "INSERT INTO {} (tenant_id, version, tx_id, position, payloads) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant_id, version) DO NOTHING"
+                    ).format(configs),
                     [
                         (tenant_id, item.version, item.tx_id, item.position, Jsonb(item.payloads))
                         for tenant_id, item in new_versions

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from ledger.config_sections import apply_config
 from ledger.database import Database
 from ledger.demo import seed_demo
 from ledger.events import NewEvent, RecordedEvent
@@ -95,7 +96,11 @@ def test_rebuild_equals_fold(
     assert after["sla"][0] == expected
     assert after["sla"][1] == last
     assert result.checkpoint == last
-    assert result.rows == len(expected)
+    # The rows of both tables: one per incident, one per configuration version.
+    with fresh_database.connect_worker() as conn:
+        versions = projection_named("sla").read_configs(conn)  # type: ignore[attr-defined]
+    assert len(versions) >= 2
+    assert result.rows == len(expected) + len(versions)
     assert after["incidents"] == before["incidents"]
     assert result.partitions == 2 * workers  # two tenants, each split by stream hash
     assert shadow_tables(fresh_database) == []
@@ -149,6 +154,49 @@ def test_rebuild_grouping_equals_fold(
     for name in ("incidents", "sla", "trends"):
         assert after[name] == before[name]
     assert shadow_tables(fresh_database) == []
+
+
+@pytest.mark.parametrize("name", ["sla", "trends"])
+def test_rebuild_keeps_configuration_versions(
+    fresh_database: Database, fresh_store: PostgresEventStore, name: str
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=40, seed=10, end=T0)
+    apply_config(
+        fresh_store,
+        "demo",
+        {"sla_policies": [{"id": "fast", "resolution": "4 calendar hours"}]},
+        occurred_at=T0,
+    )
+    project_everything(fresh_database)
+    projection: Any = projection_named(name)
+    with fresh_database.connect_worker() as conn:
+        streamed = projection.read_configs(conn)
+
+    # Two buckets per tenant, each of which reads the configuration streams.
+    result = rebuild(fresh_database, projection, workers=2, min_partition_events=10)
+    with fresh_database.connect_worker() as conn:
+        rebuilt = projection.read_configs(conn)
+        events = read_after(conn, Checkpoint(), 10_000_000)
+
+    # Streaming after the swap reads the versions the rebuild stored.
+    incident = uuid.uuid4()
+    submitted = {"incident_id": str(incident), "category": "Pothole", "description": "hole"}
+    fresh_store.append(
+        "demo",
+        incident_stream_id(incident),
+        [NewEvent(REPORT_SUBMITTED, submitted, T0 + timedelta(hours=1))],
+        expected_version=0,
+    )
+    project_everything(fresh_database)
+    expected, _ = folded(fresh_database, name)
+
+    assert result.partitions == 2
+    assert len(streamed) >= 2
+    assert rebuilt == streamed
+    assert rebuilt == projection.fold_configs(events)
+    assert tables(fresh_database)[name][0] == expected
+    if name == "sla":
+        assert expected[("demo", incident)].policy_id == "fast"
 
 
 def test_rebuild_one_tenant(fresh_database: Database, fresh_store: PostgresEventStore) -> None:

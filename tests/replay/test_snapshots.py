@@ -41,6 +41,8 @@ from replay.time_travel import replay
 from tests.conftest import project_everything
 
 END = datetime(2026, 1, 31, tzinfo=UTC)
+# The projections the seeded tenant has snapshots of.
+SNAPSHOTTED = ("incidents", "sla", "grouping")
 PROBLEM = "application/problem+json"
 
 
@@ -53,7 +55,7 @@ def seeded(database: Database, session_pool: ConnectionPool[Any]) -> str:
     seed_demo(store, tenant, incidents=60, seed=21, end=END)
     project_everything(database)
     with database.connect_worker() as conn:
-        for name in ("incidents", "sla"):
+        for name in SNAPSHOTTED:
             assert take_snapshot(conn, projection_named(name), tenant) is not None
     seed_demo(store, f"{tenant}-b", incidents=5, seed=22, end=END)
     return tenant
@@ -86,8 +88,9 @@ def test_snapshot_skipped_without_new_events(database: Database, seeded: str) ->
         assert take_snapshot(conn, projection_named("sla"), "no-such-tenant") is None
 
 
-def test_deleting_snapshots_changes_no_answer(database: Database, seeded: str) -> None:
-    projection = projection_named("sla")
+@pytest.mark.parametrize("name", ["sla", "grouping"])
+def test_deleting_snapshots_changes_no_answer(database: Database, seeded: str, name: str) -> None:
+    projection = projection_named(name)
     # Read as the worker: the application role sees no rows before a tenant is set.
     with _worker(database) as conn:
         times = conn.execute(
@@ -114,8 +117,8 @@ def test_deleting_snapshots_changes_no_answer(database: Database, seeded: str) -
                 after = [replay(reader, projection, seeded, as_of=a, known_at=k) for a, k in probes]
         finally:
             # The other tests start from snapshots again.
-            for name in ("incidents", "sla"):
-                take_snapshot(conn, projection_named(name), seeded)
+            for snapshotted in SNAPSHOTTED:
+                take_snapshot(conn, projection_named(snapshotted), seeded)
 
     assert any(result.snapshot_id is not None for result in before)
     assert all(result.snapshot_id is None for result in after)
@@ -148,8 +151,8 @@ def test_snapshot_with_bad_hash_is_skipped(database: Database, seeded: str) -> N
         with _worker(database) as conn:
             conn.execute("DELETE FROM projection_snapshots WHERE tenant_id = %s", (seeded,))
             conn.commit()
-            take_snapshot(conn, projection, seeded)
-            take_snapshot(conn, projection_named("sla"), seeded)
+            for name in SNAPSHOTTED:
+                take_snapshot(conn, projection_named(name), seeded)
 
 
 def test_prune_keeps_newest(database: Database, session_pool: ConnectionPool[Any]) -> None:

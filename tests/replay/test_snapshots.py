@@ -278,6 +278,7 @@ def test_snapshot_and_rebuild_commands(
     taken = cli(database, "snapshot", "take", "sla", "--tenant", tenant)
     listed = cli(database, "snapshot", "list", "--tenant", tenant)
     rebuilt = cli(database, "rebuild", "incidents", "--tenant", tenant, "--workers", "2")
+    grouping = cli(database, "rebuild", "grouping", "--tenant", tenant)
     pruned = cli(database, "snapshot", "prune", "--keep", "0", "--tenant", tenant)
 
     assert taken.returncode == 0, taken.stderr
@@ -288,6 +289,11 @@ def test_snapshot_and_rebuild_commands(
     assert f"rebuilt incidents for tenant {tenant}: 5 rows" in rebuilt.stderr
     # Not a terminal: progress comes as log lines.
     assert "partitions 1 of 1 done" in rebuilt.stderr
+    assert grouping.returncode == 0, grouping.stderr
+    with _worker(database) as conn:
+        rows = projection_named("grouping").read_states(conn, tenant)
+    assert sum(1 for key in rows if key[1][0] == "report") == 5
+    assert f"rebuilt grouping for tenant {tenant}: {len(rows)} rows" in grouping.stderr
     assert pruned.returncode == 0, pruned.stderr
     assert "deleted 1 snapshots" in pruned.stdout
 

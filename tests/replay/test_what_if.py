@@ -27,6 +27,8 @@ from ledger.ids import incident_stream_id
 from ledger.keys import Role, issue_key
 from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant, require_tenant
+from projections.sla import SlaProjection
+from replay.time_travel import read_tenant_events
 from replay.what_if import WhatIfReport, parse_proposal, what_if
 from tests.api.test_app import assert_problem
 from tests.conftest import project_everything
@@ -410,3 +412,20 @@ def test_proposal_with_its_own_calendar(
     # Submitted on Monday 2 March at 08:00 in New York: 8 business hours end at 17:00 (EST),
     # and it was resolved at 18:00.
     assert newly[ids["quick"]].due_proposed == datetime(2026, 3, 2, 22, tzinfo=UTC)
+
+
+def test_what_if_projection_never_writes(
+    store: PostgresEventStore, history: tuple[str, dict[str, uuid.UUID]]
+) -> None:
+    tenant, _ = history
+    proposal = parse_proposal(STRICT, require_tenant(store, tenant))
+    projection = SlaProjection(proposed=proposal)
+    with store.pool.connection() as conn:
+        events = read_tenant_events(conn, tenant)
+        for write in (
+            lambda: projection.apply(conn, events),
+            lambda: projection.write_states(conn, projection.fold(events)),
+            lambda: projection.write_log_rows(conn, events),
+        ):
+            with pytest.raises(RuntimeError, match="folds in memory only"):
+                write()

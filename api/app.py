@@ -28,6 +28,7 @@ from api.observability import RequestContext, readiness_checks
 from api.open311 import add_open311_routes
 from api.problems import install_problem_handlers
 from api.trends import add_trends_routes
+from api.what_if import add_what_if_routes
 from ledger.audit import parse_time
 from ledger.commands import IncidentCommands
 from ledger.database import Database, checked_pool, set_tenant
@@ -1004,6 +1005,7 @@ def create_app(
     add_config_routes(app, store=store, responses=PROBLEM_RESPONSES)
     add_trends_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
     add_dashboard_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
+    add_what_if_routes(app, pool=pool, store=store, responses=PROBLEM_RESPONSES)
     document_roles(app)
     return app
 

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from api.audit_cli import audit_app
-from api.replay_cli import rebuild_command, replay_command, snapshot_app
+from api.replay_cli import rebuild_command, replay_command, snapshot_app, what_if_command
 from api.trends_cli import trends_app
 from ledger.database import Database, resolve_database
 from ledger.errors import LedgerError
@@ -54,6 +54,7 @@ app.add_typer(projections_app, name="projections")
 app.add_typer(snapshot_app, name="snapshot")
 app.command("rebuild")(rebuild_command)
 app.command("replay")(replay_command)
+app.command("what-if")(what_if_command)
 
 console = Console(stderr=True, soft_wrap=True)
 

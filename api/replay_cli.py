@@ -1,4 +1,4 @@
-"""The `civicpulse rebuild`, `replay` and `snapshot` commands."""
+"""The `civicpulse rebuild`, `replay`, `what-if` and `snapshot` commands."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -303,3 +304,171 @@ def snapshot_prune(
     with _database().connect_worker() as conn:
         deleted = prune_snapshots(conn, keep=keep, tenant_id=tenant, projection=projection)
     typer.echo(f"deleted {deleted} snapshots")
+
+
+def what_if_command(
+    policy_file: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            dir_okay=False,
+            help="YAML or JSON file with the proposed sla_policies section (and calendars), "
+            "as `civicpulse config apply` takes it",
+        ),
+    ],
+    tenant: Annotated[str, typer.Option("--tenant", help="Tenant id")],
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Valid time: keep the events that happened by then, and judge open "
+            f"incidents at it ({TIME_HELP}; default: now)"
+        ),
+    ] = None,
+    known_at: Annotated[
+        str | None,
+        typer.Option(help=f"Transaction time: keep the events recorded by then ({TIME_HELP})"),
+    ] = None,
+    output_format: Annotated[str, typer.Option("--format", help="table, json or csv")] = "table",
+    cases: Annotated[
+        int, typer.Option(min=0, help="Changed cases to list in the table format, per direction")
+    ] = 20,
+) -> None:
+    """Replay a tenant's history under a proposed SLA policy file and compare it with the
+    policies in force: cases that would breach or no longer breach, and on-time rates per
+    category. Nothing is written."""
+    import yaml
+
+    from api.cli import _store
+    from ledger.audit import parse_time
+    from ledger.tenants import require_tenant
+    from replay.what_if import parse_proposal, what_if
+
+    if output_format not in ("table", "json", "csv"):
+        raise _fail(f"invalid --format {output_format!r}: use table, json or csv")
+    try:
+        # YAML 1.2 is a superset of JSON, so one loader reads both kinds of file.
+        document = yaml.safe_load(policy_file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise _fail(f"invalid YAML or JSON in {policy_file}: {error}") from error
+    if isinstance(document, dict):
+        named = document.pop("tenant", None)
+        if named is not None and named != tenant:
+            raise _fail(
+                f"{policy_file} names tenant {named!r} but --tenant is {tenant!r}: pass the "
+                "same tenant or remove the file's `tenant` key"
+            )
+    database = _database()
+    pool, store = _store(database)
+    with pool:
+        try:
+            config = require_tenant(store, tenant)
+            proposal = parse_proposal(document, config, policy_file.resolve().parent)
+            valid = parse_time("as_of", as_of, config.time_zone)
+            known = parse_time("known_at", known_at, config.time_zone)
+        except LedgerError as error:
+            raise _fail(str(error)) from error
+        # Open incidents are judged at as_of, else at known_at, else now, as the SLA
+        # summary judges them.
+        judged_at = valid or known or datetime.now(UTC)
+        with pool.connection() as conn:
+            report = what_if(
+                conn, tenant, proposal, judged_at=judged_at, as_of=valid, known_at=known
+            )
+    if output_format == "json":
+        sys.stdout.buffer.write(
+            orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        )
+        sys.stdout.buffer.write(b"\n")
+    elif output_format == "csv":
+        _write_what_if_csv(report)
+    else:
+        _print_what_if(report, cases)
+
+
+WHAT_IF_CSV_COLUMNS = (
+    "category",
+    "total",
+    "breached_in_force",
+    "breached_proposed",
+    "on_time_rate_in_force",
+    "on_time_rate_proposed",
+)
+
+
+def _write_what_if_csv(report: Any) -> None:
+    """Write one row per category and a last row of totals (category `(all)`)."""
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(WHAT_IF_CSV_COLUMNS)
+    rows = [(item.category, item.in_force, item.proposed) for item in report.categories]
+    rows.append(("(all)", report.totals_in_force, report.totals_proposed))
+    for category, before, after in rows:
+        writer.writerow(
+            (
+                category or "",
+                before.total,
+                before.breached,
+                after.breached,
+                _rate(before.on_time_rate),
+                _rate(after.on_time_rate),
+            )
+        )
+
+
+def _rate(rate: float | None) -> str:
+    return "" if rate is None else f"{rate:.6f}"
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.1%}"
+
+
+def _print_what_if(report: Any, cases: int) -> None:
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    title = (
+        f"{report.tenant_id}: proposed {', '.join(report.sections)} against the policies in "
+        f"force, judged at {report.judged_at.isoformat()}"
+    )
+    table = Table(title=title)
+    columns = (
+        "category",
+        "total",
+        "breached (in force)",
+        "breached (proposed)",
+        "on time (in force)",
+        "on time (proposed)",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "category" else "right")
+    rows = [(item.category, item.in_force, item.proposed) for item in report.categories]
+    for category, before, after in [
+        *rows,
+        ("(all)", report.totals_in_force, report.totals_proposed),
+    ]:
+        table.add_row(
+            category or "(none)",
+            str(before.total),
+            str(before.breached),
+            str(after.breached),
+            _percent(before.on_time_rate),
+            _percent(after.on_time_rate),
+        )
+    out.print(table)
+    for label, changes in (
+        ("would breach under the proposal", report.newly_breached),
+        ("would no longer breach", report.no_longer_breached),
+    ):
+        out.print(f"{len(changes)} incidents {label}")
+        for change in changes[:cases]:
+            out.print(
+                f"  {change.incident_id}  {change.category or '(none)'}  submitted "
+                f"{change.submitted_at.isoformat()}  due {_time(change.due_in_force)} "
+                f"({change.policy_in_force or 'own target'}) -> {_time(change.due_proposed)} "
+                f"({change.policy_proposed or 'own target'})"
+            )
+        if len(changes) > cases:
+            out.print(f"  ... and {len(changes) - cases} more: use --format json for all")
+    console.print(f"{report.events_folded} events folded twice; nothing was written")
+
+
+def _time(moment: Any) -> str:
+    return "none" if moment is None else moment.isoformat()

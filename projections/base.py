@@ -81,6 +81,14 @@ class Projection:
         """Bulk-write folded states into this projection's tables, which hold none of them."""
         raise NotImplementedError
 
+    def write_log_rows(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        """Bulk-write the rows that come from the events themselves rather than from the
+        folded states, such as stored configuration versions. The default writes none.
+
+        A rebuild calls it once per tenant with that tenant's events, configuration
+        streams included, after `write_states`.
+        """
+
     def read_states(self, conn: psycopg.Connection[Any], tenant_id: str) -> Folded:
         """Read one tenant's rows back as states."""
         raise NotImplementedError
@@ -307,6 +315,28 @@ class IncidentRowProjection(Projection, Generic[State]):
             values = [self._decoders[name](record[name]) for name in self.columns]
             states[(tenant_id, values[0])] = self.state_type(*values)
         return states
+
+
+def qualified(schema: str | None, table: str) -> sql.Identifier:
+    """Return the identifier of `table`, in `schema` when one is given."""
+    return sql.Identifier(table) if schema is None else sql.Identifier(schema, table)
+
+
+def copy_config_versions(
+    conn: psycopg.Connection[Any], target: sql.Composable, rows: dict[tuple[str, int], Any]
+) -> None:
+    """COPY configuration versions, {(tenant, version): (tx_id, position, payloads)}, into
+    `target`, a table with the columns of sla_configs."""
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            sql.SQL("COPY {} (tenant_id, version, tx_id, position, payloads) FROM STDIN").format(
+                target
+            )
+        ) as copy_,
+    ):
+        for (tenant_id, version), (tx_id, position, payloads) in rows.items():
+            copy_.write_row((tenant_id, version, str(tx_id), position, Jsonb(payloads)))
 
 
 def _encode(value: Any) -> Any:

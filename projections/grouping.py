@@ -13,15 +13,18 @@ again when its category changes.
 
 from __future__ import annotations
 
+import bisect
+import copy
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from ledger import lifecycle as lc
@@ -38,7 +41,7 @@ from ledger.grouping import (
     settings_from_payload,
     usable_location,
 )
-from projections.base import INCIDENT_STREAM_PREFIX, Projection
+from projections.base import INCIDENT_STREAM_PREFIX, Folded, Projection
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +141,9 @@ class _Batch:
     the grouping rule itself, and the text form of a UUID sorts as its bytes do.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], names: _TableNames) -> None:
         self.conn = conn
+        self.names = names
         self.settings: dict[str, GroupingSettings] = {}
         self.settings_changed: dict[str, int] = {}
         self.reports: dict[TextKey, GroupedReport] = {}
@@ -164,7 +168,7 @@ class _Batch:
         tenants = {event.tenant_id for event in events}
         with self.conn.cursor() as cur:
             cur.execute(
-                "SELECT tenant_id, settings FROM grouping_settings WHERE tenant_id = ANY(%s)",
+                f"SELECT tenant_id, settings FROM {self.names.settings} WHERE tenant_id = ANY(%s)",
                 (list(tenants),),
             )
             for tenant_id, settings in cur:
@@ -239,7 +243,7 @@ class _Batch:
             self._load_reports(
                 tenant_id,
                 source="unnest(%s::bigint[], %s::text[]) AS q(cell, category) "
-                "JOIN grouping_reports AS g "
+                f"JOIN {self.names.reports} AS g "
                 "ON g.cell = q.cell AND coalesce(g.category, '') = q.category",
                 condition="g.submitted_at BETWEEN %s AND %s",
                 params=(
@@ -257,14 +261,16 @@ class _Batch:
     def _load_reports(
         self,
         tenant_id: str,
-        source: str = "grouping_reports AS g",
+        source: str | None = None,
         condition: str = "",
         params: tuple[Any, ...] = (),
     ) -> None:
         """Add the stored reports of `source` that match `condition` to the batch.
 
         `params` fill the placeholders of `source`, then the tenant id, then `condition`.
+        `source` defaults to the reports table as `g`.
         """
+        source = source or f"{self.names.reports} AS g"
         query = (
             "SELECT g.incident_id::text, g.submitted_at, g.category, g.category_source, g.text, "
             f"g.latitude, g.longitude, g.group_id::text FROM {source} "
@@ -284,7 +290,7 @@ class _Batch:
             self.stored_links[(tenant_id, incident_id)] = {}
         with self.conn.cursor() as cur:
             cur.execute(
-                "SELECT incident_id::text, other_id::text, kind FROM grouping_links "
+                f"SELECT incident_id::text, other_id::text, kind FROM {self.names.links} "
                 "WHERE tenant_id = %s AND incident_id = ANY(%s::uuid[])",
                 (tenant_id, missing),
             )
@@ -436,7 +442,8 @@ class _Batch:
         cur = self.conn.cursor()
         for tenant_id, version in self.settings_changed.items():
             cur.execute(
-                "INSERT INTO grouping_settings (tenant_id, settings, version) VALUES (%s, %s, %s) "
+                f"INSERT INTO {self.names.settings} (tenant_id, settings, version) "
+                "VALUES (%s, %s, %s) "
                 "ON CONFLICT (tenant_id) DO UPDATE SET settings = EXCLUDED.settings, "
                 "version = EXCLUDED.version",
                 (tenant_id, Jsonb(self.settings[tenant_id].to_payload()), version),
@@ -451,7 +458,7 @@ class _Batch:
             with cur.copy("COPY grouping_reports_batch FROM STDIN") as copy:
                 for key in self.new:
                     copy.write_row((*key, *report_row(self.reports[key], key[1])))
-            cur.execute("INSERT INTO grouping_reports SELECT * FROM grouping_reports_batch")
+            cur.execute(f"INSERT INTO {self.names.reports} SELECT * FROM grouping_reports_batch")
             cur.execute("TRUNCATE grouping_reports_batch")
         updates = [
             (self.reports[key].category, self.reports[key].category_source, *key)
@@ -459,7 +466,7 @@ class _Batch:
         ]
         if updates:
             cur.executemany(
-                "UPDATE grouping_reports SET category = %s, category_source = %s "
+                f"UPDATE {self.names.reports} SET category = %s, category_source = %s "
                 "WHERE tenant_id = %s AND incident_id = %s",
                 updates,
             )
@@ -477,7 +484,7 @@ class _Batch:
                     upserts.append((tenant_id, incident_id, other_id, kind))
         if removals:
             cur.executemany(
-                "DELETE FROM grouping_links "
+                f"DELETE FROM {self.names.links} "
                 "WHERE tenant_id = %s AND incident_id = %s AND other_id = %s",
                 removals,
             )
@@ -492,7 +499,7 @@ class _Batch:
                 for row in upserts:
                     copy.write_row(row)
             cur.execute(
-                "INSERT INTO grouping_links SELECT * FROM grouping_links_batch "
+                f"INSERT INTO {self.names.links} SELECT * FROM grouping_links_batch "
                 "ON CONFLICT (tenant_id, incident_id, other_id) DO UPDATE SET kind = EXCLUDED.kind"
             )
             cur.execute("TRUNCATE grouping_links_batch")
@@ -512,7 +519,7 @@ class _Batch:
                 unknown[tenant_id].append(incident_id)
         for tenant_id, ids in unknown.items():
             cur.execute(
-                "SELECT incident_id::text, group_id::text FROM grouping_reports "
+                f"SELECT incident_id::text, group_id::text FROM {self.names.reports} "
                 "WHERE tenant_id = %s AND incident_id = ANY(%s::uuid[])",
                 (tenant_id, ids),
             )
@@ -541,7 +548,7 @@ class _Batch:
                 renamed[tenant_id][1].append(new)
         for tenant_id, (old_names, new_names) in renamed.items():
             cur.execute(
-                "UPDATE grouping_reports AS r SET group_id = m.new_id "
+                f"UPDATE {self.names.reports} AS r SET group_id = m.new_id "
                 "FROM unnest(%s::uuid[], %s::uuid[]) AS m(old_id, new_id) "
                 "WHERE r.tenant_id = %s AND r.group_id = m.old_id",
                 (old_names, new_names, tenant_id),
@@ -552,21 +559,21 @@ class _Batch:
     def _regroup(self, cur: psycopg.Cursor[Any], tenant_id: str, old_names: list[str]) -> None:
         """Find the groups among the members of the given groups from their stored links."""
         cur.execute(
-            "SELECT incident_id::text, group_id::text FROM grouping_reports "
+            f"SELECT incident_id::text, group_id::text FROM {self.names.reports} "
             "WHERE tenant_id = %s AND group_id = ANY(%s::uuid[])",
             (tenant_id, old_names),
         )
         old_group = dict(cur.fetchall())
         cur.execute(
-            "SELECT incident_id::text, other_id::text FROM grouping_links WHERE tenant_id = %s "
-            "AND incident_id = ANY(%s::uuid[]) AND kind <> 'split'",
+            f"SELECT incident_id::text, other_id::text FROM {self.names.links} "
+            "WHERE tenant_id = %s AND incident_id = ANY(%s::uuid[]) AND kind <> 'split'",
             (tenant_id, list(old_group)),
         )
         new_group = components(old_group, cur.fetchall())
         moved = [(i, g) for i, g in new_group.items() if old_group[i] != g]
         if moved:
             cur.execute(
-                "UPDATE grouping_reports AS r SET group_id = m.group_id "
+                f"UPDATE {self.names.reports} AS r SET group_id = m.group_id "
                 "FROM unnest(%s::uuid[], %s::uuid[]) AS m(incident_id, group_id) "
                 "WHERE r.tenant_id = %s AND r.incident_id = m.incident_id",
                 ([i for i, _ in moved], [g for _, g in moved], tenant_id),
@@ -598,61 +605,291 @@ def components(nodes: Iterable[T], edges: Iterable[tuple[T, T]]) -> dict[T, T]:
     return {node: root(node) for node in parent}
 
 
+SETTINGS_TABLE = "grouping_settings"
+REPORTS_TABLE = "grouping_reports"
+LINKS_TABLE = "grouping_links"
+# Row keys of the folded states, after the tenant id: ("settings",), ("report", incident
+# id) and ("link", incident id, other id).
+SETTINGS_ROW = "settings"
+REPORT_ROW = "report"
+LINK_ROW = "link"
+_REPORT_FIELDS = (
+    "submitted_at",
+    "category",
+    "category_source",
+    "text",
+    "latitude",
+    "longitude",
+    "cell",
+    "group_id",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _TableNames:
+    """The quoted, schema-qualified names of the tables a batch reads and writes."""
+
+    settings: str
+    reports: str
+    links: str
+
+
 class GroupingProjection(Projection):
-    """The duplicate grouping read model."""
+    """The duplicate grouping read model.
+
+    Its rows span streams, because a group joins reports of many incidents. So a rebuild
+    folds each tenant in one partition, and time travel uses a snapshot only when all its
+    events happened by `as_of`. The folded states contain the three tables' rows, keyed as
+    described at SETTINGS_ROW.
+    """
 
     name = "grouping"
-    tables = ("grouping_settings", "grouping_reports", "grouping_links")
+    tables = (SETTINGS_TABLE, REPORTS_TABLE, LINKS_TABLE)
+    stream_keyed = False
+    replayable = True
+    # Fields of the records `to_records` writes, for CSV output.
+    columns = ("row", "incident_id", "other_id", "kind", *_REPORT_FIELDS, "settings", "version")
+
+    def __init__(self) -> None:
+        self.schema: str | None = None
+        self.table_names = {table: table for table in self.tables}
+
+    def retarget(self, schema: str, tables: dict[str, str]) -> GroupingProjection:
+        clone = copy.copy(self)
+        clone.schema = schema
+        clone.table_names = {live: tables[live] for live in self.tables}
+        return clone
+
+    def _names(self, conn: psycopg.Connection[Any]) -> _TableNames:
+        def quoted(table: str) -> str:
+            name = self.table_names[table]
+            identifier = (
+                sql.Identifier(name) if self.schema is None else sql.Identifier(self.schema, name)
+            )
+            return identifier.as_string(conn)
+
+        return _TableNames(quoted(SETTINGS_TABLE), quoted(REPORTS_TABLE), quoted(LINKS_TABLE))
 
     def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
         relevant = [event for event in events if event.event_type in GROUPING_EVENT_TYPES]
         if not relevant:
             return
-        batch = _Batch(conn)
+        batch = _Batch(conn, self._names(conn))
         batch.load(relevant)
         for event in relevant:
             batch.apply(event)
         batch.write()
 
-    def fold(self, events: Iterable[RecordedEvent], initial: Any = None) -> Any:
-        """Fold events from nothing, in memory and without any index: the reference.
+    def fold(self, events: Iterable[RecordedEvent], initial: Folded | None = None) -> Folded:
+        """Fold events onto `initial` in memory, with a spatial index of the reports.
 
-        Returns GroupingTables. The model is not replayable yet, so there is no `initial`
-        state to start from.
+        Tests compare it with the streaming `apply` and with the fold that compares every
+        pair of reports.
         """
-        # TODO: implement the replay contract of projections.base (retarget, write_states,
-        # read_states, records) so that grouping can be rebuilt, replayed and snapshotted.
-        if initial is not None:
-            raise ValueError("the grouping model folds only from nothing")
-        return fold_grouping(events)
+        start = tables_from_states(initial) if initial else None
+        return states_from_tables(fold_grouping(events, start, indexed=True))
 
-    def read_all(self, conn: psycopg.Connection[Any]) -> GroupingTables:
+    def read_tables(
+        self, conn: psycopg.Connection[Any], tenant_id: str | None = None
+    ) -> GroupingTables:
+        """Read the rows of every tenant, or of `tenant_id`, as GroupingTables."""
+        names = self._names(conn)
+        where = " WHERE tenant_id = %s" if tenant_id is not None else ""
+        params = (tenant_id,) if tenant_id is not None else ()
         tables = GroupingTables()
         with conn.cursor() as cur:
-            cur.execute("SELECT tenant_id, settings, version FROM grouping_settings")
-            for tenant_id, settings, version in cur:
-                tables.settings[tenant_id] = (settings, version)
+            cur.execute(f"SELECT tenant_id, settings, version FROM {names.settings}{where}", params)
+            for tenant, settings, version in cur:
+                tables.settings[tenant] = (settings, version)
             cur.execute(
                 "SELECT tenant_id, incident_id, submitted_at, category, category_source, text, "
-                "latitude, longitude, cell, group_id FROM grouping_reports"
+                f"latitude, longitude, cell, group_id FROM {names.reports}{where}",
+                params,
             )
-            for tenant_id, incident_id, *values in cur:
-                tables.reports[(tenant_id, incident_id)] = tuple(values)
-            cur.execute("SELECT tenant_id, incident_id, other_id, kind FROM grouping_links")
+            for tenant, incident_id, *values in cur:
+                tables.reports[(tenant, incident_id)] = tuple(values)
+            cur.execute(
+                f"SELECT tenant_id, incident_id, other_id, kind FROM {names.links}{where}", params
+            )
             tables.links.update(cur.fetchall())
         return tables
 
+    def read_all(self, conn: psycopg.Connection[Any]) -> Folded:
+        """Read every tenant's rows back as states, for comparisons with a fresh fold."""
+        return states_from_tables(self.read_tables(conn))
 
-def fold_grouping(events: Iterable[RecordedEvent]) -> GroupingTables:
-    """Fold events into the grouping tables by comparing every pair of reports.
+    def read_states(self, conn: psycopg.Connection[Any], tenant_id: str) -> Folded:
+        return states_from_tables(self.read_tables(conn, tenant_id))
 
-    Quadratic, for tests and small data: it shares the rule with the projection but not the
-    spatial index, the loading or the relabelling.
+    def write_states(self, conn: psycopg.Connection[Any], states: Folded) -> None:
+        names = self._names(conn)
+        tables = tables_from_states(states)
+        with conn.cursor() as cur:
+            with cur.copy(
+                f"COPY {names.settings} (tenant_id, settings, version) FROM STDIN"
+            ) as copy_:
+                for tenant, (settings, version) in tables.settings.items():
+                    copy_.write_row((tenant, Jsonb(settings), version))
+            with cur.copy(
+                f"COPY {names.reports} (tenant_id, incident_id, {', '.join(_REPORT_FIELDS)}) "
+                "FROM STDIN"
+            ) as copy_:
+                for key, row in tables.reports.items():
+                    copy_.write_row((*key, *row))
+            with cur.copy(
+                f"COPY {names.links} (tenant_id, incident_id, other_id, kind) FROM STDIN"
+            ) as copy_:
+                for link in tables.links:
+                    copy_.write_row(link)
+
+    def to_records(self, states: Folded) -> list[dict[str, Any]]:
+        """Serialize states as JSON objects sorted by tenant, row kind and ids.
+
+        Times are written in UTC with microseconds and ids as text, so equal states give
+        equal bytes.
+        """
+        records = []
+        for key in sorted(states, key=lambda item: (item[0], *map(str, item[1]))):
+            tenant, (row, *ids) = key
+            value = states[key]
+            record: dict[str, Any] = {"tenant_id": tenant, "row": row}
+            if row == SETTINGS_ROW:
+                record.update(settings=value[0], version=value[1])
+            elif row == REPORT_ROW:
+                record["incident_id"] = str(ids[0])
+                for name, field_value in zip(_REPORT_FIELDS, value, strict=True):
+                    record[name] = _encode(field_value)
+            else:
+                record.update(incident_id=str(ids[0]), other_id=str(ids[1]), kind=value)
+            records.append(record)
+        return records
+
+    def from_records(self, tenant_id: str, records: list[dict[str, Any]]) -> Folded:
+        states: Folded = {}
+        for record in records:
+            row = record["row"]
+            if row == SETTINGS_ROW:
+                states[(tenant_id, (SETTINGS_ROW,))] = (record["settings"], record["version"])
+            elif row == REPORT_ROW:
+                values = [record[name] for name in _REPORT_FIELDS]
+                values[0] = datetime.fromisoformat(values[0])
+                values[-1] = UUID(values[-1])
+                states[(tenant_id, (REPORT_ROW, UUID(record["incident_id"])))] = tuple(values)
+            elif row == LINK_ROW:
+                key = (LINK_ROW, UUID(record["incident_id"]), UUID(record["other_id"]))
+                states[(tenant_id, key)] = record["kind"]
+            else:
+                raise ValueError(f"unknown grouping row kind {row!r} in a snapshot record")
+        return states
+
+
+def states_from_tables(tables: GroupingTables) -> Folded:
+    """Return the rows of `tables` as folded states, keyed as described at SETTINGS_ROW."""
+    states: Folded = {}
+    for tenant, settings in tables.settings.items():
+        states[(tenant, (SETTINGS_ROW,))] = settings
+    for (tenant, incident_id), row in tables.reports.items():
+        states[(tenant, (REPORT_ROW, incident_id))] = row
+    for tenant, incident_id, other_id, kind in tables.links:
+        states[(tenant, (LINK_ROW, incident_id, other_id))] = kind
+    return states
+
+
+def tables_from_states(states: Folded) -> GroupingTables:
+    """Return folded states as the rows of the three tables: `states_from_tables` reversed."""
+    tables = GroupingTables()
+    for (tenant, (row, *ids)), value in states.items():
+        if row == SETTINGS_ROW:
+            tables.settings[tenant] = value
+        elif row == REPORT_ROW:
+            tables.reports[(tenant, ids[0])] = value
+        else:
+            tables.links.add((tenant, ids[0], ids[1], value))
+    return tables
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+    if isinstance(value, UUID):
+        return str(value)
+    return value
+
+
+class _SpatialIndex:
+    """A tenant's located reports by grid cell and category, each list in submission order.
+
+    A lookup returns the reports in the cells within the distance setting, in a related
+    category, submitted within the time window. `candidates` still decides each pair.
+    """
+
+    def __init__(self) -> None:
+        self.cells: dict[tuple[str, int, str | None], list[tuple[datetime, UUID]]] = defaultdict(
+            list
+        )
+
+    def add(self, key: Key, report: GroupedReport) -> None:
+        if report.latitude is not None and report.longitude is not None:
+            cell = cell_of(report.latitude, report.longitude)
+            bisect.insort(
+                self.cells[(key[0], cell, report.category)], (report.submitted_at, key[1])
+            )
+
+    def remove(self, key: Key, report: GroupedReport) -> None:
+        if report.latitude is not None and report.longitude is not None:
+            cell = cell_of(report.latitude, report.longitude)
+            self.cells[(key[0], cell, report.category)].remove((report.submitted_at, key[1]))
+
+    def near(self, key: Key, report: GroupedReport, settings: GroupingSettings) -> list[Key]:
+        if report.latitude is None or report.longitude is None:
+            return []
+        window = timedelta(hours=settings.window_hours)
+        earliest, latest = report.submitted_at - window, report.submitted_at + window
+        found = []
+        for category in settings.categories_related_to(report.category):
+            for cell in cells_near(report.latitude, report.longitude, settings.distance_m):
+                entries = self.cells.get((key[0], cell, category))
+                if not entries:
+                    continue
+                # (earliest,) sorts before every entry submitted at `earliest` or later.
+                start = bisect.bisect_left(entries, (earliest,))
+                for position in range(start, len(entries)):
+                    submitted_at, incident_id = entries[position]
+                    if submitted_at > latest:
+                        break
+                    found.append((key[0], incident_id))
+        return found
+
+
+def fold_grouping(
+    events: Iterable[RecordedEvent],
+    initial: GroupingTables | None = None,
+    *,
+    indexed: bool = False,
+) -> GroupingTables:
+    """Fold events onto `initial` (or nothing) by comparing reports in memory.
+
+    By default it compares every pair of a tenant's reports. That is quadratic, and it is
+    the reference that tests compare the streaming `apply` and the indexed fold with. With
+    `indexed`, a report is compared only with those a spatial index finds near it in space,
+    time and category, which rebuilds and time travel need for large tenants. Group ids are
+    computed again from the links, so those of `initial` are not read.
     """
     settings: dict[str, GroupingSettings] = {}
     versions: dict[str, int] = {}
     reports: dict[Key, GroupedReport] = {}
     links: dict[Key, dict[UUID, str]] = defaultdict(dict)
+    index = _SpatialIndex() if indexed else None
+    if initial is not None:
+        for tenant_id, (payload, version) in initial.settings.items():
+            settings[tenant_id] = settings_from_payload(payload)
+            versions[tenant_id] = version
+        for key, row in initial.reports.items():
+            reports[key] = GroupedReport(key[1], *row[:6])
+            if index is not None:
+                index.add(key, reports[key])
+        for tenant_id, incident_id, other_id, kind in initial.links:
+            links[(tenant_id, incident_id)][other_id] = kind
 
     def link(key: Key, other: Key, kind: str | None) -> None:
         if kind is None:
@@ -664,10 +901,11 @@ def fold_grouping(events: Iterable[RecordedEvent]) -> GroupingTables:
 
     def evaluate(key: Key) -> None:
         current = settings.get(key[0], DEFAULT_SETTINGS)
-        for other, report in reports.items():
+        others = reports if index is None else index.near(key, reports[key], current)
+        for other in others:
             if other[0] != key[0] or other == key or other[1] in links[key]:
                 continue
-            if candidates(current, reports[key], report):
+            if candidates(current, reports[key], reports[other]):
                 link(key, other, MATCH)
 
     for event in events:
@@ -682,6 +920,8 @@ def fold_grouping(events: Iterable[RecordedEvent]) -> GroupingTables:
         if kind == lc.REPORT_SUBMITTED:
             if key not in reports:
                 reports[key] = new_report(event, key[1])
+                if index is not None:
+                    index.add(key, reports[key])
                 evaluate(key)
             continue
         if key not in reports:
@@ -690,7 +930,11 @@ def fold_grouping(events: Iterable[RecordedEvent]) -> GroupingTables:
         if kind in (lc.REPORT_CLASSIFIED, lc.CLASSIFICATION_CORRECTED):
             category, report.category_source = category_after(report, event)
             if category != report.category:
+                if index is not None:
+                    index.remove(key, report)
                 report.category = category
+                if index is not None:
+                    index.add(key, report)
                 for other_id, existing in list(links[key].items()):
                     if existing == MATCH:
                         link(key, (key[0], other_id), None)

@@ -15,6 +15,7 @@ back-dated change would otherwise rewrite verdicts already given.
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import operator
 from collections import defaultdict
@@ -25,6 +26,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from ledger import lifecycle as lc
@@ -37,7 +39,13 @@ from ledger.sla_policy import (
     sla_config_from_payloads,
 )
 from ledger.tenants import TENANT_CREATED
-from projections.base import INCIDENT_STREAM_PREFIX, Folded, IncidentRowProjection
+from projections.base import (
+    INCIDENT_STREAM_PREFIX,
+    Folded,
+    IncidentRowProjection,
+    copy_config_versions,
+    qualified,
+)
 
 OPEN = "open"
 PAUSED = "paused"
@@ -153,8 +161,16 @@ class _Version:
 class ConfigHistory:
     """The SLA configuration versions of one tenant, in log order."""
 
-    def __init__(self, tenant_id: str, versions: Iterable[_Version] = ()) -> None:
+    def __init__(
+        self,
+        tenant_id: str,
+        versions: Iterable[_Version] = (),
+        proposed: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.tenant_id = tenant_id
+        # Payloads by event type that replace the recorded ones in every version folded
+        # here, for a what-if replay. Versions passed in are taken as they are.
+        self.proposed = proposed or {}
         self._versions = sorted(versions, key=lambda item: (item.tx_id, item.position))
         self._keys = [(item.tx_id, item.position) for item in self._versions]
         self._parsed: dict[int, SlaConfig | None] = {}
@@ -166,7 +182,7 @@ class ConfigHistory:
             event.tx_id,
             event.position,
             event.stream_version,
-            {**previous, event.event_type: event.payload},
+            {**previous, event.event_type: event.payload, **self.proposed},
         )
         self._versions.append(version)
         self._keys.append((event.tx_id, event.position))
@@ -193,14 +209,20 @@ class ConfigHistory:
         return self._parsed[item.version]
 
 
+SLA_CONFIGS = sql.Identifier("sla_configs")
+
+
 def load_histories(
-    conn: psycopg.Connection[Any], tenants: Iterable[str]
+    conn: psycopg.Connection[Any],
+    tenants: Iterable[str],
+    table: sql.Composable = SLA_CONFIGS,
 ) -> dict[str, ConfigHistory]:
-    """Read the stored configuration versions of `tenants`."""
+    """Read the stored configuration versions of `tenants` from `table`."""
     rows: dict[str, list[_Version]] = defaultdict(list)
     for tenant_id, version, tx_id, position, payloads in conn.execute(
-        "SELECT tenant_id, version, tx_id, position, payloads FROM sla_configs "
-        "WHERE tenant_id = ANY(%s)",
+        sql.SQL(
+            "SELECT tenant_id, version, tx_id, position, payloads FROM {} WHERE tenant_id = ANY(%s)"
+        ).format(table),
         (list(tenants),),
     ):
         rows[tenant_id].append(_Version(tx_id, position, version, payloads))
@@ -501,11 +523,32 @@ RESOLUTION_WARNING_SQL = _passed_sql("resolution_warning_at")
 
 
 class SlaProjection(IncidentRowProjection[SlaState]):
-    """The incident_sla table, and the sla_configs table of configuration versions it uses."""
+    """The incident_sla table, and the sla_configs table of configuration versions it uses.
 
-    def __init__(self) -> None:
+    With `proposed` (payloads by configuration event type), `fold` judges every incident as
+    if those payloads had replaced the recorded ones from the tenant's creation on: a
+    what-if replay. Such a projection only folds in memory, and writing it raises.
+    """
+
+    def __init__(self, proposed: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__("sla", "incident_sla", SlaState, evolve_sla)
-        self.tables = ("incident_sla", "sla_configs")
+        self.configs_table = "sla_configs"
+        self.tables = ("incident_sla", self.configs_table)
+        self.proposed = proposed
+
+    def retarget(self, schema: str, tables: dict[str, str]) -> SlaProjection:
+        clone = copy.copy(self)
+        clone.schema = schema
+        clone.table = tables[self.table]
+        clone.configs_table = tables[self.configs_table]
+        clone.tables = (clone.table, clone.configs_table)
+        return clone
+
+    def write_log_rows(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        self._reject_proposed()
+        copy_config_versions(
+            conn, qualified(self.schema, self.configs_table), self.fold_configs(events)
+        )
 
     def fold(
         self, events: Iterable[RecordedEvent], initial: Folded | None = None
@@ -519,7 +562,12 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         }
         for event in events:
             if is_config_event(event):
-                histories.setdefault(event.tenant_id, ConfigHistory(event.tenant_id)).add(event)
+                history = histories.get(event.tenant_id)
+                if history is None:
+                    history = histories[event.tenant_id] = ConfigHistory(
+                        event.tenant_id, proposed=self.proposed
+                    )
+                history.add(event)
             elif event.event_type in lc.INCIDENT_EVENT_TYPES:
                 key = (event.tenant_id, event.stream_id)
                 states[key] = evolve_sla(states.get(key), event, histories.get(event.tenant_id))
@@ -542,6 +590,7 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         return rows
 
     def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        self._reject_proposed()
         relevant = [
             event
             for event in events
@@ -549,7 +598,8 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         ]
         if not relevant:
             return
-        histories = load_histories(conn, {event.tenant_id for event in relevant})
+        configs = qualified(self.schema, self.configs_table)
+        histories = load_histories(conn, {event.tenant_id for event in relevant}, configs)
         incident_keys = {
             (event.tenant_id, event.stream_id) for event in relevant if not is_config_event(event)
         }
@@ -569,8 +619,10 @@ class SlaProjection(IncidentRowProjection[SlaState]):
                 cur.executemany(
                     # A version is a function of its event, so a row already stored (by a
                     # rebuild that kept this table) is the same row.
-                    "INSERT INTO sla_configs (tenant_id, version, tx_id, position, payloads) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant_id, version) DO NOTHING",
+                    sql.SQL(
+                        "INSERT INTO {} (tenant_id, version, tx_id, position, payloads) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant_id, version) DO NOTHING"
+                    ).format(configs),
                     [
                         (tenant_id, item.version, item.tx_id, item.position, Jsonb(item.payloads))
                         for tenant_id, item in new_versions
@@ -578,6 +630,22 @@ class SlaProjection(IncidentRowProjection[SlaState]):
                 )
         if states:
             self.write(conn, states)
+
+    def write_states(self, conn: psycopg.Connection[Any], states: Folded) -> None:
+        self._reject_proposed()
+        super().write_states(conn, states)
+
+    def write(
+        self, conn: psycopg.Connection[Any], states: dict[tuple[str, str], SlaState | None]
+    ) -> None:
+        self._reject_proposed()
+        super().write(conn, states)
+
+    def _reject_proposed(self) -> None:
+        # A what-if projection's rows are not the tenant's record: they must never reach
+        # the live tables, nor shadow tables that a rebuild would swap in.
+        if self.proposed is not None:
+            raise RuntimeError("a what-if SLA projection folds in memory only and never writes")
 
     def read_configs(self, conn: psycopg.Connection[Any]) -> dict[tuple[str, int], Any]:
         return {

@@ -13,6 +13,7 @@ it never reads a table another projection writes at another checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from collections import defaultdict
@@ -23,12 +24,19 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from ledger import lifecycle as lc
 from ledger.business_time import business_duration
 from ledger.events import RecordedEvent
-from projections.base import INCIDENT_STREAM_PREFIX, Folded, IncidentRowProjection
+from projections.base import (
+    INCIDENT_STREAM_PREFIX,
+    Folded,
+    IncidentRowProjection,
+    copy_config_versions,
+    qualified,
+)
 from projections.sla import (
     ConfigHistory,
     SlaState,
@@ -150,14 +158,20 @@ def _extras(state: TrendState) -> tuple[Any, ...]:
     )
 
 
+TREND_CONFIGS = sql.Identifier("trend_configs")
+
+
 def load_trend_histories(
-    conn: psycopg.Connection[Any], tenants: Iterable[str]
+    conn: psycopg.Connection[Any],
+    tenants: Iterable[str],
+    table: sql.Composable = TREND_CONFIGS,
 ) -> dict[str, ConfigHistory]:
-    """Read the configuration versions of `tenants` this model stored."""
+    """Read the configuration versions of `tenants` this model stored in `table`."""
     rows: dict[str, list[_Version]] = defaultdict(list)
     for tenant_id, version, tx_id, position, payloads in conn.execute(
-        "SELECT tenant_id, version, tx_id, position, payloads FROM trend_configs "
-        "WHERE tenant_id = ANY(%s)",
+        sql.SQL(
+            "SELECT tenant_id, version, tx_id, position, payloads FROM {} WHERE tenant_id = ANY(%s)"
+        ).format(table),
         (list(tenants),),
     ):
         rows[tenant_id].append(_Version(tx_id, position, version, payloads))
@@ -169,7 +183,21 @@ class TrendsProjection(IncidentRowProjection[TrendState]):
 
     def __init__(self) -> None:
         super().__init__("trends", "incident_trends", TrendState, evolve_trend)
-        self.tables = ("incident_trends", "trend_configs")
+        self.configs_table = "trend_configs"
+        self.tables = ("incident_trends", self.configs_table)
+
+    def retarget(self, schema: str, tables: dict[str, str]) -> TrendsProjection:
+        clone = copy.copy(self)
+        clone.schema = schema
+        clone.table = tables[self.table]
+        clone.configs_table = tables[self.configs_table]
+        clone.tables = (clone.table, clone.configs_table)
+        return clone
+
+    def write_log_rows(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        copy_config_versions(
+            conn, qualified(self.schema, self.configs_table), self.fold_configs(events)
+        )
 
     def fold(
         self, events: Iterable[RecordedEvent], initial: Folded | None = None
@@ -212,7 +240,8 @@ class TrendsProjection(IncidentRowProjection[TrendState]):
         ]
         if not relevant:
             return
-        histories = load_trend_histories(conn, {event.tenant_id for event in relevant})
+        configs = qualified(self.schema, self.configs_table)
+        histories = load_trend_histories(conn, {event.tenant_id for event in relevant}, configs)
         incident_keys = {
             (event.tenant_id, event.stream_id) for event in relevant if not is_config_event(event)
         }
@@ -230,8 +259,10 @@ class TrendsProjection(IncidentRowProjection[TrendState]):
         if new_versions:
             with conn.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO trend_configs (tenant_id, version, tx_id, position, payloads) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant_id, version) DO NOTHING",
+                    sql.SQL(
+                        "INSERT INTO {} (tenant_id, version, tx_id, position, payloads) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant_id, version) DO NOTHING"
+                    ).format(configs),
                     [
                         (tenant_id, item.version, item.tx_id, item.position, Jsonb(item.payloads))
                         for tenant_id, item in new_versions

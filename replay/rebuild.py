@@ -329,7 +329,12 @@ def fold_partition(
     with psycopg.connect(conninfo, application_name=name) as conn:
         events = read_partition(conn, partition, horizon)
         states = projection.fold(events)
-        projection.retarget(SHADOW_SCHEMA, shadow).write_states(conn, states)
+        target = projection.retarget(SHADOW_SCHEMA, shadow)
+        target.write_states(conn, states)
+        if partition.bucket == 0:
+            # Every bucket of a tenant reads its configuration streams, so one writes the
+            # rows that come from them.
+            target.write_log_rows(conn, events)
     return len(events), len(states)
 
 

@@ -20,6 +20,7 @@ from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant
 from projections.grouping import grouping_projection
 from projections.runtime import catch_up, projection_progress
+from replay.rebuild import rebuild
 from tests.conftest import boston_file
 
 DEFAULT_POINT = ("42.3594", "-71.0587")
@@ -74,3 +75,13 @@ def test_default_point_stays_ungrouped(fresh_database: Database) -> None:
     assert [row[0] for row in placed if row[3] != 0] == []
     # The rule does group elsewhere: the placeholder is what keeps these cases apart.
     assert grouped is not None and grouped[0] > 1000
+
+    # A rebuild, whose fold uses its own spatial index, gives the streamed rows.
+    projection = grouping_projection()
+    with fresh_database.connect_worker() as conn:
+        streamed = projection.read_all(conn)
+    report = rebuild(fresh_database, projection, workers=1)
+    with fresh_database.connect_worker() as conn:
+        rebuilt = projection.read_all(conn)
+    assert report.rows == len(streamed)
+    assert rebuilt == streamed

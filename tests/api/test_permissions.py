@@ -134,6 +134,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "grouping": {"distance_m": 120},
     "config": {"routing": []},
     "{dashboard}": {"widgets": [{"id": "seals", "kind": "recent_seals", "public": True}]},
+    "what-if": {"sla_policies": [{"id": "fast", "resolution": "2 calendar hours"}]},
 }
 DASHBOARD_WIDGET = {"id": "seals", "kind": "recent_seals", "public": True}
 

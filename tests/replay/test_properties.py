@@ -1,8 +1,10 @@
 """Property tests: streaming, rebuilds and replays of random histories give the same tables.
 
-Histories have several incident streams, tenant configuration changes in the middle,
-occurred_at out of order, and transactions that commit out of position order. recorded_at
-comes from the database, so each history is appended in steps and read back.
+Histories have several incident streams, tenant configuration changes (categories and
+duplicate grouping settings) in the middle, occurred_at out of order, and transactions that
+commit out of position order. Reports are about 33 m apart, so the grouping model forms
+groups, and staff merges and splits change them. recorded_at comes from the database, so
+each history is appended in steps and read back.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
 from ledger import lifecycle as lc
 from ledger.database import Database
 from ledger.events import NewEvent, RecordedEvent
+from ledger.grouping import configure_grouping
 from ledger.ids import incident_stream_id
 from ledger.store import Checkpoint, PostgresEventStore, read_after
 from ledger.tenants import configure_categories, create_tenant
@@ -43,7 +46,11 @@ FOLLOW_UPS = [
     lc.INCIDENT_CLOSED,
     lc.INCIDENT_REJECTED,
     lc.CLASSIFICATION_CORRECTED,
+    lc.REPORTS_MERGED,
+    lc.REPORT_SPLIT_FROM_GROUP,
 ]
+# Report n is 0.0003 degrees of latitude (about 33 m) north of report n - 1.
+LATITUDE, LONGITUDE = 42.3474, -71.0944
 
 
 @dataclass(frozen=True)
@@ -90,15 +97,23 @@ def store(database: Database) -> Iterator[PostgresEventStore]:
         yield PostgresEventStore(pool)
 
 
-def _event(kind: str, incident: uuid.UUID, minutes: int) -> NewEvent:
+def _event(kind: str, incidents: list[uuid.UUID], stream: int, minutes: int) -> NewEvent:
     at = T0 + timedelta(minutes=minutes)
     payload: dict[str, Any] = {}
     if kind == lc.REPORT_SUBMITTED:
         payload = {
-            "incident_id": str(incident),
+            "incident_id": str(incidents[stream]),
             "category": "Pothole",
+            "description": "deep pothole in the road",
+            "latitude": LATITUDE + 0.0003 * stream,
+            "longitude": LONGITUDE,
             "resolution_due_at": (T0 + timedelta(hours=30)).isoformat(),
         }
+    elif kind == lc.REPORTS_MERGED:
+        # Another report of the history, possibly one not submitted yet: every fold skips
+        # such a merge.
+        other = incidents[(stream + 1 + minutes % 3) % len(incidents)]
+        payload = {"with_incident": str(other)}
     elif kind == lc.INCIDENT_ASSIGNED:
         payload = {"assignee": "crew", "department": f"D{minutes % 3}"}
     elif kind == lc.CLASSIFICATION_CORRECTED:
@@ -121,7 +136,7 @@ def _append_history(
             store.append(
                 tenant,
                 incident_stream_id(incidents[stream]),
-                [_event(event_kind, incidents[stream], minutes)],
+                [_event(event_kind, incidents, stream, minutes)],
                 expected_version=None,
                 conn=conn,
             )
@@ -130,6 +145,13 @@ def _append_history(
                 store,
                 tenant,
                 {"categories": [{"name": f"Pothole {number}", "keywords": ["hole"]}]},
+                occurred_at=T0 + timedelta(minutes=60 * number),
+            )
+            # Within 40 m only neighbouring reports match, and within 150 m all of them do.
+            configure_grouping(
+                store,
+                tenant,
+                {"distance_m": 40 if number % 2 else 150},
                 occurred_at=T0 + timedelta(minutes=60 * number),
             )
         conn.commit()
@@ -214,6 +236,10 @@ def test_streaming_rebuild_and_replay_agree(
     for projection in replayable_projections():
         rebuild(database, projection, workers=2, min_partition_events=1)
     rebuilt_twice = _tables(database)
+    mine_grouping = _tenant_rows(streamed, tenant)["grouping"]
+    grouped = [row for key, row in mine_grouping.items() if key[1][0] == "report"]
+    groups = {row[-1] for row in grouped}
+    event("grouping: some group has several reports" if len(groups) < len(grouped) else "none")
     assert rebuilt_once == streamed
     assert rebuilt_twice == streamed
 

@@ -13,11 +13,18 @@ from typing import Any
 import psycopg
 import pytest
 
+from ledger.config_sections import apply_config
 from ledger.database import Database
 from ledger.demo import seed_demo
 from ledger.events import NewEvent, RecordedEvent
 from ledger.ids import incident_stream_id
-from ledger.lifecycle import INCIDENT_ACKNOWLEDGED, REPORT_SUBMITTED, IncidentState, evolve
+from ledger.lifecycle import (
+    INCIDENT_ACKNOWLEDGED,
+    REPORT_SPLIT_FROM_GROUP,
+    REPORT_SUBMITTED,
+    IncidentState,
+    evolve,
+)
 from ledger.store import Checkpoint, PostgresEventStore, read_after
 from projections.base import IncidentRowProjection
 from projections.runtime import default_projections, load_checkpoint, projection_named
@@ -62,6 +69,9 @@ def report(incident_id: uuid.UUID, minutes: int) -> NewEvent:
             "incident_id": str(incident_id),
             "category": "Pothole",
             "description": "hole",
+            # Reports a few meters apart, so the grouping model joins them.
+            "latitude": 42.3474 + (minutes % 7) * 0.00002,
+            "longitude": -71.0944,
             "resolution_due_at": (T0 + timedelta(days=2)).isoformat(),
         },
         T0 + timedelta(minutes=minutes),
@@ -86,10 +96,107 @@ def test_rebuild_equals_fold(
     assert after["sla"][0] == expected
     assert after["sla"][1] == last
     assert result.checkpoint == last
-    assert result.rows == len(expected)
+    # The rows of both tables: one per incident, one per configuration version.
+    with fresh_database.connect_worker() as conn:
+        versions = projection_named("sla").read_configs(conn)  # type: ignore[attr-defined]
+    assert len(versions) >= 2
+    assert result.rows == len(expected) + len(versions)
     assert after["incidents"] == before["incidents"]
     assert result.partitions == 2 * workers  # two tenants, each split by stream hash
     assert shadow_tables(fresh_database) == []
+
+
+def test_rebuild_grouping_equals_fold(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=60, seed=3, end=T0)
+    seed_demo(fresh_store, "other", incidents=20, seed=4, end=T0)
+    # Five reports a few meters apart: one group, which a staff split then divides.
+    incidents = [uuid.uuid4() for _ in range(5)]
+    for minutes, incident in enumerate(incidents):
+        fresh_store.append(
+            "demo", incident_stream_id(incident), [report(incident, minutes)], expected_version=0
+        )
+    fresh_store.append(
+        "demo",
+        incident_stream_id(incidents[0]),
+        [NewEvent(REPORT_SPLIT_FROM_GROUP, {}, T0 + timedelta(hours=1))],
+        expected_version=1,
+    )
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+    with fresh_database.connect_owner() as conn:
+        # A stray row no event explains: only a rebuild of its tenant removes it.
+        conn.execute(
+            "INSERT INTO grouping_reports (tenant_id, incident_id, submitted_at, text, group_id) "
+            "VALUES ('demo', %s, now(), 'stray', %s)",
+            (incidents[0].hex[:-4] + "0000", incidents[0]),
+        )
+
+    one_tenant = rebuild(fresh_database, projection_named("grouping"), tenant_id="other")
+    stray_kept = tables(fresh_database)["grouping"][0]
+    everything = rebuild(fresh_database, projection_named("grouping"), workers=2)
+
+    after = tables(fresh_database)
+    expected, last = folded(fresh_database, "grouping")
+    groups = {
+        row[-1]
+        for key, row in expected.items()
+        if key[0] == "demo" and key[1][0] == "report" and key[1][1] in incidents
+    }
+    assert len(groups) == 2  # the split report alone, the four others together
+    assert one_tenant.partitions == 1
+    assert len(stray_kept) == len(expected) + 1
+    assert after["grouping"][0] == expected
+    assert after["grouping"][1] == last
+    assert everything.partitions == 2  # one per tenant: groups span streams
+    assert everything.rows == len(expected)
+    for name in ("incidents", "sla", "trends"):
+        assert after[name] == before[name]
+    assert shadow_tables(fresh_database) == []
+
+
+@pytest.mark.parametrize("name", ["sla", "trends"])
+def test_rebuild_keeps_configuration_versions(
+    fresh_database: Database, fresh_store: PostgresEventStore, name: str
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=40, seed=10, end=T0)
+    apply_config(
+        fresh_store,
+        "demo",
+        {"sla_policies": [{"id": "fast", "resolution": "4 calendar hours"}]},
+        occurred_at=T0,
+    )
+    project_everything(fresh_database)
+    projection: Any = projection_named(name)
+    with fresh_database.connect_worker() as conn:
+        streamed = projection.read_configs(conn)
+
+    # Two buckets per tenant, each of which reads the configuration streams.
+    result = rebuild(fresh_database, projection, workers=2, min_partition_events=10)
+    with fresh_database.connect_worker() as conn:
+        rebuilt = projection.read_configs(conn)
+        events = read_after(conn, Checkpoint(), 10_000_000)
+
+    # Streaming after the swap reads the versions the rebuild stored.
+    incident = uuid.uuid4()
+    submitted = {"incident_id": str(incident), "category": "Pothole", "description": "hole"}
+    fresh_store.append(
+        "demo",
+        incident_stream_id(incident),
+        [NewEvent(REPORT_SUBMITTED, submitted, T0 + timedelta(hours=1))],
+        expected_version=0,
+    )
+    project_everything(fresh_database)
+    expected, _ = folded(fresh_database, name)
+
+    assert result.partitions == 2
+    assert len(streamed) >= 2
+    assert rebuilt == streamed
+    assert rebuilt == projection.fold_configs(events)
+    assert tables(fresh_database)[name][0] == expected
+    if name == "sla":
+        assert expected[("demo", incident)].policy_id == "fast"
 
 
 def test_rebuild_one_tenant(fresh_database: Database, fresh_store: PostgresEventStore) -> None:
@@ -123,8 +230,16 @@ def test_rebuild_one_tenant(fresh_database: Database, fresh_store: PostgresEvent
     assert {key: state for key, state in rows.items() if key not in stray} == expected
 
 
+def incident_ids(name: str, rows: dict[Any, Any]) -> set[uuid.UUID]:
+    """Return the incidents with a row in the `name` model's rows."""
+    if name == "grouping":
+        return {key[1][1] for key in rows if key[1][0] == "report"}
+    return {key[1] for key in rows}
+
+
+@pytest.mark.parametrize("name", ["incidents", "grouping"])
 def test_rebuild_keeps_events_appended_during_it(
-    fresh_database: Database, fresh_store: PostgresEventStore
+    fresh_database: Database, fresh_store: PostgresEventStore, name: str
 ) -> None:
     seed_demo(fresh_store, "demo", incidents=300, seed=8, end=T0)
     project_everything(fresh_database)
@@ -158,7 +273,7 @@ def test_rebuild_keeps_events_appended_during_it(
         while len(appended) < 5:
             time.sleep(0.01)
         result = rebuild(
-            fresh_database, projection_named("incidents"), workers=2, min_partition_events=100
+            fresh_database, projection_named(name), workers=2, min_partition_events=100
         )
         during = len(appended)
     finally:
@@ -169,20 +284,20 @@ def test_rebuild_keeps_events_appended_during_it(
     # At the swap, the model held exactly the events up to its checkpoint.
     with fresh_database.connect_worker() as conn:
         events = read_after(conn, Checkpoint(), 10_000_000)
-        rows = projection_named("incidents").read_all(conn)  # type: ignore[attr-defined]
+        rows = projection_named(name).read_all(conn)  # type: ignore[attr-defined]
     upto = [
         e
         for e in events
         if (e.tx_id, e.position) <= (result.checkpoint.tx_id, result.checkpoint.position)
     ]
-    in_model = {key[1] for key in rows}
+    in_model = incident_ids(name, rows)
     assert result.events_caught_up > 0
     assert sum(1 for incident in appended[:during] if incident in in_model) >= 5
     # Streaming continues from the swap's checkpoint, and every event counts once.
     project_everything(fresh_database)
-    expected, _ = folded(fresh_database, "incidents")
-    assert tables(fresh_database)["incidents"][0] == expected
-    assert all(("demo", incident) in expected for incident in appended)
+    expected, _ = folded(fresh_database, name)
+    assert tables(fresh_database)[name][0] == expected
+    assert set(appended) <= incident_ids(name, expected)
     assert len(upto) >= result.events_folded
 
 

@@ -41,6 +41,8 @@ from replay.time_travel import replay
 from tests.conftest import app_pool, create_database, drop_database, project_everything
 
 END = datetime(2026, 1, 31, tzinfo=UTC)
+# The projections the seeded tenant has snapshots of.
+SNAPSHOTTED = ("incidents", "sla", "grouping")
 PROBLEM = "application/problem+json"
 
 
@@ -69,7 +71,7 @@ def seeded(database: Database, session_pool: ConnectionPool[Any]) -> str:
     seed_demo(store, tenant, incidents=60, seed=21, end=END)
     project_everything(database)
     with database.connect_worker() as conn:
-        for name in ("incidents", "sla"):
+        for name in SNAPSHOTTED:
             assert take_snapshot(conn, projection_named(name), tenant) is not None
     seed_demo(store, f"{tenant}-b", incidents=5, seed=22, end=END)
     return tenant
@@ -102,8 +104,9 @@ def test_snapshot_skipped_without_new_events(database: Database, seeded: str) ->
         assert take_snapshot(conn, projection_named("sla"), "no-such-tenant") is None
 
 
-def test_deleting_snapshots_changes_no_answer(database: Database, seeded: str) -> None:
-    projection = projection_named("sla")
+@pytest.mark.parametrize("name", ["sla", "grouping"])
+def test_deleting_snapshots_changes_no_answer(database: Database, seeded: str, name: str) -> None:
+    projection = projection_named(name)
     # Read as the worker: the application role sees no rows before a tenant is set.
     with _worker(database) as conn:
         times = conn.execute(
@@ -130,8 +133,8 @@ def test_deleting_snapshots_changes_no_answer(database: Database, seeded: str) -
                 after = [replay(reader, projection, seeded, as_of=a, known_at=k) for a, k in probes]
         finally:
             # The other tests start from snapshots again.
-            for name in ("incidents", "sla"):
-                take_snapshot(conn, projection_named(name), seeded)
+            for snapshotted in SNAPSHOTTED:
+                take_snapshot(conn, projection_named(snapshotted), seeded)
 
     assert any(result.snapshot_id is not None for result in before)
     assert all(result.snapshot_id is None for result in after)
@@ -164,8 +167,8 @@ def test_snapshot_with_bad_hash_is_skipped(database: Database, seeded: str) -> N
         with _worker(database) as conn:
             conn.execute("DELETE FROM projection_snapshots WHERE tenant_id = %s", (seeded,))
             conn.commit()
-            take_snapshot(conn, projection, seeded)
-            take_snapshot(conn, projection_named("sla"), seeded)
+            for name in SNAPSHOTTED:
+                take_snapshot(conn, projection_named(name), seeded)
 
 
 def test_prune_keeps_newest(database: Database, session_pool: ConnectionPool[Any]) -> None:
@@ -264,10 +267,21 @@ def test_replay_command_unknown_projection(database: Database, seeded: str) -> N
     assert "unknown projection 'weather'; known projections: incidents, sla" in result.stderr
 
 
-def test_replay_command_refuses_model_without_replay(database: Database, seeded: str) -> None:
-    result = cli(database, "replay", "grouping", "--tenant", seeded)
-    assert result.returncode == 2
-    assert "projection 'grouping' cannot be rebuilt, replayed or snapshotted yet" in result.stderr
+def test_replay_command_grouping(database: Database, seeded: str) -> None:
+    as_json = cli(database, "replay", "grouping", "--tenant", seeded)
+    as_csv = cli(database, "replay", "grouping", "--tenant", seeded, "--format", "csv")
+    projection = projection_named("grouping")
+    with database.connect() as conn:
+        expected = projection.to_records(replay(conn, projection, seeded).states)
+
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == expected
+    assert sum(1 for record in expected if record["row"] == "report") == 60
+    assert as_csv.returncode == 0, as_csv.stderr
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert [(row["row"], row["incident_id"]) for row in rows] == [
+        (record["row"], record.get("incident_id", "")) for record in expected
+    ]
 
 
 def test_snapshot_and_rebuild_commands(
@@ -280,6 +294,7 @@ def test_snapshot_and_rebuild_commands(
     taken = cli(database, "snapshot", "take", "sla", "--tenant", tenant)
     listed = cli(database, "snapshot", "list", "--tenant", tenant)
     rebuilt = cli(database, "rebuild", "incidents", "--tenant", tenant, "--workers", "2")
+    grouping = cli(database, "rebuild", "grouping", "--tenant", tenant)
     pruned = cli(database, "snapshot", "prune", "--keep", "0", "--tenant", tenant)
 
     assert taken.returncode == 0, taken.stderr
@@ -290,6 +305,11 @@ def test_snapshot_and_rebuild_commands(
     assert f"rebuilt incidents for tenant {tenant}: 5 rows" in rebuilt.stderr
     # Not a terminal: progress comes as log lines.
     assert "partitions 1 of 1 done" in rebuilt.stderr
+    assert grouping.returncode == 0, grouping.stderr
+    with _worker(database) as conn:
+        rows = projection_named("grouping").read_states(conn, tenant)
+    assert sum(1 for key in rows if key[1][0] == "report") == 5
+    assert f"rebuilt grouping for tenant {tenant}: {len(rows)} rows" in grouping.stderr
     assert pruned.returncode == 0, pruned.stderr
     assert "deleted 1 snapshots" in pruned.stdout
 

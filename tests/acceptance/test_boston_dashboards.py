@@ -1,16 +1,9 @@
-"""The public and staff pages of a tenant imported from the first 20,000 Boston 2015 cases,
-in headless Chromium.
-
-The slice keeps the test near a minute: the full export takes minutes to import and project.
-Its cases were opened from January to mid-March 2015.
-"""
+"""The public and staff pages of a tenant imported from the Boston 2015 export, in headless
+Chromium."""
 
 from __future__ import annotations
 
-import gzip
-import itertools
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +21,7 @@ from ledger.tenants import create_tenant
 from tests.browser import artifacts_dir, browser, serve
 from tests.conftest import boston_file, project_everything
 
-SLICE_ROWS = 20_000
+CASES = 121_145
 TENANT = "boston"
 DASHBOARDS = [
     {
@@ -51,15 +44,6 @@ DASHBOARDS = [
     }
 ]
 CHARTED = ("on-time", "backlog", "closing", "ranking", "map")
-
-
-def _slice(target: Path) -> Path:
-    with (
-        gzip.open(boston_file(), "rt", encoding="utf-8", newline="") as source,
-        gzip.open(target, "wt", encoding="utf-8", newline="") as sliced,
-    ):
-        sliced.writelines(itertools.islice(source, SLICE_ROWS + 1))
-    return target
 
 
 def _cells(value: Any) -> str:
@@ -104,7 +88,7 @@ def _chart_points(page: Any) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_boston_public_and_staff_pages(
-    fresh_database: Database, fresh_pool: ConnectionPool[Any], tmp_path: Path
+    fresh_database: Database, fresh_pool: ConnectionPool[Any]
 ) -> None:
     shots = artifacts_dir("boston-dashboards")
     store = PostgresEventStore(fresh_pool)
@@ -118,12 +102,12 @@ def test_boston_public_and_staff_pages(
     with fresh_database.connect_owner() as conn:
         report = import_boston(
             conn,
-            _slice(tmp_path / "boston-slice.csv.gz"),
+            boston_file(),
             tenant_id=TENANT,
             time_zone="America/New_York",
         )
     assert report.rejected == []
-    assert report.cases == SLICE_ROWS
+    assert report.cases == CASES
     apply_config(store, TENANT, {"dashboards": DASHBOARDS}, occurred_at=datetime.now(UTC))
     _, staff_key = issue_key(store, TENANT, role=Role.STAFF, name="browser", issued_by="test")
     seal_all(fresh_database, tenant_id=TENANT, actor="test")

@@ -14,12 +14,14 @@
     "assign": ["assignee", "Assign to"],
     "start-work": null,
     "request-information": ["question", "Question for the reporter"],
+    "reporter-responded": ["response", "The reporter's answer"],
     "resolve": null,
     "reopen": ["reason", "Why reopen"],
     "close": null,
     "reject": ["reason", "Why reject"],
     "mark-duplicate": ["duplicate_of", "Duplicate of incident id"],
     "reclassify": ["category", "New category"],
+    "merge-group": ["with_incident", "Merge into the group of incident id"],
     "split-group": null,
   };
 

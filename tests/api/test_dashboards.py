@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
-from api.app import create_app
+from api.app import COMMAND_BODIES, create_app
 from ledger.config_sections import apply_config
 from ledger.database import Database
 from ledger.errors import ConfigInvalid
@@ -425,6 +425,15 @@ def test_staff_page_contains_no_data(city: City) -> None:
     assert page.status_code == 200
     assert 'src="/static/dashboards/staff.js"' in page.text
     assert city.incidents[0] not in page.text
+
+
+def test_staff_page_offers_every_command(city: City) -> None:
+    script = city.public.get("/static/dashboards/staff.js")
+    block = re.search(r"const ARGUMENTS = \{(.*?)\};", script.text, re.S)
+
+    assert script.status_code == 200
+    assert block is not None
+    assert set(re.findall(r'^\s*"([a-z-]+)":', block.group(1), re.M)) == set(COMMAND_BODIES)
 
 
 def test_dashboards_need_a_staff_officer_or_admin_key(city: City) -> None:

@@ -175,15 +175,62 @@ class CheckpointMoved(Exception):
 
 
 class BatchFailed(Exception):
-    """A projection failed to apply a batch; the batch was rolled back."""
+    """A projection failed to apply a batch; the batch was rolled back.
 
-    def __init__(self, projection: str, first: RecordedEvent, last: RecordedEvent) -> None:
+    `event` is the event that fails when the batch is applied one event at a time, or None
+    when every event applies alone and only the batch as a whole fails.
+    """
+
+    def __init__(
+        self,
+        projection: str,
+        first: RecordedEvent,
+        last: RecordedEvent,
+        event: RecordedEvent | None = None,
+    ) -> None:
         self.projection = projection
-        super().__init__(
-            f"projection {projection} failed to apply events at positions "
-            f"{first.position}..{last.position} (first event {first.event_id}, "
-            f"stream {first.stream_id})"
-        )
+        self.event = event
+        if event is None:
+            where = (
+                f"events at positions {first.position}..{last.position} (first event "
+                f"{first.event_id}, stream {first.stream_id})"
+            )
+        else:
+            where = (
+                f"event {event.event_id} ({event.event_type}) at position {event.position}, "
+                f"tenant {event.tenant_id}, stream {event.stream_id}, in the batch at positions "
+                f"{first.position}..{last.position}"
+            )
+        super().__init__(f"projection {projection} failed to apply {where}")
+
+
+# The errors a malformed event or a bug in a fold raise. Connection errors are not among
+# them: they pass through unchanged, to be retried on a new connection.
+APPLY_ERRORS = (
+    psycopg.errors.DataError,
+    psycopg.errors.IntegrityError,
+    KeyError,
+    ValueError,
+    TypeError,
+)
+
+
+def failing_event(
+    conn: psycopg.Connection[Any], projection: Projection, events: list[RecordedEvent]
+) -> tuple[RecordedEvent, BaseException] | None:
+    """Return the first of `events` that fails to apply alone, with its error, or None.
+
+    The events are applied one at a time in a transaction that is then rolled back.
+    """
+    with conn.transaction(force_rollback=True):
+        lock_for_apply(conn, projection.name)
+        for event in events:
+            try:
+                with conn.transaction():
+                    projection.apply(conn, [event])
+            except APPLY_ERRORS as error:
+                return event, error
+    return None
 
 
 def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_size: int) -> int:
@@ -193,6 +240,7 @@ def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_s
     started from, so two processes that both believe they own the projection cannot apply
     the same events twice: the second commit fails and rolls back.
     """
+    failure: BaseException | None = None
     with conn.transaction():
         lock_for_apply(conn, projection.name)
         start = load_checkpoint(conn, projection.name)
@@ -201,16 +249,9 @@ def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_s
             return 0
         try:
             projection.apply(conn, events)
-        except (
-            psycopg.errors.DataError,
-            psycopg.errors.IntegrityError,
-            KeyError,
-            ValueError,
-            TypeError,
-        ) as error:
-            # The errors a malformed event or a bug in a fold raise. Connection errors pass
-            # through unchanged, to be retried on a new connection.
-            raise BatchFailed(projection.name, events[0], events[-1]) from error
+        except APPLY_ERRORS as error:
+            failure = error
+            raise psycopg.Rollback() from error
         last = events[-1]
         moved = conn.execute(
             """
@@ -223,6 +264,13 @@ def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_s
         if moved.rowcount != 1:
             raise CheckpointMoved(projection.name)
         return len(events)
+    # The batch was rolled back. Name the event that fails, so that an operator can find it.
+    assert failure is not None
+    found = failing_event(conn, projection, events)
+    if found is None:
+        raise BatchFailed(projection.name, events[0], events[-1]) from failure
+    event, error = found
+    raise BatchFailed(projection.name, events[0], events[-1], event) from error
 
 
 def try_own(conn: psycopg.Connection[Any], projection: Projection) -> bool:

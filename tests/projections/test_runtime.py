@@ -238,6 +238,46 @@ def test_failed_batch_names_events_and_rolls_back(
     assert checkpoint == Checkpoint()
 
 
+class PoisonedProjection(RecordingProjection):
+    """Fails on reports in the category "poison", as a fold fails on a malformed event."""
+
+    name = "poisoned"
+
+    def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
+        for event in events:
+            if event.payload.get("category") == "poison":
+                raise ValueError("unreadable category")
+        super().apply(conn, events)
+
+
+def test_failed_batch_names_the_failing_event(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    from projections.runtime import BatchFailed
+
+    incidents = [uuid.uuid4() for _ in range(3)]
+    for number, incident in enumerate(incidents):
+        event = submitted(incident, number)
+        if number == 1:
+            event = NewEvent(event.event_type, {**event.payload, "category": "poison"}, T0)
+        fresh_store.append("acme", incident_stream_id(incident), [event], expected_version=0)
+    projection = PoisonedProjection()
+
+    with fresh_database.connect_worker() as conn:
+        with pytest.raises(BatchFailed) as raised:
+            project_batch(conn, projection, 10)
+        with conn.transaction():
+            checkpoint = load_checkpoint(conn, "poisoned")
+
+    failed = raised.value
+    assert failed.event is not None
+    assert failed.event.stream_id == incident_stream_id(incidents[1])
+    assert f"position {failed.event.position}," in str(failed)
+    assert str(failed.event.event_id) in str(failed)
+    assert isinstance(failed.__cause__, ValueError)
+    assert checkpoint == Checkpoint()
+
+
 def test_failing_worker_stores_last_error(
     fresh_database: Database, fresh_store: PostgresEventStore
 ) -> None:

@@ -19,10 +19,10 @@ import copy
 import dataclasses
 import operator
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, Protocol, Self, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -366,7 +366,10 @@ def _classified(
         department = config.department_for(category, state.area)
         changes.update(department=department, department_source=FROM_CONFIG if department else None)
     pinned = _pinned_policy(state, history)
-    if pinned is not None and pinned.on_category_change == "reassess":
+    # A resolved incident keeps the verdict it was judged by. A classification that arrives
+    # later (a classifier catching up on old reports, a correction for the record) changes
+    # its category, not its policy or due times.
+    if pinned is not None and pinned.on_category_change == "reassess" and state.resolved_at is None:
         # Picked again from the configuration in force now; the clock still starts at
         # submission (or at the last restart).
         policy = config.policy_for(category, severity, state.channel)
@@ -522,21 +525,57 @@ RESOLUTION_BREACHED_SQL = _passed_sql("resolution_due_at")
 RESOLUTION_WARNING_SQL = _passed_sql("resolution_warning_at")
 
 
-class SlaProjection(IncidentRowProjection[SlaState]):
-    """The incident_sla table, and the sla_configs table of configuration versions it uses.
+class _HasIncidentId(Protocol):
+    @property
+    def incident_id(self) -> UUID: ...
+
+
+IncidentState = TypeVar("IncidentState", bound=_HasIncidentId)
+
+
+class _WithoutHistory(Generic[IncidentState]):
+    """A fold of one event with no configuration history. A class, not a lambda, because
+    rebuild workers receive their projection pickled."""
+
+    def __init__(
+        self,
+        fold_event: Callable[
+            [IncidentState | None, RecordedEvent, ConfigHistory | None], IncidentState | None
+        ],
+    ) -> None:
+        self.fold_event = fold_event
+
+    def __call__(self, state: IncidentState | None, event: RecordedEvent) -> IncidentState | None:
+        return self.fold_event(state, event, None)
+
+
+class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
+    """An incident row table folded with each tenant's configuration history, whose versions
+    the model keeps in a table of its own.
 
     With `proposed` (payloads by configuration event type), `fold` judges every incident as
     if those payloads had replaced the recorded ones from the tenant's creation on: a
     what-if replay. Such a projection only folds in memory, and writing it raises.
     """
 
-    def __init__(self, proposed: dict[str, dict[str, Any]] | None = None) -> None:
-        super().__init__("sla", "incident_sla", SlaState, evolve_sla)
-        self.configs_table = "sla_configs"
-        self.tables = ("incident_sla", self.configs_table)
+    def __init__(
+        self,
+        name: str,
+        table: str,
+        state_type: type[IncidentState],
+        fold_event: Callable[
+            [IncidentState | None, RecordedEvent, ConfigHistory | None], IncidentState | None
+        ],
+        configs_table: str,
+        proposed: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(name, table, state_type, _WithoutHistory(fold_event))
+        self.fold_event = fold_event
+        self.configs_table = configs_table
+        self.tables = (table, configs_table)
         self.proposed = proposed
 
-    def retarget(self, schema: str, tables: dict[str, str]) -> SlaProjection:
+    def retarget(self, schema: str, tables: dict[str, str]) -> Self:
         clone = copy.copy(self)
         clone.schema = schema
         clone.table = tables[self.table]
@@ -552,11 +591,11 @@ class SlaProjection(IncidentRowProjection[SlaState]):
 
     def fold(
         self, events: Iterable[RecordedEvent], initial: Folded | None = None
-    ) -> dict[tuple[str, UUID], SlaState]:
+    ) -> dict[tuple[str, UUID], IncidentState]:
         """Fold events onto `initial`; the events must include the tenant's configuration
         stream from its start, which is how replay reads them."""
         histories: dict[str, ConfigHistory] = {}
-        states: dict[tuple[str, str], SlaState | None] = {
+        states: dict[tuple[str, str], IncidentState | None] = {
             (tenant_id, INCIDENT_STREAM_PREFIX + str(incident_id)): state
             for (tenant_id, incident_id), state in (initial or {}).items()
         }
@@ -570,7 +609,9 @@ class SlaProjection(IncidentRowProjection[SlaState]):
                 history.add(event)
             elif event.event_type in lc.INCIDENT_EVENT_TYPES:
                 key = (event.tenant_id, event.stream_id)
-                states[key] = evolve_sla(states.get(key), event, histories.get(event.tenant_id))
+                states[key] = self.fold_event(
+                    states.get(key), event, histories.get(event.tenant_id)
+                )
         return {
             (tenant_id, state.incident_id): state
             for (tenant_id, _), state in states.items()
@@ -578,7 +619,7 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         }
 
     def fold_configs(self, events: Iterable[RecordedEvent]) -> dict[tuple[str, int], Any]:
-        """Fold the rows the sla_configs table should hold for `events`."""
+        """Fold the rows the configuration versions table should hold for `events`."""
         histories: dict[str, ConfigHistory] = {}
         rows: dict[tuple[str, int], Any] = {}
         for event in events:
@@ -603,7 +644,7 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         incident_keys = {
             (event.tenant_id, event.stream_id) for event in relevant if not is_config_event(event)
         }
-        states: dict[tuple[str, str], SlaState | None] = dict(self.load(conn, incident_keys))
+        states: dict[tuple[str, str], IncidentState | None] = dict(self.load(conn, incident_keys))
         new_versions: list[tuple[str, _Version]] = []
         for event in relevant:
             history = histories.get(event.tenant_id)
@@ -613,7 +654,7 @@ class SlaProjection(IncidentRowProjection[SlaState]):
                 new_versions.append((event.tenant_id, history.add(event)))
                 continue
             key = (event.tenant_id, event.stream_id)
-            states[key] = evolve_sla(states.get(key), event, history)
+            states[key] = self.fold_event(states.get(key), event, history)
         if new_versions:
             with conn.cursor() as cur:
                 cur.executemany(
@@ -636,7 +677,7 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         super().write_states(conn, states)
 
     def write(
-        self, conn: psycopg.Connection[Any], states: dict[tuple[str, str], SlaState | None]
+        self, conn: psycopg.Connection[Any], states: dict[tuple[str, str], IncidentState | None]
     ) -> None:
         self._reject_proposed()
         super().write(conn, states)
@@ -645,15 +686,26 @@ class SlaProjection(IncidentRowProjection[SlaState]):
         # A what-if projection's rows are not the tenant's record: they must never reach
         # the live tables, nor shadow tables that a rebuild would swap in.
         if self.proposed is not None:
-            raise RuntimeError("a what-if SLA projection folds in memory only and never writes")
+            raise RuntimeError(
+                f"a what-if {self.name} projection folds in memory only and never writes"
+            )
 
     def read_configs(self, conn: psycopg.Connection[Any]) -> dict[tuple[str, int], Any]:
         return {
             (tenant_id, version): (tx_id, position, payloads)
             for tenant_id, version, tx_id, position, payloads in conn.execute(
-                "SELECT tenant_id, version, tx_id, position, payloads FROM sla_configs"
+                sql.SQL("SELECT tenant_id, version, tx_id, position, payloads FROM {}").format(
+                    sql.Identifier(self.configs_table)
+                )
             )
         }
+
+
+class SlaProjection(ConfiguredIncidentProjection[SlaState]):
+    """The incident_sla table, and the sla_configs table of configuration versions it uses."""
+
+    def __init__(self, proposed: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__("sla", "incident_sla", SlaState, evolve_sla, "sla_configs", proposed)
 
 
 def sla_projection() -> SlaProjection:

@@ -13,37 +13,24 @@ it never reads a table another projection writes at another checkpoint.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import typing
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from uuid import UUID
 
-import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from ledger import lifecycle as lc
 from ledger.business_time import business_duration
 from ledger.events import RecordedEvent
-from projections.base import (
-    INCIDENT_STREAM_PREFIX,
-    Folded,
-    IncidentRowProjection,
-    copy_config_versions,
-    qualified,
-)
 from projections.sla import (
     ConfigHistory,
+    ConfiguredIncidentProjection,
     SlaState,
     _pinned_policy,
-    _Version,
     evolve_sla,
-    is_config_event,
 )
 
 # Payload fields read as the incident's area, first found wins. Reports sent through the
@@ -161,123 +148,11 @@ def _extras(state: TrendState) -> tuple[Any, ...]:
 TREND_CONFIGS = sql.Identifier("trend_configs")
 
 
-def load_trend_histories(
-    conn: psycopg.Connection[Any],
-    tenants: Iterable[str],
-    table: sql.Composable = TREND_CONFIGS,
-) -> dict[str, ConfigHistory]:
-    """Read the configuration versions of `tenants` this model stored in `table`."""
-    rows: dict[str, list[_Version]] = defaultdict(list)
-    for tenant_id, version, tx_id, position, payloads in conn.execute(
-        sql.SQL(
-            "SELECT tenant_id, version, tx_id, position, payloads FROM {} WHERE tenant_id = ANY(%s)"
-        ).format(table),
-        (list(tenants),),
-    ):
-        rows[tenant_id].append(_Version(tx_id, position, version, payloads))
-    return {tenant_id: ConfigHistory(tenant_id, versions) for tenant_id, versions in rows.items()}
-
-
-class TrendsProjection(IncidentRowProjection[TrendState]):
+class TrendsProjection(ConfiguredIncidentProjection[TrendState]):
     """The incident_trends table and the trend_configs table of configuration versions."""
 
     def __init__(self) -> None:
-        super().__init__("trends", "incident_trends", TrendState, evolve_trend)
-        self.configs_table = "trend_configs"
-        self.tables = ("incident_trends", self.configs_table)
-
-    def retarget(self, schema: str, tables: dict[str, str]) -> TrendsProjection:
-        clone = copy.copy(self)
-        clone.schema = schema
-        clone.table = tables[self.table]
-        clone.configs_table = tables[self.configs_table]
-        clone.tables = (clone.table, clone.configs_table)
-        return clone
-
-    def write_log_rows(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
-        copy_config_versions(
-            conn, qualified(self.schema, self.configs_table), self.fold_configs(events)
-        )
-
-    def fold(
-        self, events: Iterable[RecordedEvent], initial: Folded | None = None
-    ) -> dict[tuple[str, UUID], TrendState]:
-        """Fold events onto `initial`; the events must include the tenant's configuration
-        stream from its start, which is how replay reads them."""
-        histories: dict[str, ConfigHistory] = {}
-        states: dict[tuple[str, str], TrendState | None] = {
-            (tenant_id, INCIDENT_STREAM_PREFIX + str(incident_id)): state
-            for (tenant_id, incident_id), state in (initial or {}).items()
-        }
-        for event in events:
-            if is_config_event(event):
-                histories.setdefault(event.tenant_id, ConfigHistory(event.tenant_id)).add(event)
-            elif event.event_type in lc.INCIDENT_EVENT_TYPES:
-                key = (event.tenant_id, event.stream_id)
-                states[key] = evolve_trend(states.get(key), event, histories.get(event.tenant_id))
-        return {
-            (tenant_id, state.incident_id): state
-            for (tenant_id, _), state in states.items()
-            if state is not None
-        }
-
-    def fold_configs(self, events: Iterable[RecordedEvent]) -> dict[tuple[str, int], Any]:
-        """Fold the rows the trend_configs table should hold for `events`."""
-        histories: dict[str, ConfigHistory] = {}
-        rows: dict[tuple[str, int], Any] = {}
-        for event in events:
-            if is_config_event(event):
-                history = histories.setdefault(event.tenant_id, ConfigHistory(event.tenant_id))
-                item = history.add(event)
-                rows[(event.tenant_id, item.version)] = (item.tx_id, item.position, item.payloads)
-        return rows
-
-    def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
-        relevant = [
-            event
-            for event in events
-            if event.event_type in lc.INCIDENT_EVENT_TYPES or is_config_event(event)
-        ]
-        if not relevant:
-            return
-        configs = qualified(self.schema, self.configs_table)
-        histories = load_trend_histories(conn, {event.tenant_id for event in relevant}, configs)
-        incident_keys = {
-            (event.tenant_id, event.stream_id) for event in relevant if not is_config_event(event)
-        }
-        states: dict[tuple[str, str], TrendState | None] = dict(self.load(conn, incident_keys))
-        new_versions: list[tuple[str, _Version]] = []
-        for event in relevant:
-            history = histories.get(event.tenant_id)
-            if is_config_event(event):
-                if history is None:
-                    history = histories[event.tenant_id] = ConfigHistory(event.tenant_id)
-                new_versions.append((event.tenant_id, history.add(event)))
-                continue
-            key = (event.tenant_id, event.stream_id)
-            states[key] = evolve_trend(states.get(key), event, history)
-        if new_versions:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    sql.SQL(
-                        "INSERT INTO {} (tenant_id, version, tx_id, position, payloads) "
-                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant_id, version) DO NOTHING"
-                    ).format(configs),
-                    [
-                        (tenant_id, item.version, item.tx_id, item.position, Jsonb(item.payloads))
-                        for tenant_id, item in new_versions
-                    ],
-                )
-        if states:
-            self.write(conn, states)
-
-    def read_configs(self, conn: psycopg.Connection[Any]) -> dict[tuple[str, int], Any]:
-        return {
-            (tenant_id, version): (tx_id, position, payloads)
-            for tenant_id, version, tx_id, position, payloads in conn.execute(
-                "SELECT tenant_id, version, tx_id, position, payloads FROM trend_configs"
-            )
-        }
+        super().__init__("trends", "incident_trends", TrendState, evolve_trend, "trend_configs")
 
 
 def trends_projection() -> TrendsProjection:

@@ -17,7 +17,7 @@ from ledger.events import RecordedEvent
 from ledger.ids import incident_stream_id
 from ledger.store import EVENT_COLUMNS, row_to_event
 from projections.sla import SlaState, evolve_sla, load_histories
-from projections.trends import TrendState, evolve_trend, load_trend_histories
+from projections.trends import TREND_CONFIGS, TrendState, evolve_trend
 
 
 def straddling_sla_states(
@@ -47,7 +47,7 @@ def straddling_trend_states(
     events = _straddling_events(conn, "incident_trends", tenant_id, as_of)
     if not events:
         return []
-    history = load_trend_histories(conn, [tenant_id]).get(tenant_id)
+    history = load_histories(conn, [tenant_id], TREND_CONFIGS).get(tenant_id)
     states = []
     for stream_events in events.values():
         state: TrendState | None = None

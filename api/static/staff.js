@@ -95,8 +95,9 @@
       body: JSON.stringify(payload),
     });
     if (response.ok) {
-      message.textContent = command + " done for " + incident.incident_id;
+      // The list first: it reports its own count in the same place.
       await list();
+      message.textContent = command + " done for " + incident.incident_id;
     } else {
       message.textContent = command + " failed: " + await problem(response);
     }

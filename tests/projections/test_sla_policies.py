@@ -85,6 +85,19 @@ def test_classification_reassesses_policy() -> None:
     assert state.resolution_due_at == MONDAY_3PM + 4 * HOUR
 
 
+def test_resolved_incident_keeps_its_verdict() -> None:
+    log = office_log()
+    incident = log.submit(MONDAY_3PM)
+    log.incident(incident, lc.INCIDENT_RESOLVED, MONDAY_3PM + 5 * HOUR)
+    log.incident(incident, lc.REPORT_CLASSIFIED, MONDAY_3PM + 30 * HOUR, severity="critical")
+    state = fold_one(log, incident)
+
+    assert state.severity == "critical"
+    assert state.policy_id == "standard"
+    assert state.resolution_due_at == MONDAY_3PM + 24 * HOUR
+    assert not resolution_breached(state, MONDAY_3PM + 40 * HOUR)
+
+
 def test_staff_correction_wins_over_classifier() -> None:
     log = office_log()
     incident = log.submit(MONDAY_3PM)

@@ -13,8 +13,8 @@ For one tenant and one projection it then:
    K snapshots sit at evenly spaced positions of the tenant's log. Only the events up to
    the tenant's last one are streamed;
 2. runs R rounds. Each round picks a random valid time (between the tenant's first and
-   last `occurred_at`) and a random transaction time (between its first and last
-   `recorded_at`) and, in a random order, times `replay` as of the one and as known at the
+   last incident event's `occurred_at`) and a random transaction time (between their first
+   and last `recorded_at`) and, in a random order, times `replay` as of the one and as known at the
    other, each with the snapshots present and with none, and a full replay as of now. The
    replays without snapshots run in a transaction that deleted the tenant's snapshots and
    is rolled back afterwards. Each pair of answers is compared: snapshots must change no
@@ -22,7 +22,7 @@ For one tenant and one projection it then:
 
 It prints the median and 95th percentile of each kind and their ratio to the full replay.
 Targets: the snapshot path at 1/50 of a full replay or less, and under 200 ms at the 95th
-percentile. `--profile` adds a cProfile of one snapshot-path replay as of a random time.
+percentile. `--profile` adds a cProfile of one snapshot-path replay at a random time of each axis.
 DATABASE_URL selects the server; without it an embedded server is started.
 """
 
@@ -137,11 +137,13 @@ def timed_replay(
 def time_range(
     conn: psycopg.Connection[Any], column: str, tenant: str
 ) -> tuple[datetime, datetime]:
+    """Return the first and last value of `column` among the tenant's incident events."""
     with conn.transaction():
         row = conn.execute(
-            sql.SQL("SELECT min({0}), max({0}) FROM events WHERE tenant_id = %s").format(
-                sql.Identifier(column)
-            ),
+            sql.SQL(
+                "SELECT min({0}), max({0}) FROM events "
+                "WHERE tenant_id = %s AND starts_with(stream_id, 'incident-')"
+            ).format(sql.Identifier(column)),
             (tenant,),
         ).fetchone()
     assert row is not None and row[0] is not None
@@ -168,7 +170,9 @@ def main() -> None:
     parser.add_argument("--snapshots", type=int, default=10, help="snapshots to take (K)")
     parser.add_argument("--batch-size", type=int, default=5000, help="streaming batch, events")
     parser.add_argument("--seed", type=int, default=5, help="seed of the random times")
-    parser.add_argument("--profile", action="store_true", help="profile one snapshot replay")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile a snapshot replay of each axis"
+    )
     parser.add_argument("--database", help="reuse this database, kept by a run with --keep")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     args = parser.parse_args()
@@ -226,11 +230,13 @@ def main() -> None:
                     + ", ".join(f"{kind} {seconds[kind][-1]:.2f} s" for kind, _, _ in runs),
                     flush=True,
                 )
+            profiles: dict[str, cProfile.Profile] = {}
             if args.profile:
-                profile = cProfile.Profile()
-                profile.enable()
-                replay(conn, projection, args.tenant, as_of=random_between(rng, *occurred))
-                profile.disable()
+                for axis, moments in (("as_of", occurred), ("known_at", recorded)):
+                    profiles[axis] = cProfile.Profile()
+                    profiles[axis].enable()
+                    replay(conn, projection, args.tenant, **{axis: random_between(rng, *moments)})
+                    profiles[axis].disable()
         print(f"load after replays: {load_average()}")
 
         full = statistics.median(seconds["full replay"])
@@ -254,8 +260,8 @@ def main() -> None:
             f"targets: snapshot path median / full <= {TARGET_RATIO:.3f}, "
             f"p95 <= {TARGET_P95_SECONDS * 1000:.0f} ms"
         )
-        if args.profile:
-            print("\nprofile of one snapshot replay as of a random time:")
+        for axis, profile in profiles.items():
+            print(f"\nprofile of one snapshot replay at a random {axis}:")
             pstats.Stats(profile).sort_stats("cumulative").print_stats(18)
     finally:
         if args.keep or args.database:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench._boston import DEFAULT_FILE, boston_database  # noqa: E402
 from bench._databases import drop, server  # noqa: E402
 from projections.runtime import replayable_projections  # noqa: E402
-from replay.rebuild import rebuild  # noqa: E402
+from replay.rebuild import MIN_PARTITION_EVENTS, rebuild  # noqa: E402
 
 TARGET_SPEED_UP = 1.6
 
@@ -45,11 +45,31 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=5, help="imports of the file (tenants)")
     parser.add_argument("--rounds", type=int, default=1, help="rebuilds of each kind")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of run N")
+    parser.add_argument(
+        "--projection",
+        action="append",
+        help="rebuild only this projection (repeatable); default: every replayable one",
+    )
+    parser.add_argument(
+        "--min-partition-events",
+        type=int,
+        default=MIN_PARTITION_EVENTS,
+        help="split a tenant by stream hash only from twice this many events",
+    )
     parser.add_argument("--database", help="reuse this database, kept by a run with --keep")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     args = parser.parse_args()
     if args.copies < 1 or args.rounds < 1 or args.workers < 2:
         parser.error("--copies and --rounds must be 1 or more, and --workers 2 or more")
+
+    projections = [
+        projection
+        for projection in replayable_projections()
+        if not args.projection or projection.name in args.projection
+    ]
+    if not projections:
+        names = ", ".join(projection.name for projection in replayable_projections())
+        parser.error(f"--projection names none of the replayable projections: {names}")
 
     print(f"load before: {load_average()}; {os.cpu_count()} CPUs", flush=True)
     conninfo = server()
@@ -63,9 +83,14 @@ def main() -> None:
         for round_number in range(args.rounds):
             # Alternate the order, so a load that rises or falls during a round is shared.
             order = (1, args.workers) if round_number % 2 == 0 else (args.workers, 1)
-            for projection in replayable_projections():
+            for projection in projections:
                 for workers in order:
-                    report = rebuild(database, projection, workers=workers)
+                    report = rebuild(
+                        database,
+                        projection,
+                        workers=workers,
+                        min_partition_events=args.min_partition_events,
+                    )
                     folded = report.events_folded + report.events_caught_up
                     seconds[projection.name][workers].append(report.total_seconds)
                     events[projection.name] = folded

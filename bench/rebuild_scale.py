@@ -6,7 +6,7 @@
 Fills a fresh database with the Boston 2015 export imported N times, each copy into a
 tenant of its own (5 copies: about 1.1 million events). Then, round by round, it rebuilds
 each projection of `replayable_projections()` on 1 worker and on `--workers` workers,
-alternating which goes first, and prints each rebuild's seconds and events per second, and
+alternating which goes first. It prints each rebuild's seconds and events per second, and
 the speed-up (1-worker seconds over N-worker seconds) per projection and in total. The
 target is a speed-up of 1.6 or more on 2 workers. `--database NAME` reuses a database kept
 by an earlier run with `--keep`. DATABASE_URL selects the server; without it an embedded
@@ -43,7 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--file", type=Path, default=DEFAULT_FILE, help="Boston 311 export")
     parser.add_argument("--copies", type=int, default=5, help="imports of the file (tenants)")
-    parser.add_argument("--rounds", type=int, default=1, help="rebuilds of each kind")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rebuilds of each projection on each worker count"
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes of run N")
     parser.add_argument(
         "--projection",
@@ -76,7 +78,7 @@ def main() -> None:
     name, database = boston_database(
         conninfo, name=args.database, path=args.file, copies=args.copies
     )
-    # seconds[projection][workers] holds one figure per round.
+    # seconds[projection][workers] contains one figure per round.
     seconds: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     events: dict[str, int] = {}
     try:

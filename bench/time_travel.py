@@ -7,18 +7,18 @@ Fills a fresh database with the Boston 2015 export imported N times, each copy i
 tenant of its own (or reuses one kept by `rebuild_scale.py --keep` or by this script).
 For one tenant and one projection it then:
 
-1. streams the projection from an empty model and checkpoint, and each time the checkpoint
-   passes another 1/K of the tenant's events, takes a snapshot of the tenant the way the
-   scheduler's snapshot job does (`take_snapshot` on the live model at its checkpoint). So
-   K snapshots sit at evenly spaced positions of the tenant's log. Only the events up to
-   the tenant's last one are streamed;
-2. runs R rounds. Each round picks a random valid time (between the tenant's first and
-   last incident event's `occurred_at`) and a random transaction time (between their first
-   and last `recorded_at`) and, in a random order, times `replay` as of the one and as known at the
-   other, each with the snapshots present and with none, and a full replay as of now. The
-   replays without snapshots run in a transaction that deleted the tenant's snapshots and
-   is rolled back afterwards. Each pair of answers is compared: snapshots must change no
-   answer.
+1. streams the projection from an empty model and checkpoint. Each time the checkpoint
+   passes another 1/K of the tenant's events, it takes a snapshot of the tenant the way
+   the scheduler's snapshot job does (`take_snapshot` on the live model at its
+   checkpoint). So K snapshots sit at evenly spaced positions of the tenant's log. Only
+   the events up to the tenant's last one are streamed;
+2. runs R rounds. Each round picks a random valid time, between the first and last
+   `occurred_at` of the tenant's incident events, and a random transaction time, between
+   their first and last `recorded_at`. In a random order, it times `replay` as of the one
+   and as known at the other, each with the snapshots present and with none, and a full
+   replay as of now. The replays without snapshots run in a transaction that deletes the
+   tenant's snapshots and is rolled back afterwards. The answers with and without
+   snapshots are compared, because snapshots must change no answer.
 
 It prints the median and 95th percentile of each kind and their ratio to the full replay.
 Targets: the snapshot path at 1/50 of a full replay or less, and under 200 ms at the 95th
@@ -64,8 +64,8 @@ KINDS = ("as_of, snapshots", "as_of, none", "known_at, snapshots", "known_at, no
 def snapshot_as_scheduled(
     database: Database, projection: Projection, tenant: str, count: int, batch_size: int
 ) -> int:
-    """Stream `projection` from nothing, snapshotting `tenant` at `count` evenly spaced
-    places of its log; return how many snapshots the tenant has."""
+    """Stream `projection` from nothing and snapshot `tenant` at `count` evenly spaced
+    places of its log. Return how many snapshots the tenant has."""
     with database.connect_owner() as conn:
         for table in projection.tables:
             conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(table)))
@@ -116,7 +116,8 @@ def timed_replay(
     snapshots: bool,
     **times: datetime,
 ) -> tuple[float, Replayed]:
-    """Time one replay; without `snapshots`, the tenant's snapshots are deleted around it."""
+    """Time one replay. Without `snapshots`, it deletes the tenant's snapshots in a
+    transaction that it rolls back after the replay."""
     if snapshots:
         started = time.perf_counter()
         result = replay(conn, projection, tenant, **times)
@@ -168,7 +169,7 @@ def main() -> None:
     parser.add_argument("--projection", default="sla", help="replayable projection to replay")
     parser.add_argument("--rounds", type=int, default=20, help="random times of each kind (R)")
     parser.add_argument("--snapshots", type=int, default=10, help="snapshots to take (K)")
-    parser.add_argument("--batch-size", type=int, default=5000, help="streaming batch, events")
+    parser.add_argument("--batch-size", type=int, default=5000, help="events per streaming batch")
     parser.add_argument("--seed", type=int, default=5, help="seed of the random times")
     parser.add_argument(
         "--profile", action="store_true", help="profile a snapshot replay of each axis"
@@ -223,7 +224,10 @@ def main() -> None:
                     states[kind] = result.states
                 for axis in ("as_of", "known_at"):
                     if states[f"{axis}, snapshots"] != states[f"{axis}, none"]:
-                        raise SystemExit(f"round {round_number}: {axis} differs with snapshots")
+                        raise SystemExit(
+                            f"round {round_number}: the replay at the random {axis} returned "
+                            "other states with snapshots than without; snapshots are broken"
+                        )
                 print(
                     f"round {round_number}: as_of {as_of:%Y-%m-%d %H:%M}, known_at "
                     f"{known_at:%H:%M:%S.%f}: "

@@ -26,55 +26,21 @@ import argparse
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
-from psycopg_pool import ConnectionPool
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _databases import drop, fresh_database, server  # noqa: E402
-
+from bench._boston import DEFAULT_FILE, boston_database  # noqa: E402
+from bench._databases import drop, server  # noqa: E402
 from ledger.database import Database  # noqa: E402
-from ledger.grouping import configure_grouping  # noqa: E402
-from ledger.imports.pipeline import import_boston  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
-from ledger.store import Checkpoint, PostgresEventStore, read_after  # noqa: E402
-from ledger.tenants import create_tenant  # noqa: E402
+from ledger.store import Checkpoint, read_after  # noqa: E402
 from projections.runtime import catch_up, default_projections  # noqa: E402
 
-DEFAULT_FILE = ROOT.parent / "shared" / "data" / "boston311_2015.csv.gz"
-TIME_ZONE = "America/New_York"
-BOSTON_DEFAULT_POINT = {"latitude": 42.3594, "longitude": -71.0587, "radius_m": 5}
 TARGET_RATE = 30_000
 TARGET_RATIO = 0.3
-
-
-def fill(database: Database, path: Path, copies: int) -> None:
-    """Import the export `copies` times, each into tenant boston-N with grouping settings."""
-    at = datetime(2014, 12, 31, tzinfo=UTC)
-    with ConnectionPool(database.app_conninfo, min_size=1, max_size=2) as pool:
-        store = PostgresEventStore(pool)
-        for number in range(1, copies + 1):
-            tenant = f"boston-{number}"
-            create_tenant(
-                store, tenant, name=f"Boston {number}", time_zone=TIME_ZONE, occurred_at=at
-            )
-            configure_grouping(
-                store, tenant, {"placeholders": [BOSTON_DEFAULT_POINT]}, occurred_at=at
-            )
-    for number in range(1, copies + 1):
-        started = time.perf_counter()
-        with database.connect_owner() as conn:
-            report = import_boston(conn, path, tenant_id=f"boston-{number}", time_zone=TIME_ZONE)
-        print(
-            f"imported copy {number}: {report.events_appended:,} events in "
-            f"{time.perf_counter() - started:.0f} s",
-            flush=True,
-        )
 
 
 def raw_read(database: Database, batch_size: int) -> tuple[int, float]:
@@ -112,13 +78,9 @@ def main() -> None:
     args = parser.parse_args()
 
     conninfo = server()
-    if args.database:
-        name = args.database
-        owner = make_conninfo(conninfo, dbname=name)
-        database = Database.for_owner(owner, Settings(database_url=owner))
-    else:
-        name, database = fresh_database(conninfo)
-        fill(database, args.file, args.copies)
+    name, database = boston_database(
+        conninfo, name=args.database, path=args.file, copies=args.copies
+    )
     try:
         reset(database)
         before, before_seconds = raw_read(database, args.batch_size)

@@ -361,6 +361,19 @@ def _validate_dashboards(value: Any, context: SectionContext) -> dict[str, Any]:
 register_section(ConfigSection("dashboards", DASHBOARDS_CONFIGURED, _validate_dashboards))
 
 
+def _kind(value: Any) -> str:
+    """Name a parsed JSON or YAML value's kind as a reader of the file would."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    return "not an object"
+
+
 def validate_document(
     document: Any, current: dict[str, dict[str, Any]], base_dir: Path | None
 ) -> dict[str, dict[str, Any]]:
@@ -369,9 +382,29 @@ def validate_document(
     `current` contains the tenant's stored payloads, which sections may refer to. Raises
     ConfigInvalid listing every problem found, in every section.
     """
+    if document is None:
+        raise ConfigInvalid(
+            [
+                ConfigProblem(
+                    "(document)",
+                    "",
+                    None,
+                    "the document is empty: write an object of sections, such as "
+                    "`sla_policies:` with a list of policies",
+                )
+            ]
+        )
     if not isinstance(document, dict):
         raise ConfigInvalid(
-            [ConfigProblem("(document)", "", type(document).__name__, "use an object of sections")]
+            [
+                ConfigProblem(
+                    "(document)",
+                    "",
+                    None,
+                    f"the document is {_kind(document)}: write an object of sections, such as "
+                    "`sla_policies:` with a list of policies",
+                )
+            ]
         )
     unknown = sorted(set(document) - set(SECTIONS))
     if unknown:

@@ -181,8 +181,11 @@ class ConfigProblem:
 
 
 class ConfigInvalid(CommandInvalid):
-    """A configuration document with one or more invalid sections; nothing was applied."""
+    """A configuration document with one or more invalid sections; nothing was applied.
 
-    def __init__(self, problems: list[ConfigProblem]) -> None:
+    `outcome` says what did not happen because of them, for the message.
+    """
+
+    def __init__(self, problems: list[ConfigProblem], outcome: str = "nothing applied") -> None:
         self.problems = problems
-        super().__init__("invalid configuration, nothing applied: " + "; ".join(map(str, problems)))
+        super().__init__(f"invalid configuration, {outcome}: " + "; ".join(map(str, problems)))

@@ -113,6 +113,9 @@ class WhatIfReport:
         }
 
 
+NOTHING_REPLAYED = "nothing replayed"
+
+
 def parse_proposal(
     document: Any, tenant: TenantConfig, base_dir: Path | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -145,11 +148,14 @@ def parse_proposal(
                 )
             )
         if problems:
-            raise ConfigInvalid(problems)
+            raise ConfigInvalid(problems, outcome=NOTHING_REPLAYED)
     # NOTE: a policy may name a current calendar that the proposal leaves out. Versions
     # recorded before that calendar existed lack it, and there the policy counts business
     # targets in calendar time (see sla_policy._policy).
-    payloads = validate_document(document, current_payloads(tenant), base_dir)
+    try:
+        payloads = validate_document(document, current_payloads(tenant), base_dir)
+    except ConfigInvalid as error:
+        raise ConfigInvalid(error.problems, outcome=NOTHING_REPLAYED) from None
     return {
         SECTIONS[name].event_type: normalize_json(payload) for name, payload in payloads.items()
     }

@@ -158,6 +158,27 @@ def test_unknown_sections_named(store: PostgresEventStore, tenant_id: str) -> No
     assert "unknown section" in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("document", "words"),
+    [
+        (None, "the document is empty"),
+        ("sla_policies", "the document is text"),
+        ([{"id": "x"}], "the document is a list"),
+        (3, "the document is a number"),
+    ],
+)
+def test_document_not_an_object(
+    store: PostgresEventStore, tenant_id: str, document: Any, words: str
+) -> None:
+    with pytest.raises(ConfigInvalid) as raised:
+        apply_config(store, tenant_id, document, occurred_at=NOW)
+
+    assert [problem.section for problem in raised.value.problems] == ["(document)"]
+    assert words in str(raised.value)
+    assert "nothing applied" in str(raised.value)
+    assert "NoneType" not in str(raised.value)
+
+
 def test_every_invalid_section_reported(store: PostgresEventStore, tenant_id: str) -> None:
     document = {
         "calendars": [{**CALENDAR, "time_zone": "Nowhere"}],

@@ -212,7 +212,8 @@ def test_as_of_limits_history(
             "sla_policies",
             "'nowhere', which is not configured",
         ),
-        (["not", "an", "object"], "(document)", "object of sections"),
+        (["not", "an", "object"], "(document)", "the document is a list"),
+        (None, "(document)", "the document is empty"),
     ],
 )
 def test_bad_proposal_is_rejected(
@@ -223,6 +224,8 @@ def test_bad_proposal_is_rejected(
 
     assert section in [problem.section for problem in raised.value.problems]
     assert words in str(raised.value)
+    assert "nothing replayed" in str(raised.value)
+    assert "applied" not in str(raised.value)
 
 
 def _table_digests(database: Database) -> dict[str, tuple[int, str]]:

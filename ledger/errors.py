@@ -183,7 +183,7 @@ class ConfigProblem:
 class ConfigInvalid(CommandInvalid):
     """A configuration document with one or more invalid sections; nothing was applied.
 
-    `outcome` says what did not happen because of them, for the message.
+    `outcome` is the message's account of what did not happen because of them.
     """
 
     def __init__(self, problems: list[ConfigProblem], outcome: str = "nothing applied") -> None:

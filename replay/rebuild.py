@@ -215,9 +215,9 @@ def _rebuild(
         _copy_keys(admin, live, table)
     shadow_projection = projection.retarget(SHADOW_SCHEMA, shadow)
     with database.connect_worker(application_name=f"civicpulse-rebuild-{rebuild_id}") as conn:
-        # Catch up to where the log stands now, not to a horizon that moves on: writers
-        # that append faster than the shadow applies would keep the rebuild from ever
-        # reaching it. What arrives meanwhile is applied under the lock below.
+        # Catch up to the end of the log as it is now, not to a moving horizon, because
+        # writers that append faster than the shadow applies would keep the rebuild from
+        # ever reaching it. Events that arrive meanwhile are applied under the lock below.
         tail = last_event_below_horizon(conn)
         position, caught_up = _catch_up_shadow(conn, shadow_projection, horizon, tenant_id, tail)
         swap_started = time.monotonic()

@@ -48,8 +48,8 @@ PROBLEM = "application/problem+json"
 
 @pytest.fixture(scope="module")
 def database(server_conninfo: str) -> Iterator[Database]:
-    """A database of this module's own: snapshots, the scheduler and the commands here read
-    every tenant's log, and the session database holds what every earlier test left."""
+    """A database of this module's own. Snapshots, the scheduler and the commands here read
+    every tenant's log, and the session database contains what every earlier test left."""
     name, database = create_database(server_conninfo)
     yield database
     drop_database(server_conninfo, name)

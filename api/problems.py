@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -13,12 +14,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from ledger import errors
+from ledger.lifecycle import COMMANDS
 
 logger = logging.getLogger(__name__)
 
 PROBLEM_TYPE_BASE = "https://civicpulse.example/problems/"
 # Seconds a client is asked to wait before retrying when the database is unreachable.
 DATABASE_RETRY_AFTER_SECONDS = 1
+
+# The path of an incident command, such as /tenants/{t}/incidents/{id}/acknowledge.
+_COMMAND_PATH = re.compile(r"^/tenants/[^/]+/incidents/[^/]+/(?P<command>[^/]+)$")
 
 # Ledger error -> (HTTP status, problem type slug, title)
 _LEDGER_ERRORS: list[tuple[type[errors.LedgerError], int, str, str]] = [
@@ -141,6 +146,16 @@ def _invalid_item(item: Any, json_body: bool) -> dict[str, Any]:
     return entry
 
 
+def _unknown_command(request: Request, status: int) -> str | None:
+    """Return the command a POST named when no route has it, or None."""
+    if status != 404 or request.method != "POST":
+        return None
+    match = _COMMAND_PATH.match(request.url.path)
+    if match is None or match["command"] in COMMANDS:
+        return None
+    return match["command"]
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     async def ledger_error(request: Request, error: Exception) -> ProblemResponse:
         assert isinstance(error, errors.LedgerError)
@@ -163,6 +178,16 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, error: Exception) -> ProblemResponse:
         assert isinstance(error, StarletteHTTPException)
+        unknown = _unknown_command(request, error.status_code)
+        if unknown is not None:
+            return problem(
+                request,
+                404,
+                "unknown-command",
+                "Unknown command",
+                f"unknown command {unknown!r}: use one of {', '.join(sorted(COMMANDS))}",
+                commands=sorted(COMMANDS),
+            )
         return problem(
             request,
             error.status_code,

@@ -310,7 +310,7 @@ def _validate_policies(value: Any, context: SectionContext) -> dict[str, Any]:
         if spec.calendar is not None and spec.calendar not in known:
             raise ValueError(
                 f"policy {spec.id!r} names calendar {spec.calendar!r}, which is not configured: "
-                f"use one of {sorted(known) or 'the calendars section (none yet)'}"
+                f"use one of {', '.join(sorted(known)) or 'the calendars section (none yet)'}"
             )
     return {"policies": [spec.model_dump(mode="json") for spec in specs]}
 
@@ -532,7 +532,8 @@ def import_holidays(
                     "calendars",
                     "name",
                     calendar_name,
-                    f"no such calendar; configure it first or use one of {names or '(none)'}",
+                    "no such calendar; configure it first or use one of "
+                    f"{', '.join(names) or '(none)'}",
                 )
             ]
         )

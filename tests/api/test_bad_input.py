@@ -156,3 +156,32 @@ def test_unescaped_plus_in_as_of_is_read_as_an_offset(client: TestClient, tenant
     assert response.status_code == 200, response.text
     assert response.json()["as_of"].startswith("2016-01-13T05:00:00")
     assert spaced_date.status_code == 200, spaced_date.text
+
+
+def test_unknown_command_lists_the_commands(
+    client: TestClient, store: PostgresEventStore, tenant_id: str
+) -> None:
+    submitted = client.post(f"/tenants/{tenant_id}/incidents", json={"description": "broken lamp"})
+    assert submitted.status_code == 201, submitted.text
+    incident_id = submitted.json()["incident_id"]
+    before = event_count(store, tenant_id)
+
+    response = client.post(f"/tenants/{tenant_id}/incidents/{incident_id}/fix", json={})
+
+    assert response.status_code == 404
+    problem = response.json()
+    assert problem["type"].endswith("/unknown-command")
+    assert "'fix'" in problem["detail"]
+    assert "acknowledge" in problem["detail"] and "resolve" in problem["detail"]
+    assert problem["commands"] == sorted(problem["commands"])
+    assert "start-work" in problem["commands"]
+    assert event_count(store, tenant_id) == before
+
+
+def test_unknown_path_that_is_no_command_keeps_the_plain_404(
+    client: TestClient, tenant_id: str
+) -> None:
+    response = client.get(f"/tenants/{tenant_id}/incidents/1/2/3")
+
+    assert response.status_code == 404
+    assert not response.json()["type"].endswith("/unknown-command")

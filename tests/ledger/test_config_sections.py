@@ -107,7 +107,7 @@ def test_apply_only_changed_section(store: PostgresEventStore, tenant_id: str) -
         (
             "sla_policies",
             [{**POLICY, "calendar": "night"}],
-            ["sla_policies", "'night'", "not configured"],
+            ["sla_policies", "'night'", "not configured: use one of office"],
         ),
         (
             "sla_policies",
@@ -251,7 +251,9 @@ def test_import_holidays_into_calendar(store: PostgresEventStore, tenant_id: str
 
 
 def test_import_holidays_unknown_calendar(store: PostgresEventStore, tenant_id: str) -> None:
-    with pytest.raises(ConfigInvalid, match="no such calendar"):
+    apply_config(store, tenant_id, DOCUMENT, occurred_at=NOW)
+
+    with pytest.raises(ConfigInvalid, match="no such calendar; .* use one of office$"):
         import_holidays(store, tenant_id, "night", ICS, occurred_at=NOW, actor="test")
 
 

@@ -7,7 +7,9 @@ embedded server is started in a temporary data directory.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -69,6 +71,20 @@ def chromium() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return CHROMIUM
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """End the run on SIGTERM the way Ctrl-C ends it, so fixtures tear down.
+
+    Without this, SIGTERM kills the interpreter at once and leaves the embedded server of
+    `server_conninfo` running with its temporary data directory.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ Two reports are candidates for one group when both have a usable location (prese
 outside every placeholder location of the tenant) and lie within `distance_m` of each other.
 They must also be submitted within `window_hours` of each other, have the same or related
 categories, and have texts at least `min_similarity` alike (rapidfuzz token set ratio, 0 to
-100). The rule is symmetric, so groups built from it do not depend on which report arrived
+100). A report whose category the tenant lists in `ungrouped_categories` is never a
+candidate. The rule is symmetric, so groups built from it do not depend on which report arrived
 first.
 """
 
@@ -38,6 +39,7 @@ _FIXES = {
     "min_similarity": "give a score from 0 (any text) to 100 (same words)",
     "related_categories": 'give pairs of two different category names, as [["A", "B"]]',
     "placeholders": "give objects with latitude, longitude and radius_m (0 to 10000)",
+    "ungrouped_categories": 'give a list of category names, as ["Sticker Request"]',
 }
 
 
@@ -62,9 +64,13 @@ class GroupingSettings(BaseModel):
     min_similarity: float = Field(default=50.0, ge=0, le=100, allow_inf_nan=False)
     related_categories: tuple[tuple[str, str], ...] = Field(default=(), max_length=1000)
     placeholders: tuple[PlaceholderLocation, ...] = Field(default=(), max_length=100)
+    # Categories of requests that are each reporter's own, such as a bulk item pickup: two
+    # of them at one address are two requests, not one issue reported twice.
+    ungrouped_categories: tuple[str, ...] = Field(default=(), max_length=1000)
 
     _related: frozenset[tuple[str, str]] = PrivateAttr(default=frozenset())
     _related_to: dict[str | None, list[str | None]] = PrivateAttr(default_factory=dict)
+    _ungrouped: frozenset[str | None] = PrivateAttr(default=frozenset())
 
     @field_validator("related_categories")
     @classmethod
@@ -77,9 +83,22 @@ class GroupingSettings(BaseModel):
             cleaned.append((first, second))
         return tuple(cleaned)
 
+    @field_validator("ungrouped_categories")
+    @classmethod
+    def _category_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = tuple(name.strip() for name in names)
+        if any(not name for name in cleaned):
+            raise ValueError("a category name is empty: remove it or give the name")
+        return cleaned
+
     def model_post_init(self, context: Any, /) -> None:
         pairs = frozenset(self.related_categories)
         self._related = pairs | frozenset((second, first) for first, second in pairs)
+        self._ungrouped = frozenset(self.ungrouped_categories)
+
+    def groups(self, category: str | None) -> bool:
+        """Return False for a category the tenant never groups."""
+        return category not in self._ungrouped
 
     def related(self, first: str | None, second: str | None) -> bool:
         """Return True for equal categories (None included) and for related pairs."""
@@ -254,6 +273,8 @@ def candidates(
     With `checked_locations`, the caller has already checked that both locations are usable.
     """
     if not settings.related(first.category, second.category):
+        return False
+    if not settings.groups(first.category) or not settings.groups(second.category):
         return False
     window = settings.window_hours * 3600
     if abs((first.submitted_at - second.submitted_at).total_seconds()) > window:

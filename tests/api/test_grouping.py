@@ -65,6 +65,7 @@ def test_settings_round_trip(clients: dict[Role, TestClient], tenant_id: str) ->
         ({"min_similarity": 140}, ["min_similarity", "140", "0 (any text) to 100"]),
         ({"related_categories": [["A", "A"]]}, ["related_categories", "two different"]),
         ({"placeholders": [{"latitude": 95, "longitude": 0}]}, ["placeholders.0.latitude", "95"]),
+        ({"ungrouped_categories": [" "]}, ["ungrouped_categories", "empty", "category names"]),
         ({"radius": 3}, ["radius", "remove it"]),
     ],
 )

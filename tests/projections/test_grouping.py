@@ -146,6 +146,28 @@ def test_related_categories_group() -> None:
     assert group_of(tables, a) == group_of(tables, b)
 
 
+def test_ungrouped_category_stays_alone() -> None:
+    config = validate_grouping(
+        {
+            "related_categories": [["Bulk Item Pickup", "Street Light Outages"]],
+            "ungrouped_categories": ["Bulk Item Pickup"],
+        }
+    ).to_payload()
+    a, b, c, d = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    events = [
+        recorded(1, GROUPING_CONFIGURED, config, stream_id=tenant_stream_id("acme")),
+        report(2, a, category="Bulk Item Pickup", title="pickup"),
+        report(3, b, category="Bulk Item Pickup", title="pickup"),
+        report(4, c),
+        report(5, d),
+    ]
+    tables = fold_grouping(events)
+
+    assert group_of(tables, a) == a
+    assert group_of(tables, b) == b
+    assert group_of(tables, c) == group_of(tables, d)
+
+
 def test_bridge_report_joins_groups_in_any_order() -> None:
     # a and c are 80 m apart, beyond the 60 m distance; b lies between them.
     config = validate_grouping({"distance_m": 60}).to_payload()
@@ -229,6 +251,7 @@ SETTINGS = st.fixed_dictionaries(
         "min_similarity": st.sampled_from([0, 50, 90]),
         "related_categories": st.sampled_from([[], [["Light", "Pothole"]]]),
         "placeholders": st.sampled_from([[], [{"latitude": LAT, "longitude": LON}]]),
+        "ungrouped_categories": st.sampled_from([[], ["Pothole"]]),
     }
 )
 REPORT_STEP = st.tuples(st.just("report"), POINTS_OR_NONE, CATEGORIES, TITLES, st.integers(0, 60))

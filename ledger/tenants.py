@@ -304,9 +304,10 @@ _request_config_versions: ContextVar[dict[str, int] | None] = ContextVar(
 
 @contextmanager
 def config_versions_of_request() -> Iterator[None]:
-    """Let `record_config_version` calls in the block serve `load_tenant` calls in it.
+    """Let a `record_config_version` call in the block serve the next `load_tenant` call of
+    that tenant in it, in place of a query.
 
-    The block must be one request: a version recorded in it is trusted until it ends.
+    The block must be one request, whose start is the moment its first lookup reflects.
     """
     token = _request_config_versions.set({})
     try:
@@ -335,10 +336,11 @@ class TenantConfigCache:
         self._lock = threading.Lock()
 
     def load(self, store: PostgresEventStore, tenant_id: str) -> TenantConfig | None:
+        # A recorded version serves one lookup only: a later lookup in the same request may
+        # follow an append of the request's own to the configuration stream.
         versions = _request_config_versions.get()
-        if versions is not None and tenant_id in versions:
-            version = versions[tenant_id]
-        else:
+        version = versions.pop(tenant_id, None) if versions is not None else None
+        if version is None:
             version = store.stream_version(tenant_id, tenant_stream_id(tenant_id))
         cached = self._configs.get(tenant_id)
         if cached is not None and cached.version == version:

@@ -178,9 +178,7 @@ def start_api(
         time.sleep(0.2)
 
 
-def run_api(
-    database: Database, token: str, count: int, *, group_commit: bool, workers: int
-) -> Run:
+def run_api(database: Database, token: str, count: int, *, group_commit: bool, workers: int) -> Run:
     process, base = start_api(database, group_commit=group_commit, workers=workers)
     local = threading.local()
     run_id = uuid.uuid4().hex[:8]

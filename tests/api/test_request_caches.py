@@ -116,9 +116,7 @@ def test_key_cache_rereads_after_stream_change(
     # Revoked in SQL without an event: the cache keeps the row, as its NOTE says.
     with database.connect_owner() as owner, owner.transaction():
         set_tenant(owner, tenant_id)
-        owner.execute(
-            "UPDATE api_keys SET revoked_at = now() WHERE key_id = %s", (key.key_id,)
-        )
+        owner.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = %s", (key.key_id,))
     with session_pool.connection() as conn:
         cached = cache.authenticate(conn, token)
     # Any key event moves the keys stream, and the row is read again.

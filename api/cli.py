@@ -907,7 +907,7 @@ def _serve_workers(database: Database, host: str, port: int, processes: int) -> 
     import uvicorn
 
     # NOTE: each worker has its own Prometheus registry, so GET /metrics shows the counters
-    # of the worker that answers it (prometheus_client's multiprocess mode is not set up).
+    # of the worker that handles the request. prometheus_client's multiprocess mode is off.
     if database.embedded:
         # The workers use the server this process started. Each would otherwise start
         # the embedded server itself, and stop it again when it exits.

@@ -307,7 +307,8 @@ def config_versions_of_request() -> Iterator[None]:
     """Let a `record_config_version` call in the block serve the next `load_tenant` call of
     that tenant in it, in place of a query.
 
-    The block must be one request, whose start is the moment its first lookup reflects.
+    The block must span one request. Its first lookup then returns the configuration at the
+    version read when the request was authenticated, even if it changed since.
     """
     token = _request_config_versions.set({})
     try:

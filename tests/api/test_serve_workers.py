@@ -82,9 +82,26 @@ def serving(database: Database, log: Path) -> Iterator[Served]:
             time.sleep(0.2)
         yield Served(base, token, process, database)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the server and its workers: SIGTERM first, as uvicorn's supervisor expects.
+
+    A SIGKILL of the supervisor alone would leave its workers running.
+    """
+    if process.poll() is not None:
+        return
+    workers = live_workers(process)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(30)
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    for worker in alive:
+        worker.kill()
 
 
 @pytest.fixture(scope="module")

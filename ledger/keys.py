@@ -288,7 +288,8 @@ class _CachedKey:
 
 
 class KeyCache:
-    """Authenticates tokens, keeping each key's row until its tenant's keys stream changes.
+    """A cache of API key rows for `authenticate`, each kept until its tenant's keys stream
+    changes.
 
     `issue_key` and `revoke_key` append to the tenant's keys stream in the transaction that
     writes api_keys. So each call reads that stream's version, and reads the key again only
@@ -311,8 +312,9 @@ class KeyCache:
     def authenticate(
         self, conn: psycopg.Connection[Any], token: str, *, now: datetime | None = None
     ) -> Principal:
-        """Return the holder of `token`, as `authenticate` does, in one or two queries when
-        the key is cached. `conn` must not be in autocommit mode."""
+        """Return the holder of `token`, as `authenticate` does. A cached key costs two
+        statements (set the tenant, read the versions). `conn` must not be in autocommit
+        mode."""
         key_id, digest = parse_token(token)
         cached = self._keys.get(key_id)
         if cached is not None and hmac.compare_digest(cached.secret_sha256, digest):

@@ -328,7 +328,8 @@ class TenantConfigCache:
     """Folded tenant configurations, each kept while its stream stays at the same version.
 
     A lookup still reads the stream's version (one short query, or none when the request
-    recorded it already), so a configuration change is seen by the next request.
+    recorded it already), so a configuration change is seen by the next request. Callers
+    share the cached objects, so they must not change them, dict fields included.
     """
 
     def __init__(self, *, max_tenants: int = 10_000) -> None:

@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ledger.commands import Actor
 from ledger.errors import AuthenticationFailed, Forbidden, TenantNotFound
-from ledger.keys import Principal, Role, authenticate
+from ledger.keys import KeyCache, Principal, Role
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,10 @@ class Allow:
                 "`civicpulse key issue` printed"
             )
         pool = request.app.state.pool
+        keys: KeyCache = request.app.state.keys
         try:
             with pool.connection() as conn:
-                principal = authenticate(conn, credentials.credentials)
+                principal = keys.authenticate(conn, credentials.credentials)
         except AuthenticationFailed as error:
             # The message names the key id at most, never the secret.
             logger.warning(

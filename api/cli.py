@@ -65,6 +65,15 @@ HostOption = Annotated[
 PortOption = Annotated[
     int | None, typer.Option(help="Port to listen on (default: CIVICPULSE_API_PORT or 8000)")
 ]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=64,
+        help="uvicorn worker processes, each with its own connection pool "
+        "(default: CIVICPULSE_API_WORKERS or 1)",
+    ),
+]
 logger = logging.getLogger("civicpulse")
 
 
@@ -860,12 +869,17 @@ def _api_server(app: Any, host: str, port: int) -> Any:
 def serve(
     host: HostOption = None,
     port: PortOption = None,
+    workers: WorkersOption = None,
 ) -> None:
-    """Run the HTTP API."""
+    """Run the HTTP API, in one process or in several uvicorn worker processes."""
 
     from api.app import create_app
 
     settings, database = _migrated()
+    processes = workers or settings.api_workers
+    if processes > 1:
+        _serve_workers(database, host or settings.api_host, port or settings.api_port, processes)
+        return
     server = _api_server(
         create_app(
             database,
@@ -880,6 +894,33 @@ def serve(
     # our own, that would end the process with the signal instead of a normal exit.
     _stop_on_signals(threading.Event(), server)
     server.run()
+
+
+def _serve_workers(database: Database, host: str, port: int, processes: int) -> None:
+    """Run the API in `processes` uvicorn worker processes that share one listening socket.
+
+    uvicorn's supervisor starts the workers, restarts one that dies and stops them all on
+    SIGTERM or SIGINT. Each worker builds its app from the environment (api.server). The API
+    starts no background jobs, so nothing runs twice: the scheduler and the classifier run
+    in `civicpulse schedule` and `civicpulse project`.
+    """
+    import uvicorn
+
+    # NOTE: each worker has its own Prometheus registry, so GET /metrics shows the counters
+    # of the worker that handles the request. prometheus_client's multiprocess mode is off.
+    if database.embedded:
+        # The workers use the server this process started. Each would otherwise start
+        # the embedded server itself, and stop it again when it exits.
+        os.environ["DATABASE_URL"] = database.owner_conninfo
+    logger.info("starting %d API worker processes on %s:%d", processes, host, port)
+    uvicorn.run(
+        "api.server:create_worker_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=processes,
+        log_config=None,
+    )
 
 
 @app.command()

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.problems import PROBLEM_TYPE_BASE
 from ledger.metrics import HTTP_DURATION, HTTP_REQUESTS
 from ledger.schema import head_revision, schema_revision
+from ledger.tenants import config_versions_of_request
 from projections.runtime import projection_progress
 
 logger = logging.getLogger("civicpulse.access")
@@ -93,7 +94,7 @@ class RequestContext:
                 ]
             await send(message)
 
-        with structlog.contextvars.bound_contextvars(**context):
+        with structlog.contextvars.bound_contextvars(**context), config_versions_of_request():
             try:
                 if _content_length(scope) > limit:
                     status = 413

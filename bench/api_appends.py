@@ -2,21 +2,22 @@
 
 All runs happen in one process, one after the other, on the same PostgreSQL server:
 
-- API: `civicpulse serve` (uvicorn) started by this script on a loopback port, and 32
-  client threads each posting reports (POST /tenants/bench/incidents with an
-  Idempotency-Key) over keep-alive connections. Run once with group commit and, with
-  `--compare`, once more without it.
+- API: `civicpulse serve` (uvicorn, `--server-workers` processes) started by this script on
+  a loopback port, and 32 client threads each posting reports (POST
+  /tenants/bench/incidents with an Idempotency-Key) over keep-alive connections. Run once
+  with group commit and, with `--compare`, once more without it.
 - raw INSERT: 8 threads, each with its own autocommit connection, inserting the same number
   of rows one INSERT (one transaction) at a time into a bare table with the events table's
   columns and no keys, indexes, defaults or triggers.
 - eventsourcing: the `eventsourcing` library's PostgreSQL persistence, 8 threads each saving
   new aggregates, one event per aggregate, into a database of its own on the same server.
 
-It prints the rate, the median and the 99th percentile latency of each run, and the ratios
+It prints the rate, the median and the 99th percentile latency of each run, the CPU time
+per request of the server processes and of this script's client threads, and the ratios
 against the targets. The API should reach 0.33 of the raw INSERT rate or better and 3 times
 the `eventsourcing` rate or better, with a 99th percentile under 100 ms.
 
-    python bench/api_appends.py [--requests N] [--compare]
+    python bench/api_appends.py [--requests N] [--compare] [--server-workers N]
 
 DATABASE_URL selects the server; without it an embedded server is started.
 """
@@ -39,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import requests
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -72,7 +74,8 @@ class Run:
     count: int
     seconds: float
     latencies: list[float]
-    server_cpu_seconds: float | None = None  # of the API process, when it is one
+    server_cpu_seconds: float | None = None  # of the API processes, for API runs
+    client_cpu_seconds: float | None = None  # of this script, for API runs
 
     @property
     def rate(self) -> float:
@@ -93,15 +96,22 @@ class Run:
         )
         if self.server_cpu_seconds is not None:
             per_request = self.server_cpu_seconds / self.count * 1000
-            text += f"  server CPU {per_request:.1f} ms/request"
+            text += f"  server CPU {per_request:.2f} ms/request"
+        if self.client_cpu_seconds is not None:
+            per_request = self.client_cpu_seconds / self.count * 1000
+            text += f"  client CPU {per_request:.2f} ms/request"
         return text
 
 
 def cpu_seconds(pid: int) -> float:
-    """Return the user and system CPU time of a process (Linux: /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime and stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """Return the user and system CPU time of a process and of its live child processes
+    (the uvicorn workers), from /proc/PID/stat on Linux."""
+    total = 0.0
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime and stime
+        total += ticks / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def timed_calls(clients: int, calls: list[Callable[[], None]], name: str) -> Run:
@@ -139,7 +149,9 @@ def free_port() -> int:
     return port
 
 
-def start_api(database: Database, *, group_commit: bool) -> tuple[subprocess.Popen[bytes], str]:
+def start_api(
+    database: Database, *, group_commit: bool, workers: int
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
@@ -149,6 +161,7 @@ def start_api(database: Database, *, group_commit: bool) -> tuple[subprocess.Pop
         "CIVICPULSE_API_POOL_SIZE": "20",
         "CIVICPULSE_GROUP_COMMIT": "true" if group_commit else "false",
         "CIVICPULSE_LOG_LEVEL": "WARNING",
+        "CIVICPULSE_API_WORKERS": str(workers),
     }
     process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "civicpulse"), "serve"], env=env)
     base = f"http://127.0.0.1:{port}"
@@ -165,8 +178,8 @@ def start_api(database: Database, *, group_commit: bool) -> tuple[subprocess.Pop
         time.sleep(0.2)
 
 
-def run_api(database: Database, token: str, count: int, *, group_commit: bool) -> Run:
-    process, base = start_api(database, group_commit=group_commit)
+def run_api(database: Database, token: str, count: int, *, group_commit: bool, workers: int) -> Run:
+    process, base = start_api(database, group_commit=group_commit, workers=workers)
     local = threading.local()
     run_id = uuid.uuid4().hex[:8]
 
@@ -194,9 +207,15 @@ def run_api(database: Database, token: str, count: int, *, group_commit: bool) -
         # Warm up connections and code paths before the clock starts.
         timed_calls(API_CLIENTS, [post(-n - 1) for n in range(API_CLIENTS * 4)], "warm-up")
         label = "API, group commit" if group_commit else "API, one commit per request"
-        cpu_before = cpu_seconds(process.pid)
+        label += f", {workers} worker" + ("s" if workers > 1 else "")
+        server_before = cpu_seconds(process.pid)
+        client_before = time.process_time()
         run = timed_calls(API_CLIENTS, [post(n) for n in range(count)], label)
-        return replace(run, server_cpu_seconds=cpu_seconds(process.pid) - cpu_before)
+        return replace(
+            run,
+            server_cpu_seconds=cpu_seconds(process.pid) - server_before,
+            client_cpu_seconds=time.process_time() - client_before,
+        )
     finally:
         process.terminate()
         process.wait(30)
@@ -285,7 +304,16 @@ def main() -> None:
     parser.add_argument(
         "--compare", action="store_true", help="also run the API without group commit"
     )
+    parser.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="uvicorn worker processes of the API server (CIVICPULSE_API_WORKERS)",
+    )
     args = parser.parse_args()
+    if args.server_workers < 1:
+        parser.error(f"invalid --server-workers {args.server_workers}: use 1 or more")
 
     server_conninfo = server()
     name, database = fresh_database(server_conninfo)
@@ -296,9 +324,12 @@ def main() -> None:
         _, token = issue_key(store, TENANT, role=Role.STAFF, name="bench", issued_by="bench")
         store_pool.close()
 
-        runs = [run_api(database, token, args.requests, group_commit=True)]
+        workers = args.server_workers
+        runs = [run_api(database, token, args.requests, group_commit=True, workers=workers)]
         if args.compare:
-            runs.append(run_api(database, token, args.requests, group_commit=False))
+            runs.append(
+                run_api(database, token, args.requests, group_commit=False, workers=workers)
+            )
         raw = run_raw_insert(database, args.requests)
         library = run_eventsourcing(server_conninfo, args.requests)
     finally:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +25,7 @@ from ledger.errors import AuthenticationFailed, CommandInvalid, KeyNotFound
 from ledger.events import NewEvent
 from ledger.ids import new_id
 from ledger.store import PostgresEventStore
-from ledger.tenants import require_tenant
+from ledger.tenants import record_config_version, require_tenant, tenant_stream_id
 
 KEY_ISSUED = "ApiKeyIssued"
 KEY_REVOKED = "ApiKeyRevoked"
@@ -219,6 +221,54 @@ def _get_key(conn: psycopg.Connection[Any], tenant_id: str, key_id: UUID) -> Api
     return _key(row)
 
 
+def parse_token(token: str) -> tuple[UUID, bytes]:
+    """Return the key id of `token` and the SHA-256 of its secret; raise AuthenticationFailed
+    when it is not a token of the form `issue_key` returns."""
+    match = _TOKEN.fullmatch(token.strip())
+    if match is None:
+        raise AuthenticationFailed(
+            "malformed API key: send the key that `civicpulse key issue` printed, as "
+            "'Authorization: Bearer cpk_...'"
+        )
+    return UUID(hex=match.group(1)), _secret_sha256(match.group(2))
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyRow:
+    """A key's row in api_keys, as authenticate_api_key returns it."""
+
+    tenant_id: str
+    role: Role
+    name: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+def _find_key(conn: psycopg.Connection[Any], key_id: UUID, digest: bytes) -> _KeyRow:
+    row = conn.execute(
+        "SELECT tenant_id, role, name, expires_at, revoked_at FROM authenticate_api_key(%s, %s)",
+        (key_id, digest),
+    ).fetchone()
+    if row is None:
+        raise AuthenticationFailed(f"unknown API key {key_id}: ask a tenant admin for a key")
+    tenant_id, role, name, expires_at, revoked_at = row
+    return _KeyRow(tenant_id, Role(role), name, expires_at, revoked_at)
+
+
+def _principal(key_id: UUID, key: _KeyRow, now: datetime | None) -> Principal:
+    """Return the holder of a key; raise AuthenticationFailed when it is revoked or expired."""
+    now = now or datetime.now(UTC)
+    if key.revoked_at is not None:
+        raise AuthenticationFailed(
+            f"API key {key_id} was revoked at {key.revoked_at.isoformat()}: ask for a new key"
+        )
+    if key.expires_at is not None and key.expires_at <= now:
+        raise AuthenticationFailed(
+            f"API key {key_id} expired at {key.expires_at.isoformat()}: ask for a new key"
+        )
+    return Principal(tenant_id=key.tenant_id, key_id=key_id, role=key.role, name=key.name)
+
+
 def authenticate(
     conn: psycopg.Connection[Any], token: str, *, now: datetime | None = None
 ) -> Principal:
@@ -226,27 +276,75 @@ def authenticate(
 
     The secret is never logged or echoed: messages name the key id at most.
     """
-    match = _TOKEN.fullmatch(token.strip())
-    if match is None:
-        raise AuthenticationFailed(
-            "malformed API key: send the key that `civicpulse key issue` printed, as "
-            "'Authorization: Bearer cpk_...'"
-        )
-    key_id = UUID(hex=match.group(1))
-    row = conn.execute(
-        "SELECT tenant_id, role, name, expires_at, revoked_at FROM authenticate_api_key(%s, %s)",
-        (key_id, _secret_sha256(match.group(2))),
-    ).fetchone()
-    if row is None:
-        raise AuthenticationFailed(f"unknown API key {key_id}: ask a tenant admin for a key")
-    tenant_id, role, name, expires_at, revoked_at = row
-    now = now or datetime.now(UTC)
-    if revoked_at is not None:
-        raise AuthenticationFailed(
-            f"API key {key_id} was revoked at {revoked_at.isoformat()}: ask for a new key"
-        )
-    if expires_at is not None and expires_at <= now:
-        raise AuthenticationFailed(
-            f"API key {key_id} expired at {expires_at.isoformat()}: ask for a new key"
-        )
-    return Principal(tenant_id=tenant_id, key_id=key_id, role=Role(role), name=name)
+    key_id, digest = parse_token(token)
+    return _principal(key_id, _find_key(conn, key_id, digest), now)
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedKey:
+    secret_sha256: bytes
+    key: _KeyRow
+    keys_version: int  # of the tenant's keys stream when `key` was read
+
+
+class KeyCache:
+    """A cache of API key rows for `authenticate`, each kept until its tenant's keys stream
+    changes.
+
+    `issue_key` and `revoke_key` append to the tenant's keys stream in the transaction that
+    writes api_keys. So each call reads that stream's version, and reads the key again only
+    when the version moved: a revoked key fails on the first request that starts after the
+    revocation committed. Expiry is checked against the clock on every call.
+
+    NOTE: a change to api_keys made by hand in SQL, without an event in the keys stream, is
+    not seen until the keys stream changes or the process restarts.
+
+    Each call also reads the version of the tenant's configuration stream in the same query
+    and records it for this request (ledger.tenants.record_config_version), so that loading
+    the tenant's configuration afterwards needs no query of its own.
+    """
+
+    def __init__(self, *, max_keys: int = 10_000) -> None:
+        self.max_keys = max_keys
+        self._keys: dict[UUID, _CachedKey] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(
+        self, conn: psycopg.Connection[Any], token: str, *, now: datetime | None = None
+    ) -> Principal:
+        """Return the holder of `token`, as `authenticate` does. A cached key costs two
+        statements (set the tenant, read the versions). `conn` must not be in autocommit
+        mode."""
+        key_id, digest = parse_token(token)
+        cached = self._keys.get(key_id)
+        if cached is not None and hmac.compare_digest(cached.secret_sha256, digest):
+            keys_version = _read_versions(conn, cached.key.tenant_id)
+            if keys_version == cached.keys_version:
+                return _principal(key_id, cached.key, now)
+        # Unknown here, or its keys stream moved: learn the key's tenant, then read the
+        # stream version before the row, so that the row cached is never older than the
+        # version it is cached under.
+        tenant_id = _find_key(conn, key_id, digest).tenant_id
+        keys_version = _read_versions(conn, tenant_id)
+        key = _find_key(conn, key_id, digest)
+        with self._lock:
+            if len(self._keys) >= self.max_keys:
+                self._keys.clear()
+            self._keys[key_id] = _CachedKey(digest, key, keys_version)
+        return _principal(key_id, key, now)
+
+
+def _read_versions(conn: psycopg.Connection[Any], tenant_id: str) -> int:
+    """Return the version of the tenant's keys stream, and record that of its configuration
+    stream for the current request."""
+    set_tenant(conn, tenant_id)
+    keys_stream = keys_stream_id(tenant_id)
+    config_stream = tenant_stream_id(tenant_id)
+    versions = dict(
+        conn.execute(
+            "SELECT stream_id, version FROM streams WHERE stream_id = ANY(%s)",
+            ([keys_stream, config_stream],),
+        ).fetchall()
+    )
+    record_config_version(tenant_id, int(versions.get(config_stream, 0)))
+    return int(versions.get(keys_stream, 0))

@@ -53,6 +53,13 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
+    api_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="uvicorn worker processes of `civicpulse serve`. Each opens its own pool "
+        "of api_pool_size connections.",
+    )
 
     projector_batch_size: int = Field(default=2000, ge=1, le=100_000)
     projector_poll_seconds: float = Field(default=1.0, gt=0, le=600)

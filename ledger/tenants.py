@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import re
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -289,8 +294,93 @@ def create_tenant(
     return config
 
 
-def load_tenant(store: PostgresEventStore, tenant_id: str) -> TenantConfig | None:
+# The configuration stream versions read so far in the current API request, by tenant, or
+# None outside a request. The API's middleware sets a new dict for each request, and the
+# dependency that authenticates the request fills it in (ledger.keys.KeyCache).
+_request_config_versions: ContextVar[dict[str, int] | None] = ContextVar(
+    "request_config_versions", default=None
+)
+
+
+@contextmanager
+def config_versions_of_request() -> Iterator[None]:
+    """Let a `record_config_version` call in the block serve the next `load_tenant` call of
+    that tenant in it, in place of a query.
+
+    The block must span one request. Its first lookup then returns the configuration at the
+    version read when the request was authenticated, even if it changed since.
+    """
+    token = _request_config_versions.set({})
+    try:
+        yield
+    finally:
+        _request_config_versions.reset(token)
+
+
+def record_config_version(tenant_id: str, version: int) -> None:
+    """Record the version of the tenant's configuration stream read in the current request."""
+    versions = _request_config_versions.get()
+    if versions is not None:
+        versions[tenant_id] = version
+
+
+class TenantConfigCache:
+    """Folded tenant configurations, each kept while its stream stays at the same version.
+
+    A lookup still reads the stream's version (one short query, or none when the request
+    recorded it already), so a configuration change is seen by the next request. Callers
+    share the cached objects, so they must not change them, dict fields included.
+    """
+
+    def __init__(self, *, max_tenants: int = 10_000) -> None:
+        self.max_tenants = max_tenants
+        self._configs: dict[str, TenantConfig] = {}
+        self._lock = threading.Lock()
+
+    def load(self, store: PostgresEventStore, tenant_id: str) -> TenantConfig | None:
+        # A recorded version serves one lookup only: a later lookup in the same request may
+        # follow an append of the request's own to the configuration stream.
+        versions = _request_config_versions.get()
+        version = versions.pop(tenant_id, None) if versions is not None else None
+        if version is None:
+            version = store.stream_version(tenant_id, tenant_stream_id(tenant_id))
+        cached = self._configs.get(tenant_id)
+        if cached is not None and cached.version == version:
+            return cached
+        # The stream may have grown since its version was read: the folded config carries
+        # the version of its own last event, which is what later lookups compare with.
+        config = _fold_stream(store, tenant_id)
+        if config is not None:
+            with self._lock:
+                if len(self._configs) >= self.max_tenants:
+                    self._configs.clear()
+                self._configs[tenant_id] = config
+        return config
+
+
+# Stores whose load_tenant calls go through a cache; other stores read the stream each time.
+_config_caches: weakref.WeakKeyDictionary[PostgresEventStore, TenantConfigCache] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def cache_tenant_configs(store: PostgresEventStore) -> TenantConfigCache:
+    """Make `load_tenant` and `require_tenant` on `store` use a cache; return the cache."""
+    cache = _config_caches.get(store)
+    if cache is None:
+        cache = _config_caches[store] = TenantConfigCache()
+    return cache
+
+
+def _fold_stream(store: PostgresEventStore, tenant_id: str) -> TenantConfig | None:
     return fold_tenant(tenant_id, store.read_stream(tenant_id, tenant_stream_id(tenant_id)))
+
+
+def load_tenant(store: PostgresEventStore, tenant_id: str) -> TenantConfig | None:
+    cache = _config_caches.get(store)
+    if cache is not None:
+        return cache.load(store, tenant_id)
+    return _fold_stream(store, tenant_id)
 
 
 def require_tenant(store: PostgresEventStore, tenant_id: str) -> TenantConfig:

@@ -238,16 +238,23 @@ class PostgresEventStore:
         indexes: list[int],
         outcomes: list[Outcome | None],
     ) -> None:
-        # Lock the existing heads in stream order, as every batch does, so that two batches
-        # take their locks in the same order. A new stream has no head to lock: a concurrent
-        # creator of the same stream makes the INSERT below fail on (stream_id,
-        # stream_version).
+        # Create the missing heads and lock every head in one pass in stream order, as every
+        # append does, so that two transactions take their locks in the same order. Creating
+        # a new stream's head only at the end would lock it out of order: a concurrent
+        # append that created it first would wait on this batch while holding it.
+        # NOTE: a new stream whose append is then rejected (a version conflict) keeps an
+        # empty head at version 0, which reads and verify treat as no stream.
         streams = sorted({pending.stream_id for pending in appends})
         heads: dict[str, tuple[int, bytes | None]] = {}
         for stream_id, owner, version, head_hash in conn.execute(
-            "SELECT stream_id, tenant_id, version, head_hash FROM streams "
-            "WHERE stream_id = ANY(%s) ORDER BY stream_id FOR UPDATE",
-            (streams,),
+            """
+            INSERT INTO streams (stream_id, tenant_id, version, head_hash)
+            SELECT stream_id, %s, 0, NULL FROM unnest(%s::text[]) AS stream_id
+            ORDER BY stream_id
+            ON CONFLICT (stream_id) DO UPDATE SET version = streams.version
+            RETURNING stream_id, tenant_id, version, head_hash
+            """,
+            (tenant_id, streams),
         ):
             if owner == tenant_id:
                 heads[stream_id] = (version, bytes(head_hash) if head_hash is not None else None)

@@ -365,3 +365,49 @@ def test_race_with_other_writer_falls_back(
         [(neighbours[0], "0"), (contested, "9"), (neighbours[1], "2")]
     )
     assert verify(database, tenant_id).ok
+
+
+def test_batch_creating_stream_waits_without_deadlock(
+    session_pool: ConnectionPool[Any],
+    committer: GroupCommitter,
+    batched: PostgresEventStore,
+    database: Database,
+) -> None:
+    # An append outside the batch creates stream `a` and then wants stream `b`, which the
+    # batch also writes. Locking in stream order, the batch waits for `a` before it locks
+    # `b`, so the other append gets `b` and both finish.
+    plain = PostgresEventStore(session_pool)
+    tenant_id = new_tenant(plain)
+    first, second = f"incident-a-{uuid.uuid4()}", f"incident-b-{uuid.uuid4()}"
+    plain.append(tenant_id, second, [noted(0)], expected_version=0)
+
+    release, holder = hold_worker(committer)
+    outcomes: list[Any] = [None, None]
+
+    def call(index: int, stream_id: str, expected: int) -> None:
+        try:
+            outcomes[index] = batched.append(
+                tenant_id, stream_id, [noted(10 + index)], expected_version=expected
+            )
+        except Exception as error:
+            outcomes[index] = error
+
+    threads = [
+        threading.Thread(target=call, args=(0, first, 0)),
+        threading.Thread(target=call, args=(1, second, 1)),
+    ]
+    with session_pool.connection() as conn, conn.transaction():
+        plain.append(tenant_id, first, [noted(1)], expected_version=0, conn=conn)
+        for thread in threads:
+            thread.start()
+        wait_for_queue(committer, 2)
+        release.set()
+        time.sleep(1.5)  # the batch runs now, and would lock `b` out of order if it could
+        plain.append(tenant_id, second, [noted(2)], expected_version=1, conn=conn)
+    for thread in [*threads, holder]:
+        thread.join(30)
+
+    assert not any(isinstance(outcome, psycopg.errors.DeadlockDetected) for outcome in outcomes)
+    assert isinstance(outcomes[0], ConcurrencyError)
+    assert isinstance(outcomes[1], ConcurrencyError)
+    assert [row[4] for row in stored(database, tenant_id)] == ["0", "1", "2"]

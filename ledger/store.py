@@ -238,10 +238,8 @@ class PostgresEventStore:
         indexes: list[int],
         outcomes: list[Outcome | None],
     ) -> None:
-        # Create the missing heads and lock every head in one pass in stream order, as every
-        # append does, so that two transactions take their locks in the same order. Creating
-        # a new stream's head only at the end would lock it out of order: a concurrent
-        # append that created it first would wait on this batch while holding it.
+        # Create the missing heads and lock all heads in stream order in one statement, as a
+        # single append does, so that two transactions never take two heads in opposite orders.
         # NOTE: a new stream whose append is then rejected (a version conflict) keeps an
         # empty head at version 0, which reads and verify treat as no stream.
         streams = sorted({pending.stream_id for pending in appends})

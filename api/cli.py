@@ -308,6 +308,132 @@ def projections_status() -> None:
     Console().print(table)
 
 
+EventIdOption = Annotated[
+    UUID, typer.Option("--event-id", help="The event's id, as the projection's last error names it")
+]
+ProjectionOption = Annotated[str, typer.Option("--projection", help="Projection name")]
+ReasonOption = Annotated[str, typer.Option(help="Why, recorded in the event")]
+
+
+def _parking_store(database: Database) -> tuple[ConnectionPool[Any], PostgresEventStore]:
+    # The worker role reads every tenant's events and writes the park marks.
+    pool: ConnectionPool[Any] = ConnectionPool(database.worker_conninfo, min_size=1, max_size=1)
+    return pool, PostgresEventStore(pool)
+
+
+def _known_projection(name: str) -> None:
+    from projections.runtime import projection_named
+
+    try:
+        projection_named(name)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+
+
+@projections_app.command("park")
+def projections_park(
+    projection: ProjectionOption,
+    tenant: TenantOption,
+    event_id: EventIdOption,
+    reason: ReasonOption,
+    by: Annotated[str, typer.Option(help="Who parks it, recorded in the event")] = "cli",
+) -> None:
+    """Set an event aside for one projection, so that the projection goes on without it.
+
+    Streaming, rebuilds and time travel of that projection all skip the event.
+    """
+    from ledger.parking import park_event
+
+    _known_projection(projection)
+    _, database = _migrated()
+    pool, store = _parking_store(database)
+    with pool, pool.connection() as conn:
+        try:
+            parked, new = park_event(
+                conn,
+                store,
+                projection,
+                tenant,
+                event_id,
+                reason=reason,
+                parked_by=by,
+                occurred_at=datetime.now(UTC),
+            )
+        except LedgerError as error:
+            raise _fail(str(error)) from error
+    state = "parked" if new else "already parked"
+    console.print(
+        f"{state}: event {parked.event_id} at position {parked.position} of tenant "
+        f"{parked.tenant_id}, for projection {parked.projection}"
+    )
+
+
+@projections_app.command("unpark")
+def projections_unpark(
+    projection: ProjectionOption,
+    tenant: TenantOption,
+    event_id: EventIdOption,
+    reason: ReasonOption,
+    by: Annotated[str, typer.Option(help="Who unparks it, recorded in the event")] = "cli",
+) -> None:
+    """Stop skipping a parked event. Rebuild the projection to apply it."""
+    from ledger.parking import unpark_event
+
+    _known_projection(projection)
+    _, database = _migrated()
+    pool, store = _parking_store(database)
+    with pool, pool.connection() as conn:
+        try:
+            removed = unpark_event(
+                conn,
+                store,
+                projection,
+                tenant,
+                event_id,
+                reason=reason,
+                unparked_by=by,
+                occurred_at=datetime.now(UTC),
+            )
+        except LedgerError as error:
+            raise _fail(str(error)) from error
+    if not removed:
+        raise _fail(
+            f"event {event_id} of tenant {tenant!r} is not parked for projection "
+            f"{projection!r}; `civicpulse projections parked` lists the parked events"
+        )
+    console.print(f"unparked event {event_id}; run `civicpulse rebuild {projection}` to apply it")
+
+
+@projections_app.command("parked")
+def projections_parked(
+    projection: Annotated[
+        str | None, typer.Option("--projection", help="Only this projection")
+    ] = None,
+) -> None:
+    """List the events set aside, per projection."""
+    from ledger.parking import list_parked
+
+    if projection is not None:
+        _known_projection(projection)
+    _, database = _migrated()
+    with database.connect_worker() as conn:
+        rows = list_parked(conn, projection)
+    table = Table(title="parked events")
+    for column in ("projection", "position", "tenant", "event id", "parked", "by", "reason"):
+        table.add_column(column)
+    for item in rows:
+        table.add_row(
+            item.projection,
+            str(item.position),
+            item.tenant_id,
+            str(item.event_id),
+            item.parked_at.isoformat(timespec="seconds"),
+            item.parked_by,
+            item.reason,
+        )
+    Console().print(table)
+
+
 @key_app.command("issue")
 def key_issue(
     tenant: TenantOption,

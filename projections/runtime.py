@@ -22,6 +22,7 @@ import psycopg
 from ledger.database import Database
 from ledger.events import RecordedEvent
 from ledger.metrics import PROJECTION_EVENTS, PROJECTION_FAILURES, PROJECTION_LAG
+from ledger.parking import parked_positions, without_parked
 from ledger.store import Checkpoint, read_after
 from projections.base import Projection
 from projections.grouping import grouping_projection
@@ -244,15 +245,19 @@ def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_s
     with conn.transaction():
         lock_for_apply(conn, projection.name)
         start = load_checkpoint(conn, projection.name)
-        events = read_after(conn, start, batch_size)
-        if not events:
+        read = read_after(conn, start, batch_size)
+        if not read:
             return 0
+        # The checkpoint moves past the parked events too.
+        last = read[-1]
+        parked = parked_positions(conn, projection.name, read[0].position, last.position)
+        events = without_parked(read, parked)
         try:
-            projection.apply(conn, events)
+            if events:
+                projection.apply(conn, events)
         except APPLY_ERRORS as error:
             failure = error
             raise psycopg.Rollback() from error
-        last = events[-1]
         moved = conn.execute(
             """
             UPDATE projection_checkpoints
@@ -263,14 +268,14 @@ def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_s
         )
         if moved.rowcount != 1:
             raise CheckpointMoved(projection.name)
-        return len(events)
+        return len(read)
     # The batch was rolled back. Name the event that fails, so that an operator can find it.
     assert failure is not None
     found = failing_event(conn, projection, events)
     if found is None:
-        raise BatchFailed(projection.name, events[0], events[-1]) from failure
+        raise BatchFailed(projection.name, read[0], read[-1]) from failure
     event, error = found
-    raise BatchFailed(projection.name, events[0], events[-1], event) from error
+    raise BatchFailed(projection.name, read[0], read[-1], event) from error
 
 
 def try_own(conn: psycopg.Connection[Any], projection: Projection) -> bool:

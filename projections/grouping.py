@@ -11,8 +11,8 @@ matches in each group it joins (earliest by submission time, then incident id), 
 every report it matches. So a dense cluster stores about one link per report rather than
 one per pair. When a link that joined reports goes away (a category change, a staff
 split), the pairs of the former group are evaluated again, and matching pairs that lie in
-different parts are linked, so the group divides only where no matching pair holds it
-together.
+different parts are linked. So the group divides only where no matching pair connects its
+parts.
 
 Every event takes effect in log order with the settings in force at its position: a link
 found under old settings stays when the settings change. A report's links are evaluated

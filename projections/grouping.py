@@ -220,11 +220,16 @@ class _Batch:
         self.dissolved: set[TextKey] = set()
         self.new: set[TextKey] = set()
         self.changed: set[TextKey] = set()
-        # (tenant, cell, category) -> reports: the in-memory spatial index.
-        self.index: dict[tuple[str, int, str | None], list[TextKey]] = defaultdict(list)
-        # Whether each report's location is usable under the settings in force; emptied
-        # when a tenant's settings change.
+        # (tenant, cell, category) -> (submission time, incident id, report key) of each
+        # report: the in-memory spatial index, in entries that sort in submission order.
+        self.index: dict[tuple[str, int, str | None], list[tuple[datetime, str, TextKey]]] = (
+            defaultdict(list)
+        )
+        # Whether each report's location is usable under the settings in force, and the
+        # categories related to each category; both emptied when a tenant's settings
+        # change. (Reading the settings' own cache costs more than the rule's tests.)
         self.usable: dict[TextKey, bool] = {}
+        self.related_to: dict[tuple[str, str | None], list[str | None]] = {}
         # Links stored before the batch, loaded per report on first use.
         self.stored_links: dict[TextKey, dict[str, str]] = {}
         # Link changes of this batch, per endpoint (None removes a link).
@@ -287,35 +292,49 @@ class _Batch:
             in_force = versions[tenant_id]
             distance = max(settings.distance_m for settings in in_force)
             window = timedelta(hours=max(settings.window_hours for settings in in_force))
-            pairs: set[tuple[int, str | None]] = set()
+            related_to: dict[str | None, set[str | None]] = {}
+            cells_by_category: dict[str | None, set[int]] = defaultdict(set)
             times = []
             for key, (lat, lon, at) in points.items():
                 if key[0] != tenant_id or not isinstance(lat, int | float):
                     continue
                 if not isinstance(lon, int | float):
                     continue
-                related = {
-                    other
-                    for category in categories[key]
-                    for settings in in_force
-                    for other in settings.categories_related_to(category)
-                }
                 times.append(at)
-                for cell in cells_near(lat, lon, distance):
-                    pairs.update((cell, category) for category in related)
-            if not pairs:
+                cells = cells_near(lat, lon, distance)
+                for category in categories[key]:
+                    related = related_to.get(category)
+                    if related is None:
+                        related = related_to[category] = {
+                            other
+                            for settings in in_force
+                            for other in settings.categories_related_to(category)
+                        }
+                    for other in related:
+                        cells_by_category[other].update(cells)
+            if not cells_by_category:
                 continue
-            cells, names = zip(*pairs, strict=True)
-            # A join on the pairs, so that each pair is one search of the cell index. A
-            # missing category and an empty one share the key '': the rule distinguishes them.
+            # A join on the (cell, category) pairs, so that each pair is one search of the
+            # cell index. A missing category and an empty one share the key '': the rule
+            # distinguishes them. The integer arrays go as text literals, because psycopg
+            # adapts list elements one by one in Python: an eighth of the time of a
+            # profiled catch-up of the Boston export.
+            names = list(cells_by_category)
+            pair_cells: list[int] = []
+            pair_names: list[int] = []
+            for number, name in enumerate(names, start=1):
+                found = cells_by_category[name]
+                pair_cells.extend(found)
+                pair_names.extend([number] * len(found))
             self._load_reports(
                 tenant_id,
-                source="unnest(%s::bigint[], %s::text[]) AS q(cell, category) "
+                source="unnest(%s::bigint[], %s::int[]) AS q(cell, name) "
                 f"JOIN {self.names.reports} AS g "
-                "ON g.cell = q.cell AND coalesce(g.category, '') = q.category",
+                "ON g.cell = q.cell AND coalesce(g.category, '') = (%s::text[])[q.name]",
                 condition="g.submitted_at BETWEEN %s AND %s",
                 params=(
-                    list(cells),
+                    _array_literal(pair_cells),
+                    _array_literal(pair_names),
                     [name or "" for name in names],
                     tenant_id,
                     min(times) - window,
@@ -376,12 +395,12 @@ class _Batch:
         self.reports[key] = report
         if report.latitude is not None and report.longitude is not None:
             cell = cell_of(report.latitude, report.longitude)
-            self.index[(key[0], cell, report.category)].append(key)
+            self.index[(key[0], cell, report.category)].append((report.submitted_at, key[1], key))
 
     def _remove_from_index(self, key: TextKey, report: GroupedReport) -> None:
         if report.latitude is not None and report.longitude is not None:
             cell = cell_of(report.latitude, report.longitude)
-            self.index[(key[0], cell, report.category)].remove(key)
+            self.index[(key[0], cell, report.category)].remove((report.submitted_at, key[1], key))
 
     def _usable(self, key: TextKey, settings: GroupingSettings) -> bool:
         usable = self.usable.get(key)
@@ -472,6 +491,9 @@ class _Batch:
             self.usable = {
                 key: value for key, value in self.usable.items() if key[0] != event.tenant_id
             }
+            self.related_to = {
+                key: value for key, value in self.related_to.items() if key[0] != event.tenant_id
+            }
             return
         key = _text_key(event)
         if kind == lc.REPORT_SUBMITTED:
@@ -549,17 +571,22 @@ class _Batch:
         earliest, latest = report.submitted_at - window, report.submitted_at + window
         cells = cells_near(report.latitude, report.longitude, settings.distance_m)
         index = self.index
-        reports = self.reports
-        found = []
-        for category in settings.categories_related_to(report.category):
+        related = self.related_to.get((tenant_id, report.category))
+        if related is None:
+            related = settings.categories_related_to(report.category)
+            self.related_to[(tenant_id, report.category)] = related
+        found: list[tuple[datetime, str, TextKey]] = []
+        for category in related:
             for cell in cells:
-                for other in index.get((tenant_id, cell, category), ()):
-                    submitted_at = reports[other].submitted_at
-                    if earliest <= submitted_at <= latest and other != key:
-                        found.append((submitted_at, other[1], other))
+                entries = index.get((tenant_id, cell, category))
+                if entries:
+                    found.extend(entry for entry in entries if earliest <= entry[0] <= latest)
         found.sort()
         root_of = self.groups.root_of
+        reports = self.reports
         for _, _, other in found:
+            if other == key:
+                continue
             if within is not None and other not in within:
                 continue
             if root_of[other] == root_of[key] or self.link_kind(key, other) is not None:
@@ -689,6 +716,11 @@ class _Batch:
                 "WHERE r.tenant_id = %s AND r.incident_id = m.incident_id",
                 (incident_ids, group_ids, tenant_id),
             )
+
+
+def _array_literal(numbers: list[int]) -> str:
+    """Return integers as a PostgreSQL array literal, such as {1,2,3}."""
+    return "{" + ",".join(map(str, numbers)) + "}"
 
 
 # Label nodes of _Batch.groups are the tenant and a stored group id behind this prefix, which

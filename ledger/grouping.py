@@ -231,12 +231,20 @@ def cells_near(latitude: float, longitude: float, radius_m: float) -> list[int]:
     """Return the keys of every cell that contains a point within `radius_m` of the given one."""
     row = math.floor(latitude / CELL_DEGREES)
     column = math.floor(longitude / CELL_DEGREES)
-    rows = math.ceil(radius_m / _CELL_M)
-    # Columns narrow toward the poles: take the widest span over the rows searched.
-    widest = min(89.9, abs(latitude) + (rows + 1) * CELL_DEGREES)
-    columns = math.ceil(radius_m / (_CELL_M * math.cos(math.radians(widest))))
     base = row * _CELL_ROW_WIDTH + column
-    return [base + offset for offset in _cell_offsets(rows, columns)]
+    return [base + offset for offset in _offsets_near(row, radius_m)]
+
+
+@functools.lru_cache(maxsize=65_536)
+def _offsets_near(row: int, radius_m: float) -> tuple[int, ...]:
+    """Return the cell key offsets to search around any point of a row of cells."""
+    rows = math.ceil(radius_m / _CELL_M)
+    # Columns narrow toward the poles: take the widest span over the rows searched, from
+    # the row's edge farther from the equator.
+    edge = max(abs(row), abs(row + 1)) * CELL_DEGREES
+    widest = min(89.9, edge + (rows + 1) * CELL_DEGREES)
+    columns = math.ceil(radius_m / (_CELL_M * math.cos(math.radians(widest))))
+    return _cell_offsets(rows, columns)
 
 
 @functools.cache

@@ -6,6 +6,14 @@ Groups are the connected components of a graph whose nodes are reports and whose
 is named by the smallest incident id among its members, so neither arrival order nor the
 members' statuses change a group or its name.
 
+Only links that join groups are stored: a report is linked with the earliest report it
+matches in each group it joins (earliest by submission time, then incident id), not with
+every report it matches. So a dense cluster stores about one link per report rather than
+one per pair. When a link that joined reports goes away (a category change, a staff
+split), the pairs of the former group are evaluated again, and matching pairs that lie in
+different parts are linked. So the group divides only where no matching pair connects its
+parts.
+
 Every event takes effect in log order with the settings in force at its position: a link
 found under old settings stays when the settings change. A report's links are evaluated
 again when its category changes.
@@ -20,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -63,6 +71,59 @@ GROUPING_EVENT_TYPES = frozenset(
 
 Key = tuple[str, UUID]
 TextKey = tuple[str, str]
+T = TypeVar("T")
+
+
+class _Groups(Generic[T]):
+    """Groups of nodes as a union-find that also lists each group's members.
+
+    A union moves the smaller group's members under the larger group's root, so `find` is
+    one lookup and a report is moved at most log2(n) times. Keeping the member lists lets
+    a group be dissolved and found again from its links after a link is removed.
+    """
+
+    def __init__(self) -> None:
+        self.root_of: dict[T, T] = {}
+        self.members: dict[T, list[T]] = {}
+
+    def __contains__(self, node: T) -> bool:
+        return node in self.root_of
+
+    def add(self, node: T) -> None:
+        if node not in self.root_of:
+            self.root_of[node] = node
+            self.members[node] = [node]
+
+    def find(self, node: T) -> T:
+        return self.root_of[node]
+
+    def union(self, first: T, second: T) -> None:
+        a, b = self.root_of[first], self.root_of[second]
+        if a == b:
+            return
+        if len(self.members[a]) < len(self.members[b]):
+            a, b = b, a
+        moved = self.members.pop(b)
+        for node in moved:
+            self.root_of[node] = a
+        self.members[a].extend(moved)
+
+    def group_of(self, node: T) -> list[T]:
+        return self.members[self.root_of[node]]
+
+    def dissolve(self, node: T) -> list[T]:
+        """Make every member of the node's group a group of its own; return the members."""
+        nodes = self.members.pop(self.root_of[node])
+        for member in nodes:
+            self.root_of[member] = member
+            self.members[member] = [member]
+        return nodes
+
+    def discard(self, node: T) -> None:
+        """Forget a node that is a group of its own."""
+        assert self.members[node] == [node], "only a group of one node can be discarded"
+        del self.root_of[node]
+        del self.members[node]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,20 +208,32 @@ class _Batch:
         self.settings: dict[str, GroupingSettings] = {}
         self.settings_changed: dict[str, int] = {}
         self.reports: dict[TextKey, GroupedReport] = {}
+        # The stored group id of each report loaded from the table.
         self.group_of: dict[TextKey, str] = {}
+        # The groups at this point of the batch. Nodes are the loaded and new reports, and
+        # one label node per stored group (see _label) that stands for the members not
+        # loaded. A loaded report starts in its stored group's label's group.
+        self.groups: _Groups[TextKey] = _Groups()
+        # Stored groups whose members were all loaded and grouped again from their links
+        # (after a removed link): their label nodes are gone, and their members are
+        # written one by one.
+        self.dissolved: set[TextKey] = set()
         self.new: set[TextKey] = set()
         self.changed: set[TextKey] = set()
-        # (tenant, cell, category) -> reports: the in-memory spatial index.
-        self.index: dict[tuple[str, int, str | None], list[TextKey]] = defaultdict(list)
-        # Whether each report's location is usable under the settings in force; emptied
-        # when a tenant's settings change.
+        # (tenant, cell, category) -> (submission time, incident id, report key) of each
+        # report: the in-memory spatial index, in entries that sort in submission order.
+        self.index: dict[tuple[str, int, str | None], list[tuple[datetime, str, TextKey]]] = (
+            defaultdict(list)
+        )
+        # Whether each report's location is usable under the settings in force, and the
+        # categories related to each category; both emptied when a tenant's settings
+        # change. (Reading the settings' own cache costs more than the rule's tests.)
         self.usable: dict[TextKey, bool] = {}
+        self.related_to: dict[tuple[str, str | None], list[str | None]] = {}
         # Links stored before the batch, loaded per report on first use.
         self.stored_links: dict[TextKey, dict[str, str]] = {}
         # Link changes of this batch, per endpoint (None removes a link).
         self.pending: dict[TextKey, dict[str, str | None]] = defaultdict(dict)
-        # Reports that lost a link that joined them to another: their groups may divide.
-        self.divided: set[TextKey] = set()
 
     # Loading.
 
@@ -219,35 +292,49 @@ class _Batch:
             in_force = versions[tenant_id]
             distance = max(settings.distance_m for settings in in_force)
             window = timedelta(hours=max(settings.window_hours for settings in in_force))
-            pairs: set[tuple[int, str | None]] = set()
+            related_to: dict[str | None, set[str | None]] = {}
+            cells_by_category: dict[str | None, set[int]] = defaultdict(set)
             times = []
             for key, (lat, lon, at) in points.items():
                 if key[0] != tenant_id or not isinstance(lat, int | float):
                     continue
                 if not isinstance(lon, int | float):
                     continue
-                related = {
-                    other
-                    for category in categories[key]
-                    for settings in in_force
-                    for other in settings.categories_related_to(category)
-                }
                 times.append(at)
-                for cell in cells_near(lat, lon, distance):
-                    pairs.update((cell, category) for category in related)
-            if not pairs:
+                cells = cells_near(lat, lon, distance)
+                for category in categories[key]:
+                    related = related_to.get(category)
+                    if related is None:
+                        related = related_to[category] = {
+                            other
+                            for settings in in_force
+                            for other in settings.categories_related_to(category)
+                        }
+                    for other in related:
+                        cells_by_category[other].update(cells)
+            if not cells_by_category:
                 continue
-            cells, names = zip(*pairs, strict=True)
-            # A join on the pairs, so that each pair is one search of the cell index. A
-            # missing category and an empty one share the key '': the rule distinguishes them.
+            # A join on the (cell, category) pairs, so that each pair is one search of the
+            # cell index. A missing category and an empty one share the key '': the rule
+            # distinguishes them. The integer arrays go as text literals, because psycopg
+            # adapts list elements one by one in Python: an eighth of the time of a
+            # profiled catch-up of the Boston export.
+            names = list(cells_by_category)
+            pair_cells: list[int] = []
+            pair_names: list[int] = []
+            for number, name in enumerate(names, start=1):
+                found = cells_by_category[name]
+                pair_cells.extend(found)
+                pair_names.extend([number] * len(found))
             self._load_reports(
                 tenant_id,
-                source="unnest(%s::bigint[], %s::text[]) AS q(cell, category) "
+                source="unnest(%s::bigint[], %s::int[]) AS q(cell, name) "
                 f"JOIN {self.names.reports} AS g "
-                "ON g.cell = q.cell AND coalesce(g.category, '') = q.category",
+                "ON g.cell = q.cell AND coalesce(g.category, '') = (%s::text[])[q.name]",
                 condition="g.submitted_at BETWEEN %s AND %s",
                 params=(
-                    list(cells),
+                    _array_literal(pair_cells),
+                    _array_literal(pair_names),
                     [name or "" for name in names],
                     tenant_id,
                     min(times) - window,
@@ -285,6 +372,11 @@ class _Batch:
                 if key not in self.reports:
                     self._add(key, GroupedReport(incident_id, *values))
                     self.group_of[key] = group_id
+                    label = _label(tenant_id, group_id)
+                    assert label not in self.dissolved, "a dissolved group had a member left"
+                    self.groups.add(label)
+                    self.groups.add(key)
+                    self.groups.union(label, key)
 
     def _load_links(self, tenant_id: str, ids: Iterable[str]) -> None:
         missing = [i for i in ids if (tenant_id, i) not in self.stored_links]
@@ -303,12 +395,12 @@ class _Batch:
         self.reports[key] = report
         if report.latitude is not None and report.longitude is not None:
             cell = cell_of(report.latitude, report.longitude)
-            self.index[(key[0], cell, report.category)].append(key)
+            self.index[(key[0], cell, report.category)].append((report.submitted_at, key[1], key))
 
     def _remove_from_index(self, key: TextKey, report: GroupedReport) -> None:
         if report.latitude is not None and report.longitude is not None:
             cell = cell_of(report.latitude, report.longitude)
-            self.index[(key[0], cell, report.category)].remove(key)
+            self.index[(key[0], cell, report.category)].remove((report.submitted_at, key[1], key))
 
     def _usable(self, key: TextKey, settings: GroupingSettings) -> bool:
         usable = self.usable.get(key)
@@ -341,23 +433,53 @@ class _Batch:
         return self.links_of(key).get(other[1])
 
     def set_link(self, key: TextKey, other: TextKey, kind: str | None) -> None:
-        if kind not in JOINING and self.link_kind(key, other) in JOINING:
-            self.divided.update((key, other))
         self.pending[key][other[1]] = kind
         self.pending[other][key[1]] = kind
+        if kind in JOINING:
+            self.groups.union(key, other)
 
-    def component(self, key: TextKey) -> set[TextKey]:
-        """Return the report's group at this point of the batch (breadth-first search)."""
-        seen = {key}
-        frontier = [key]
-        while frontier:
-            current = frontier.pop()
-            for other_id, kind in self.links_of(current).items():
-                other = (key[0], other_id)
-                if kind in JOINING and other not in seen:
-                    seen.add(other)
-                    frontier.append(other)
-        return seen
+    # Groups.
+
+    def load_group(self, key: TextKey) -> list[TextKey]:
+        """Load every member of the report's group and their links; return the members."""
+        tenant_id = key[0]
+        labels = [node[1] for node in self.groups.group_of(key) if _is_label(node)]
+        if labels:
+            self._load_reports(
+                tenant_id,
+                condition="g.group_id = ANY(%s::uuid[])",
+                params=(tenant_id, [label.removeprefix(_LABEL_PREFIX) for label in labels]),
+            )
+        members = [node for node in self.groups.group_of(key) if not _is_label(node)]
+        self._load_links(
+            tenant_id,
+            [member[1] for member in members if member not in self.new],
+        )
+        return members
+
+    def regroup(self, members: list[TextKey]) -> None:
+        """Find the groups among `members`, a former group that lost a link, again.
+
+        `members` comes from `load_group` before the link was removed. Matching pairs that
+        now lie in different parts are linked, in submission order, as `fold_grouping`
+        does.
+        """
+        for node in self.groups.dissolve(members[0]):
+            if _is_label(node):
+                self.groups.discard(node)
+                self.dissolved.add(node)
+        for member in members:
+            for other_id, kind in self.links_of(member).items():
+                if kind in JOINING:
+                    self.groups.union(member, (member[0], other_id))
+        if len(self.groups.group_of(members[0])) == len(members):
+            return
+        within = set(members)
+        for member in sorted(members, key=self._submission_order):
+            self.evaluate(member, within)
+
+    def _submission_order(self, key: TextKey) -> tuple[datetime, str]:
+        return self.reports[key].submitted_at, key[1]
 
     # Events.
 
@@ -369,14 +491,17 @@ class _Batch:
             self.usable = {
                 key: value for key, value in self.usable.items() if key[0] != event.tenant_id
             }
+            self.related_to = {
+                key: value for key, value in self.related_to.items() if key[0] != event.tenant_id
+            }
             return
         key = _text_key(event)
         if kind == lc.REPORT_SUBMITTED:
             if key in self.reports:
                 return
             self.new.add(key)
-            self.group_of[key] = key[1]
             self._add(key, new_report(event, key[1]))
+            self.groups.add(key)
             self.evaluate(key)
             return
         report_or_none = self.reports.get(key)
@@ -399,9 +524,12 @@ class _Batch:
                 report.category = category
                 self._add(key, report)
                 self.changed.add(key)
-                for other_id, link in self.links_of(key).items():
-                    if link == MATCH:
+                matched = [other for other, link in self.links_of(key).items() if link == MATCH]
+                if matched:
+                    former = self.load_group(key)
+                    for other_id in matched:
                         self.set_link(key, (key[0], other_id), None)
+                    self.regroup(former)
                 self.evaluate(key)
         elif kind == lc.REPORTS_MERGED:
             other = (key[0], str(UUID(event.payload["with_incident"])))
@@ -415,37 +543,64 @@ class _Batch:
                 return
             self.set_link(key, other, MERGE)
         elif kind == lc.REPORT_SPLIT_FROM_GROUP:
-            for member in self.component(key) - {key}:
-                self.set_link(key, member, SPLIT)
+            if len(self.groups.group_of(key)) == 1:
+                return
+            former = self.load_group(key)
+            for member in former:
+                if member != key:
+                    self.set_link(key, member, SPLIT)
+            self.regroup(former)
 
-    def evaluate(self, key: TextKey) -> None:
-        """Link the report with every report the rule pairs it with, unless staff decided."""
-        # NOTE: links grow with the square of a cluster's size: 6,667 reports at one point
-        # inside one time window (a synthetic NYC file in the import memory test) made 25.8
-        # million links. Keeping one link per group a report joins would bound them, but a
-        # removed link (a reclassification, a split) must then evaluate the group again.
+    def evaluate(self, key: TextKey, within: set[TextKey] | None = None) -> None:
+        """Link the report with the earliest report it matches in each other group.
+
+        Reports already linked with it, merged or split by staff are skipped. With
+        `within`, only reports of that set are compared.
+        """
+        # NOTE: the comparisons still grow with the square of a cluster's size, because
+        # each report is checked against every report near it to find the groups it
+        # joins. Only the checks of reports in a group already joined are cheap (no
+        # distance or text score); the links stay about one per report.
         tenant_id = key[0]
         settings = self.settings_for(tenant_id)
         report = self.reports[key]
         if not self._usable(key, settings):
             return
         assert report.latitude is not None and report.longitude is not None
+        window = timedelta(hours=settings.window_hours)
+        earliest, latest = report.submitted_at - window, report.submitted_at + window
         cells = cells_near(report.latitude, report.longitude, settings.distance_m)
         index = self.index
-        for category in settings.categories_related_to(report.category):
+        related = self.related_to.get((tenant_id, report.category))
+        if related is None:
+            related = settings.categories_related_to(report.category)
+            self.related_to[(tenant_id, report.category)] = related
+        found: list[tuple[datetime, str, TextKey]] = []
+        for category in related:
             for cell in cells:
-                for other in index.get((tenant_id, cell, category), ()):
-                    if other == key or self.link_kind(key, other) is not None:
-                        continue  # itself, or already linked, merged or split by staff
-                    if self._usable(other, settings) and candidates(
-                        settings, report, self.reports[other], checked_locations=True
-                    ):
-                        self.set_link(key, other, MATCH)
+                entries = index.get((tenant_id, cell, category))
+                if entries:
+                    found.extend(entry for entry in entries if earliest <= entry[0] <= latest)
+        found.sort()
+        root_of = self.groups.root_of
+        reports = self.reports
+        for _, _, other in found:
+            if other == key:
+                continue
+            if within is not None and other not in within:
+                continue
+            if root_of[other] == root_of[key] or self.link_kind(key, other) is not None:
+                continue  # in its group already, or merged or split by staff
+            if self._usable(other, settings) and candidates(
+                settings, report, reports[other], checked_locations=True
+            ):
+                self.set_link(key, other, MATCH)
 
     # Writing.
 
     def write(self) -> None:
         cur = self.conn.cursor()
+        names = self._group_names()
         for tenant_id, version in self.settings_changed.items():
             cur.execute(
                 f"INSERT INTO {self.names.settings} (tenant_id, settings, version) "
@@ -463,7 +618,8 @@ class _Batch:
             )
             with cur.copy("COPY grouping_reports_batch FROM STDIN") as copy:
                 for key in self.new:
-                    copy.write_row((*key, *report_row(self.reports[key], key[1])))
+                    name = names[self.groups.find(key)]
+                    copy.write_row((*key, *report_row(self.reports[key], name)))
             cur.execute(f"INSERT INTO {self.names.reports} SELECT * FROM grouping_reports_batch")
             cur.execute("TRUNCATE grouping_reports_batch")
         updates = [
@@ -477,7 +633,7 @@ class _Batch:
                 updates,
             )
         self._write_links(cur)
-        self._relabel(cur)
+        self._write_groups(cur, names)
 
     def _write_links(self, cur: psycopg.Cursor[Any]) -> None:
         upserts = []
@@ -510,48 +666,33 @@ class _Batch:
             )
             cur.execute("TRUNCATE grouping_links_batch")
 
-    def _relabel(self, cur: psycopg.Cursor[Any]) -> None:
-        """Name each group whose links changed after its smallest member.
+    def _group_names(self) -> dict[TextKey, str]:
+        """Return each group's name, the smallest incident id among its members, by root.
 
-        New links join groups: the groups before the batch that they connect become one,
-        named by the smallest of their names, and no link needs reading. Where a link that
-        joined two reports went away, the group may divide, so its members and links are
-        read and its parts found again.
+        A label node stands for the members not loaded, and its stored group id is the
+        smallest of those.
         """
-        touched = {key for key in self.pending}
-        unknown: dict[str, list[str]] = defaultdict(list)
-        for tenant_id, incident_id in touched:
-            if (tenant_id, incident_id) not in self.group_of:
-                unknown[tenant_id].append(incident_id)
-        for tenant_id, ids in unknown.items():
-            cur.execute(
-                f"SELECT incident_id::text, group_id::text FROM {self.names.reports} "
-                "WHERE tenant_id = %s AND incident_id = ANY(%s::uuid[])",
-                (tenant_id, ids),
-            )
-            for incident_id, group_id in cur:
-                self.group_of[(tenant_id, incident_id)] = group_id
+        names = {}
+        for root, nodes in self.groups.members.items():
+            names[root] = min(node[1].removeprefix(_LABEL_PREFIX) for node in nodes)
+        return names
 
-        # Groups before the batch, joined by the links the batch added.
-        label_edges = []
-        labels: set[TextKey] = set()
-        for key, changes in self.pending.items():
-            label = (key[0], self.group_of[key])
-            labels.add(label)
-            for other_id, kind in changes.items():
-                if kind in JOINING:
-                    label_edges.append((label, (key[0], self.group_of[(key[0], other_id)])))
-        joined = components(labels, label_edges)
-        divided = {joined[(key[0], self.group_of[key])] for key in self.divided}
+    def _write_groups(self, cur: psycopg.Cursor[Any], names: dict[TextKey, str]) -> None:
+        """Write the group ids that changed: by stored group, then report by report.
 
+        A stored group whose label node is still in the batch moved whole, so one UPDATE
+        renames all its members, loaded or not. The members of dissolved groups were all
+        loaded and are written one by one. New reports were written with their names.
+        """
         renamed: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
-        parts: dict[TextKey, list[str]] = defaultdict(list)
-        for (tenant_id, old), (_, new) in joined.items():
-            if (tenant_id, new) in divided:
-                parts[(tenant_id, new)].append(old)
-            elif old != new:
-                renamed[tenant_id][0].append(old)
-                renamed[tenant_id][1].append(new)
+        for root, nodes in self.groups.members.items():
+            for node in nodes:
+                if not _is_label(node):
+                    continue
+                old = node[1].removeprefix(_LABEL_PREFIX)
+                if old != names[root]:
+                    renamed[node[0]][0].append(old)
+                    renamed[node[0]][1].append(names[root])
         for tenant_id, (old_names, new_names) in renamed.items():
             cur.execute(
                 f"UPDATE {self.names.reports} AS r SET group_id = m.new_id "
@@ -559,56 +700,40 @@ class _Batch:
                 "WHERE r.tenant_id = %s AND r.group_id = m.old_id",
                 (old_names, new_names, tenant_id),
             )
-        for (tenant_id, _), old_names in parts.items():
-            self._regroup(cur, tenant_id, old_names)
 
-    def _regroup(self, cur: psycopg.Cursor[Any], tenant_id: str, old_names: list[str]) -> None:
-        """Find the groups among the members of the given groups from their stored links."""
-        cur.execute(
-            f"SELECT incident_id::text, group_id::text FROM {self.names.reports} "
-            "WHERE tenant_id = %s AND group_id = ANY(%s::uuid[])",
-            (tenant_id, old_names),
-        )
-        old_group = dict(cur.fetchall())
-        cur.execute(
-            f"SELECT incident_id::text, other_id::text FROM {self.names.links} "
-            "WHERE tenant_id = %s AND incident_id = ANY(%s::uuid[]) AND kind <> 'split'",
-            (tenant_id, list(old_group)),
-        )
-        new_group = components(old_group, cur.fetchall())
-        moved = [(i, g) for i, g in new_group.items() if old_group[i] != g]
-        if moved:
+        moved: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+        for key, old in self.group_of.items():
+            if _label(key[0], old) not in self.dissolved:
+                continue
+            new = names[self.groups.find(key)]
+            if new != old:
+                moved[key[0]][0].append(key[1])
+                moved[key[0]][1].append(new)
+        for tenant_id, (incident_ids, group_ids) in moved.items():
             cur.execute(
                 f"UPDATE {self.names.reports} AS r SET group_id = m.group_id "
                 "FROM unnest(%s::uuid[], %s::uuid[]) AS m(incident_id, group_id) "
                 "WHERE r.tenant_id = %s AND r.incident_id = m.incident_id",
-                ([i for i, _ in moved], [g for _, g in moved], tenant_id),
+                (incident_ids, group_ids, tenant_id),
             )
 
 
-T = TypeVar("T")
+def _array_literal(numbers: list[int]) -> str:
+    """Return integers as a PostgreSQL array literal, such as {1,2,3}."""
+    return "{" + ",".join(map(str, numbers)) + "}"
 
 
-def components(nodes: Iterable[T], edges: Iterable[tuple[T, T]]) -> dict[T, T]:
-    """Return each node's component, named by its smallest node (union-find)."""
-    parent = {node: node for node in nodes}
+# Label nodes of _Batch.groups are the tenant and a stored group id behind this prefix, which
+# no incident id (hexadecimal text) starts with.
+_LABEL_PREFIX = "group:"
 
-    def root(node: T) -> T:
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
 
-    for first, second in edges:
-        if first not in parent or second not in parent:
-            continue
-        a, b = root(first), root(second)
-        if a != b:
-            # The smaller id becomes the root, so every root is its component's minimum.
-            if b < a:  # type: ignore[operator]
-                a, b = b, a
-            parent[b] = a
-    return {node: root(node) for node in parent}
+def _label(tenant_id: str, group_id: str) -> TextKey:
+    return tenant_id, _LABEL_PREFIX + group_id
+
+
+def _is_label(node: TextKey) -> bool:
+    return node[1].startswith(_LABEL_PREFIX)
 
 
 SETTINGS_TABLE = "grouping_settings"
@@ -872,6 +997,7 @@ def fold_grouping(
     initial: GroupingTables | None = None,
     *,
     indexed: bool = False,
+    every_link: bool = False,
 ) -> GroupingTables:
     """Fold events onto `initial` (or nothing) by comparing reports in memory.
 
@@ -880,11 +1006,16 @@ def fold_grouping(
     `indexed`, a report is compared only with those a spatial index finds near it in space,
     time and category, which rebuilds and time travel need for large tenants. Group ids are
     computed again from the links, so those of `initial` are not read.
+
+    With `every_link`, it stores a link for every matching pair, as the projection did
+    before links were bounded to the ones that join groups. Tests use it to check that
+    bounding the links leaves the groups as they were.
     """
     settings: dict[str, GroupingSettings] = {}
     versions: dict[str, int] = {}
     reports: dict[Key, GroupedReport] = {}
     links: dict[Key, dict[UUID, str]] = defaultdict(dict)
+    groups: _Groups[Key] = _Groups()
     index = _SpatialIndex() if indexed else None
     if initial is not None:
         for tenant_id, (payload, version) in initial.settings.items():
@@ -892,10 +1023,13 @@ def fold_grouping(
             versions[tenant_id] = version
         for key, row in initial.reports.items():
             reports[key] = GroupedReport(key[1], *row[:6])
+            groups.add(key)
             if index is not None:
                 index.add(key, reports[key])
         for tenant_id, incident_id, other_id, kind in initial.links:
             links[(tenant_id, incident_id)][other_id] = kind
+            if kind in JOINING:
+                groups.union((tenant_id, incident_id), (tenant_id, other_id))
 
     def link(key: Key, other: Key, kind: str | None) -> None:
         if kind is None:
@@ -904,15 +1038,49 @@ def fold_grouping(
         else:
             links[key][other[1]] = kind
             links[other][key[1]] = kind
+            if kind in JOINING:
+                groups.union(key, other)
 
-    def evaluate(key: Key) -> None:
+    def submission_order(key: Key) -> tuple[datetime, UUID]:
+        return reports[key].submitted_at, key[1]
+
+    def evaluate(key: Key, within: set[Key] | None = None) -> None:
+        """Link the report with the earliest report it matches in each other group.
+
+        With `within`, only reports of that set are compared.
+        """
         current = settings.get(key[0], DEFAULT_SETTINGS)
-        others = reports if index is None else index.near(key, reports[key], current)
-        for other in others:
-            if other[0] != key[0] or other == key or other[1] in links[key]:
+        if index is not None:
+            others = index.near(key, reports[key], current)
+        elif within is not None:
+            others = list(within)
+        else:
+            others = [other for other in reports if other[0] == key[0]]
+        for other in sorted(others, key=submission_order):
+            if other == key or (within is not None and other not in within):
+                continue
+            if not every_link and groups.find(other) == groups.find(key):
+                continue
+            if other[1] in links[key]:
                 continue
             if candidates(current, reports[key], reports[other]):
                 link(key, other, MATCH)
+
+    def regroup(members: list[Key]) -> None:
+        """Find the groups among `members`, a former group that lost a link, again.
+
+        Matching pairs that now lie in different parts are linked, in submission order.
+        """
+        groups.dissolve(members[0])
+        for member in members:
+            for other_id, kind in links[member].items():
+                if kind in JOINING:
+                    groups.union(member, (member[0], other_id))
+        if every_link or len(groups.group_of(members[0])) == len(members):
+            return
+        within = set(members)
+        for member in sorted(members, key=submission_order):
+            evaluate(member, within)
 
     for event in events:
         kind = event.event_type
@@ -926,6 +1094,7 @@ def fold_grouping(
         if kind == lc.REPORT_SUBMITTED:
             if key not in reports:
                 reports[key] = new_report(event, key[1])
+                groups.add(key)
                 if index is not None:
                     index.add(key, reports[key])
                 evaluate(key)
@@ -941,44 +1110,32 @@ def fold_grouping(
                 report.category = category
                 if index is not None:
                     index.add(key, report)
-                for other_id, existing in list(links[key].items()):
-                    if existing == MATCH:
+                matched = [other for other, existing in links[key].items() if existing == MATCH]
+                if matched:
+                    former = list(groups.group_of(key))
+                    for other_id in matched:
                         link(key, (key[0], other_id), None)
+                    regroup(former)
                 evaluate(key)
         elif kind == lc.REPORTS_MERGED:
             other = (key[0], UUID(event.payload["with_incident"]))
             if other in reports:
                 link(key, other, MERGE)
         elif kind == lc.REPORT_SPLIT_FROM_GROUP:
-            seen = {key}
-            frontier = [key]
-            while frontier:
-                current = frontier.pop()
-                for other_id, existing in links[current].items():
-                    other = (key[0], other_id)
-                    if existing in JOINING and other not in seen:
-                        seen.add(other)
-                        frontier.append(other)
-            for member in seen - {key}:
-                link(key, member, SPLIT)
+            former = list(groups.group_of(key))
+            if len(former) > 1:
+                for member in former:
+                    if member != key:
+                        link(key, member, SPLIT)
+                regroup(former)
 
     tables = GroupingTables()
     for tenant_id, in_force in settings.items():
         tables.settings[tenant_id] = (in_force.to_payload(), versions[tenant_id])
-    edges = [
-        ((key[0], key[1]), (key[0], other_id))
-        for key, others in links.items()
-        for other_id, kind in others.items()
-        if kind in JOINING
-    ]
-    by_tenant: dict[str, list[UUID]] = defaultdict(list)
-    for tenant_id, incident_id in reports:
-        by_tenant[tenant_id].append(incident_id)
-    for tenant_id, ids in by_tenant.items():
-        groups = components(ids, [(a[1], b[1]) for a, b in edges if a[0] == tenant_id])
-        for incident_id in ids:
-            key = (tenant_id, incident_id)
-            tables.reports[key] = report_row(reports[key], groups[incident_id])
+    for members in groups.members.values():
+        group_id = min(incident_id for _, incident_id in members)
+        for key in members:
+            tables.reports[key] = report_row(reports[key], group_id)
     for (tenant_id, incident_id), others in links.items():
         for other_id, kind in others.items():
             tables.links.add((tenant_id, incident_id, other_id, kind))

@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from psycopg_pool import ConnectionPool
 
 from ledger import lifecycle as lc
+from ledger.database import Database
 from ledger.events import NewEvent, RecordedEvent
 from ledger.grouping import GROUPING_CONFIGURED, validate_grouping
 from ledger.ids import incident_stream_id
@@ -89,6 +91,14 @@ def group_of(tables: GroupingTables, incident: uuid.UUID) -> uuid.UUID:
     return group
 
 
+def groups_by_report(tables: GroupingTables) -> dict[tuple[str, uuid.UUID], uuid.UUID]:
+    return {key: row[-1] for key, row in tables.reports.items()}
+
+
+def link_rows(tables: GroupingTables, kind: str) -> int:
+    return sum(1 for row in tables.links if row[3] == kind)
+
+
 def test_near_reports_share_group() -> None:
     a, b = uuid.uuid4(), uuid.uuid4()
     tables = fold_grouping([report(1, a), report(2, b, lon=EAST_40, hours=5)])
@@ -97,7 +107,7 @@ def test_near_reports_share_group() -> None:
 
 def test_far_late_or_unrelated_reports_stay_apart() -> None:
     a = uuid.uuid4()
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "far": {"lon": LON + 0.01},
         "late": {"hours": 100},
         "other category": {"category": "Pothole"},
@@ -236,6 +246,64 @@ def test_split_report_stays_out_and_merge_stays() -> None:
     # A new report that matches both sides is new evidence, and joins them again.
     joined = fold_grouping([*events, report(8, uuid.uuid4(), lon=EAST_40, hours=1)])
     assert group_of(joined, b) == group_of(joined, a)
+
+
+def test_report_links_once_per_group() -> None:
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    tables = fold_grouping([report(1, a), report(2, b, hours=1), report(3, c, hours=2)])
+    assert {group_of(tables, x) for x in (a, b, c)} == {min(a, b, c)}
+    # c matches a and b, but they are one group already: c links only with a, the earliest.
+    assert {row[1:] for row in tables.links} == {
+        (a, b, "match"),
+        (b, a, "match"),
+        (c, a, "match"),
+        (a, c, "match"),
+    }
+    every = fold_grouping(
+        [report(1, a), report(2, b, hours=1), report(3, c, hours=2)], every_link=True
+    )
+    assert link_rows(every, "match") == 6
+
+
+def test_reclassified_hub_leaves_others_grouped() -> None:
+    # b and c each link only with a. Once a moves to another category, b and c are
+    # evaluated again and linked with each other.
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    corrected = recorded(
+        4, lc.CLASSIFICATION_CORRECTED, {"category": "Pothole"}, stream_id=incident_stream_id(a)
+    )
+    tables = fold_grouping([report(1, a), report(2, b, hours=1), report(3, c, hours=2), corrected])
+    assert group_of(tables, a) == a
+    assert group_of(tables, b) == group_of(tables, c) == min(b, c)
+    assert ("acme", b, c, "match") in tables.links
+
+
+def test_split_hub_leaves_others_grouped() -> None:
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    split = recorded(4, lc.REPORT_SPLIT_FROM_GROUP, {}, stream_id=incident_stream_id(a))
+    tables = fold_grouping([report(1, a), report(2, b, hours=1), report(3, c, hours=2), split])
+    assert group_of(tables, a) == a
+    assert group_of(tables, b) == group_of(tables, c) == min(b, c)
+    assert link_rows(tables, "split") == 4
+
+
+def test_removed_link_divides_unmatched_parts() -> None:
+    # a and c are 80 m apart, beyond the 60 m distance, and b joins them. Without b's
+    # links nothing holds a and c together.
+    config = validate_grouping({"distance_m": 60}).to_payload()
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    events = [
+        recorded(1, GROUPING_CONFIGURED, config, stream_id=tenant_stream_id("acme")),
+        report(2, a),
+        report(3, c, lon=EAST_80),
+        report(4, b, lon=EAST_40),
+        recorded(
+            5, lc.CLASSIFICATION_CORRECTED, {"category": "Pothole"}, stream_id=incident_stream_id(b)
+        ),
+    ]
+    tables = fold_grouping(events)
+    assert [group_of(tables, x) for x in (a, b, c)] == [a, b, c]
+    assert tables.links == set()
 
 
 # Random histories: reports on a small grid around the corner, classifications, staff merges
@@ -426,3 +494,153 @@ def test_write_and_read_states_in_other_schema(
     assert kinds == {"match", "merge"}
     assert read_back == states
     assert live_rows == {}
+
+
+# Histories with fixed settings, folded in memory: bounding the links must leave every
+# report's group as storing a link for every matching pair gives. Reports lie closer
+# together in space and time than in the streaming histories, so that most form groups of
+# three or more, where links are left out.
+DENSE_POINTS = [(LAT + dy * 0.0004, LON + dx * 0.0005) for dy in range(2) for dx in range(2)]
+DENSE_REPORT_STEP = st.tuples(
+    st.just("report"),
+    st.one_of(st.sampled_from(DENSE_POINTS), st.sampled_from(DENSE_POINTS), st.none()),
+    CATEGORIES,
+    TITLES,
+    st.integers(0, 12),
+)
+DENSE_SETTINGS = st.fixed_dictionaries(
+    {
+        "distance_m": st.sampled_from([60, 200]),
+        "window_hours": st.sampled_from([6, 48]),
+        "min_similarity": st.sampled_from([0, 0, 50]),
+        "related_categories": st.sampled_from([[], [["Light", "Pothole"]]]),
+        "placeholders": st.sampled_from([[], [{"latitude": LAT, "longitude": LON}]]),
+    }
+)
+MEMORY_STEP = st.one_of(
+    *[DENSE_REPORT_STEP] * 5,
+    st.tuples(st.just("classify"), st.integers(0, 50), CATEGORIES),
+    st.tuples(st.just("correct"), st.integers(0, 50), CATEGORIES),
+    st.tuples(st.just("merge"), st.integers(0, 50), st.integers(0, 50)),
+    st.tuples(st.just("split"), st.integers(0, 50)),
+)
+
+
+def _memory_history(config: dict[str, Any], steps: list[tuple[Any, ...]]) -> list[RecordedEvent]:
+    payload = validate_grouping(config).to_payload()
+    events = [recorded(0, GROUPING_CONFIGURED, payload, stream_id=tenant_stream_id("acme"))]
+    incidents: list[uuid.UUID] = []
+    for position, step in enumerate(steps, start=1):
+        kind = step[0]
+        if kind == "report":
+            _, point, category, title, hours = step
+            incident = uuid.uuid4()
+            incidents.append(incident)
+            lat, lon = point if point is not None else (None, None)
+            events.append(
+                report(
+                    position,
+                    incident,
+                    lat=lat,
+                    lon=lon,
+                    hours=hours,
+                    category=category,
+                    title=title,
+                )
+            )
+            continue
+        if not incidents:
+            continue
+        incident = incidents[step[1] % len(incidents)]
+        stream_id = incident_stream_id(incident)
+        if kind == "classify":
+            events.append(
+                recorded(position, lc.REPORT_CLASSIFIED, {"category": step[2]}, stream_id=stream_id)
+            )
+        elif kind == "correct":
+            events.append(
+                recorded(
+                    position,
+                    lc.CLASSIFICATION_CORRECTED,
+                    {"category": step[2]},
+                    stream_id=stream_id,
+                )
+            )
+        elif kind == "merge":
+            other = incidents[step[2] % len(incidents)]
+            if other != incident:
+                events.append(
+                    recorded(
+                        position,
+                        lc.REPORTS_MERGED,
+                        {"with_incident": str(other)},
+                        stream_id=stream_id,
+                    )
+                )
+        else:
+            events.append(recorded(position, lc.REPORT_SPLIT_FROM_GROUP, {}, stream_id=stream_id))
+    return events
+
+
+@settings(max_examples=500, deadline=None)
+@given(config=DENSE_SETTINGS, steps=st.lists(MEMORY_STEP, min_size=8, max_size=40))
+def test_bounded_links_keep_groups(config: dict[str, Any], steps: list[tuple[Any, ...]]) -> None:
+    events = _memory_history(config, steps)
+    bounded = fold_grouping(events)
+    every = fold_grouping(events, every_link=True)
+    sizes = Counter(groups_by_report(bounded).values())
+    event("largest group: " + ("3 or more" if max(sizes.values(), default=0) >= 3 else "under 3"))
+    assert groups_by_report(bounded) == groups_by_report(every)
+    assert fold_grouping(events, indexed=True) == bounded
+    # Each match link joined two groups when it was stored, so match links form a forest.
+    assert link_rows(bounded, "match") <= 2 * max(len(bounded.reports) - 1, 0)
+
+
+def test_dense_cluster_links_grow_linearly(fresh_database: Database) -> None:
+    # Every report matches every other: same point, title and category, within the window.
+    count = 400
+    incidents = [uuid.uuid4() for _ in range(count)]
+    events = [
+        report(position, incident, hours=position / count * 48)
+        for position, incident in enumerate(incidents, start=1)
+    ]
+    first = incidents[0]
+    # The first report is the one every later report links with; moving it to another
+    # category and splitting the second leaves the others to be linked again.
+    events.append(
+        recorded(
+            count + 1,
+            lc.CLASSIFICATION_CORRECTED,
+            {"category": "Pothole"},
+            stream_id=incident_stream_id(first),
+            version=2,
+        )
+    )
+    events.append(
+        recorded(
+            count + 2,
+            lc.REPORT_SPLIT_FROM_GROUP,
+            {},
+            stream_id=incident_stream_id(incidents[1]),
+            version=2,
+        )
+    )
+    projection = grouping_projection()
+    with fresh_database.connect_worker() as conn:
+        with conn.transaction():
+            for start in range(0, len(events), 150):
+                projection.apply(conn, events[start : start + 150])
+        stored = projection.read_tables(conn)
+
+    rest = incidents[2:]
+    assert group_of(stored, first) == first
+    assert group_of(stored, incidents[1]) == incidents[1]
+    assert {group_of(stored, x) for x in rest} == {min(rest)}
+    assert link_rows(stored, "match") + link_rows(stored, "merge") < 3 * count
+    # The split links join nothing, one per former member in each direction.
+    assert link_rows(stored, "split") == 2 * (count - 2)
+
+    assert stored == fold_grouping(events)
+    every = fold_grouping(events, every_link=True)
+    assert groups_by_report(stored) == groups_by_report(every)
+    assert link_rows(every, "match") == (count - 2) * (count - 3)

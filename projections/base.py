@@ -101,6 +101,24 @@ class Projection:
         """Read back what `to_records` wrote for one tenant."""
         raise NotImplementedError
 
+    def to_snapshot(self, states: Folded) -> Any:
+        """Serialize states to the JSON value a snapshot stores, in a canonical order.
+
+        The default is `to_records`' list. A model whose rows are costly to read back that
+        way returns an object instead, which only its `from_snapshot` reads.
+        """
+        return self.to_records(states)
+
+    def from_snapshot(self, tenant_id: str, document: Any) -> Folded:
+        """Read back a snapshot's JSON value: `to_records`' list, or this model's own object.
+
+        Raises ValueError, KeyError or TypeError for a value this model cannot read, such as
+        one written before its state type gained a field.
+        """
+        if not isinstance(document, list):
+            raise ValueError(f"snapshot of {self.name} is not a list of records")
+        return self.from_records(tenant_id, document)
+
 
 class IncidentRowProjection(Projection, Generic[State]):
     """A table with one row per incident whose columns are the fields of a state dataclass.
@@ -159,19 +177,13 @@ class IncidentRowProjection(Projection, Generic[State]):
         self, events: Iterable[RecordedEvent], initial: Folded | None = None
     ) -> dict[tuple[str, UUID], State]:
         """Fold events onto `initial`: the table this projection should hold for them."""
-        states: dict[tuple[str, str], State | None] = {
-            (tenant_id, INCIDENT_STREAM_PREFIX + str(incident_id)): state
-            for (tenant_id, incident_id), state in (initial or {}).items()
-        }
+        states: dict[tuple[str, Any], State | None] = dict(initial or {})
+        keys = StreamKeys(self)
         for event in events:
             if event.event_type in INCIDENT_EVENT_TYPES:
-                key = (event.tenant_id, event.stream_id)
+                key = keys.of(event)
                 states[key] = self.evolve(states.get(key), event)
-        return {
-            (tenant_id, state.incident_id): state  # type: ignore[attr-defined]
-            for (tenant_id, _), state in states.items()
-            if state is not None
-        }
+        return keys.result(states)
 
     def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
         # States are keyed by (tenant, stream id): the stream id is already on every event,
@@ -315,6 +327,69 @@ class IncidentRowProjection(Projection, Generic[State]):
             values = [self._decoders[name](record[name]) for name in self.columns]
             states[(tenant_id, values[0])] = self.state_type(*values)
         return states
+
+    def to_snapshot(self, states: Folded) -> dict[str, Any]:
+        """Serialize states as {"columns": field names, "rows": value arrays}, sorted by
+        incident id, with `to_records`' value forms. It reads back with no object per row
+        and decodes only the fields that are times or ids."""
+        rows = []
+        for key in sorted(states, key=lambda key: str(key[1])):
+            rows.append([_encode(value) for value in self._values(states[key])])
+        return {"columns": self.columns, "rows": rows}
+
+    def from_snapshot(self, tenant_id: str, document: Any) -> dict[tuple[str, UUID], State]:
+        if isinstance(document, list):
+            return self.from_records(tenant_id, document)
+        if not isinstance(document, dict) or document.get("columns") != self.columns:
+            raise ValueError(
+                f"snapshot of {self.name} has other columns than {self.state_type.__name__}"
+            )
+        decoded = [
+            (index, self._decoders[name])
+            for index, name in enumerate(self.columns)
+            if self._decoders[name] is not _decode_as_is
+        ]
+        build = self.state_type
+        states: dict[tuple[str, UUID], State] = {}
+        for values in document["rows"]:
+            for index, decode in decoded:
+                values[index] = decode(values[index])
+            state = build(*values)
+            states[(tenant_id, values[0])] = state
+        return states
+
+
+class StreamKeys:
+    """Row keys of incident streams for a fold, built once per stream: making a UUID from
+    the stream id costs more than folding one event."""
+
+    def __init__(self, projection: Projection) -> None:
+        self.projection = projection
+        self.keys: dict[tuple[str, str], tuple[str, Any]] = {}
+
+    def of(self, event: RecordedEvent) -> tuple[str, Any]:
+        """Return the row key of an incident event's stream."""
+        key = self.keys.get((event.tenant_id, event.stream_id))
+        if key is None:
+            key = self.projection.stream_key(event.tenant_id, event.stream_id)
+            assert key is not None, event.stream_id
+            self.keys[(event.tenant_id, event.stream_id)] = key
+        return key
+
+    def result(self, states: dict[tuple[str, Any], Any]) -> dict[tuple[str, Any], Any]:
+        """Return the folded states keyed by (tenant, state.incident_id), without the rows
+        whose state became None. Only the streams folded here are checked: `initial` came
+        keyed that way."""
+        if all(
+            states[key] is not None and states[key].incident_id == key[1]
+            for key in self.keys.values()
+        ):
+            return states
+        return {
+            (tenant_id, state.incident_id): state
+            for (tenant_id, _), state in states.items()
+            if state is not None
+        }
 
 
 def qualified(schema: str | None, table: str) -> sql.Identifier:

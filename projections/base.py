@@ -17,6 +17,7 @@ import typing
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
@@ -329,13 +330,13 @@ class IncidentRowProjection(Projection, Generic[State]):
         return states
 
     def to_snapshot(self, states: Folded) -> dict[str, Any]:
-        """Serialize states as {"columns": field names, "rows": value arrays}, sorted by
-        incident id, with `to_records`' value forms. It reads back with no object per row
-        and decodes only the fields that are times or ids."""
-        rows = []
-        for key in sorted(states, key=lambda key: str(key[1])):
-            rows.append([_encode(value) for value in self._values(states[key])])
-        return {"columns": self.columns, "rows": rows}
+        """Serialize states by column: {"columns": field names, "values": one array per
+        field}, rows sorted by incident id, values in `to_records`' forms. It reads back
+        without an object per row, and with one parse per time or id that is not null."""
+        ordered = [states[key] for key in sorted(states, key=lambda key: str(key[1]))]
+        rows = [[_encode(value) for value in self._values(state)] for state in ordered]
+        values = [list(column) for column in zip(*rows, strict=True)] if rows else []
+        return {"columns": self.columns, "values": values or [[] for _ in self.columns]}
 
     def from_snapshot(self, tenant_id: str, document: Any) -> dict[tuple[str, UUID], State]:
         if isinstance(document, list):
@@ -344,19 +345,23 @@ class IncidentRowProjection(Projection, Generic[State]):
             raise ValueError(
                 f"snapshot of {self.name} has other columns than {self.state_type.__name__}"
             )
-        decoded = [
-            (index, self._decoders[name])
-            for index, name in enumerate(self.columns)
-            if self._decoders[name] is not _decode_as_is
-        ]
-        build = self.state_type
-        states: dict[tuple[str, UUID], State] = {}
-        for values in document["rows"]:
-            for index, decode in decoded:
-                values[index] = decode(values[index])
-            state = build(*values)
-            states[(tenant_id, values[0])] = state
-        return states
+        columns = document.get("values")
+        if (
+            not isinstance(columns, list)
+            or len(columns) != len(self.columns)
+            or len({len(column) for column in columns}) > 1
+        ):
+            raise ValueError(f"snapshot of {self.name} lacks one array of values per column")
+        decoded = []
+        for name, column in zip(self.columns, columns, strict=True):
+            parse = _PARSERS.get(self._decoders[name])
+            if parse is None:
+                decoded.append(column)
+            else:
+                decoded.append([None if value is None else parse(value) for value in column])
+        states: list[State] = list(map(self.state_type, *decoded))
+        keys = zip(repeat(tenant_id, len(states)), decoded[0], strict=True)
+        return dict(zip(keys, states, strict=True))
 
 
 class StreamKeys:
@@ -443,6 +448,13 @@ def _decode_uuid(value: str | None) -> UUID | None:
 
 def _decode_as_is(value: Any) -> Any:
     return value
+
+
+# The parse of a non-null value for each decoder, for decoding whole columns.
+_PARSERS: dict[Callable[[Any], Any], Callable[[str], Any]] = {
+    _decode_datetime: datetime.fromisoformat,
+    _decode_uuid: UUID,
+}
 
 
 def _is_union(hint: Any) -> bool:

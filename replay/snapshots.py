@@ -11,11 +11,13 @@ the same states without any.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -327,7 +329,8 @@ def _load(
         )
         return None
     try:
-        states = projection.from_snapshot(info.tenant_id, orjson.loads(content))
+        with _cycle_collection_paused():
+            states = projection.from_snapshot(info.tenant_id, orjson.loads(content))
     except (ValueError, KeyError, TypeError) as error:
         # Derived data: a fold from the log gives the same states without it.
         logger.warning(
@@ -339,6 +342,24 @@ def _load(
         )
         return None
     return LoadedSnapshot(info, states)
+
+
+@contextmanager
+def _cycle_collection_paused() -> Iterator[None]:
+    """Pause the cycle collector while a snapshot decodes.
+
+    A decode allocates a few objects per row, each a reason for the collector to walk the
+    young objects, and at times the whole heap, although these rows form no cycles. Other
+    threads run without cycle collection meanwhile. The first pause to end turns it back
+    on, unless it was off before.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def snapshot_job_function(database: Database) -> Any:

@@ -194,7 +194,7 @@ def small_tenant(database: Database, session_pool: ConnectionPool[Any]) -> str:
     return tenant
 
 
-def test_snapshot_stores_value_arrays(database: Database, small_tenant: str) -> None:
+def test_snapshot_stores_columns(database: Database, small_tenant: str) -> None:
     projection = projection_named("sla")
     with _worker(database) as conn:
         row = conn.execute(
@@ -203,10 +203,11 @@ def test_snapshot_stores_value_arrays(database: Database, small_tenant: str) -> 
         live = projection.read_states(conn, small_tenant)
     assert row is not None
     document = orjson.loads(zlib.decompress(row[0]))
-    assert sorted(document) == ["columns", "rows"]
+    assert sorted(document) == ["columns", "values"]
     assert document["columns"][0] == "incident_id"
-    assert len(document["rows"]) == len(live) == 5
-    assert all(len(row) == len(document["columns"]) for row in document["rows"])
+    assert len(document["values"]) == len(document["columns"])
+    assert all(len(column) == len(live) == 5 for column in document["values"])
+    assert document["values"][0] == sorted(str(incident_id) for _, incident_id in live)
 
 
 def test_old_format_snapshot_still_loads(database: Database, small_tenant: str) -> None:
@@ -234,7 +235,7 @@ def test_snapshot_with_other_columns_is_skipped(
     document = projection.to_snapshot(live)
     # As if the state type had lost its last field since the snapshot was taken.
     document["columns"] = [*document["columns"], "retired_field"]
-    document["rows"] = [[*row, None] for row in document["rows"]]
+    document["values"] = [*document["values"], [None] * len(live)]
     _rewrite_content(database, small_tenant, document)
     with caplog.at_level(logging.WARNING, logger="replay.snapshots"):
         with _worker(database) as conn:

@@ -58,7 +58,6 @@ from replay.time_travel import Replayed, replay  # noqa: E402
 
 TARGET_RATIO = 1 / 50
 TARGET_P95_SECONDS = 0.2
-HORIZON_WAIT_SECONDS = 300
 KINDS = ("as_of, snapshots", "as_of, none", "known_at, snapshots", "known_at, none")
 
 
@@ -86,26 +85,13 @@ def snapshot_as_scheduled(
         marks = [places[len(places) * step // count - 1] for step in range(1, count + 1)]
         started = time.perf_counter()
         for mark in marks:
-            waited_since: float | None = None
             while True:
                 with conn.transaction():
                     reached = load_checkpoint(conn, projection.name)
                 if (reached.tx_id, reached.position) >= (mark.tx_id, mark.position):
                     break
-                if project_batch(conn, projection, batch_size):
-                    waited_since = None
-                    continue
-                # The projector reads only below the server's transaction horizon, which a
-                # transaction open in another database of the server holds back.
-                waited_since = waited_since or time.monotonic()
-                if time.monotonic() - waited_since > HORIZON_WAIT_SECONDS:
-                    print(
-                        f"the transaction horizon stayed below {mark} for "
-                        f"{HORIZON_WAIT_SECONDS} s; snapshot taken at {reached}",
-                        flush=True,
-                    )
+                if not project_batch(conn, projection, batch_size):
                     break
-                time.sleep(0.2)
             take_snapshot(conn, projection, tenant)
         with conn.transaction():
             taken = conn.execute(

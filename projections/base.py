@@ -383,8 +383,8 @@ class StreamKeys:
 
     def result(self, states: dict[tuple[str, Any], Any]) -> dict[tuple[str, Any], Any]:
         """Return the folded states keyed by (tenant, state.incident_id), without the rows
-        whose state became None. Only the streams folded here are checked: `initial` came
-        keyed that way."""
+        whose state became None. Only the streams folded here are checked, because the rows
+        of `initial` are keyed that way already."""
         if all(
             states[key] is not None and states[key].incident_id == key[1]
             for key in self.keys.values()

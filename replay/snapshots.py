@@ -272,8 +272,9 @@ def _by_valid_time(
     A replay from a snapshot folds again every stream of it with an event after `as_of`,
     and every event after it that happened by then. Both are few for a snapshot whose
     tenant's last event, its frontier, happened shortly before `as_of`, when the log is
-    roughly in valid-time order. A snapshot with a frontier after `as_of` holds the
-    streams that started after it, all to fold again, so a fold from nothing costs less.
+    roughly in valid-time order. A snapshot with a frontier after `as_of` contains
+    the streams that started after it, which would all be folded again, so a fold from
+    nothing costs less.
     """
     if not candidates:
         return []

@@ -215,7 +215,8 @@ def test_old_format_snapshot_still_loads(database: Database, small_tenant: str) 
     with _worker(database) as conn:
         live = projection.read_states(conn, small_tenant)
     _rewrite_content(database, small_tenant, projection.to_records(live))
-    # The worker sees every tenant's snapshots; replay sets the tenant for the app role.
+    # Row-level security shows the worker every tenant's snapshots. The application role
+    # reads them only after replay sets the tenant.
     with _worker(database) as conn:
         loaded = nearest_snapshot(conn, projection, small_tenant, as_of=None, known_at=None)
     with database.connect() as conn:

@@ -45,7 +45,7 @@ Result = TypeVar("Result")
 
 
 def median_seconds(run: Callable[[], Result], repeat: int) -> tuple[float, Result]:
-    """Run `run` `repeat` times; return the median seconds and the last result."""
+    """Run `run` `repeat` times and return the median seconds and the last result."""
     seconds = []
     for _ in range(repeat):
         started = time.perf_counter()
@@ -57,7 +57,10 @@ def median_seconds(run: Callable[[], Result], repeat: int) -> tuple[float, Resul
 def load_newest(conn: psycopg.Connection[Any], projection: Any, tenant: str) -> LoadedSnapshot:
     loaded = nearest_snapshot(conn, projection, tenant, as_of=None, known_at=None)
     if loaded is None:
-        raise SystemExit(f"tenant {tenant} has no readable {projection.name} snapshot")
+        raise SystemExit(
+            f"tenant {tenant} has no readable {projection.name} snapshot: keep a database "
+            "of bench/time_travel.py with --keep and pass its name"
+        )
     return loaded
 
 

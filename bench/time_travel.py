@@ -114,13 +114,14 @@ def timed_replay(
     tenant: str,
     *,
     snapshots: bool,
-    **times: datetime,
+    as_of: datetime | None = None,
+    known_at: datetime | None = None,
 ) -> tuple[float, Replayed]:
     """Time one replay. Without `snapshots`, it deletes the tenant's snapshots in a
     transaction that it rolls back after the replay."""
     if snapshots:
         started = time.perf_counter()
-        result = replay(conn, projection, tenant, **times)
+        result = replay(conn, projection, tenant, as_of=as_of, known_at=known_at)
         return time.perf_counter() - started, result
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -129,7 +130,7 @@ def timed_replay(
             (tenant, projection.name),
         )
         started = time.perf_counter()
-        result = replay(conn, projection, tenant, **times)
+        result = replay(conn, projection, tenant, as_of=as_of, known_at=known_at)
         seconds = time.perf_counter() - started
         raise psycopg.Rollback()
     return seconds, result
@@ -217,7 +218,12 @@ def main() -> None:
                 states: dict[str, Any] = {}
                 for kind, snapshots, times in runs:
                     took, result = timed_replay(
-                        conn, projection, args.tenant, snapshots=snapshots, **times
+                        conn,
+                        projection,
+                        args.tenant,
+                        snapshots=snapshots,
+                        as_of=times.get("as_of"),
+                        known_at=times.get("known_at"),
                     )
                     seconds[kind].append(took)
                     folded[kind].append(result.events_folded)
@@ -239,7 +245,14 @@ def main() -> None:
                 for axis, moments in (("as_of", occurred), ("known_at", recorded)):
                     profiles[axis] = cProfile.Profile()
                     profiles[axis].enable()
-                    replay(conn, projection, args.tenant, **{axis: random_between(rng, *moments)})
+                    moment = random_between(rng, *moments)
+                    replay(
+                        conn,
+                        projection,
+                        args.tenant,
+                        as_of=moment if axis == "as_of" else None,
+                        known_at=moment if axis == "known_at" else None,
+                    )
                     profiles[axis].disable()
         print(f"load after replays: {load_average()}")
 

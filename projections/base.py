@@ -17,6 +17,7 @@ import typing
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
@@ -101,6 +102,24 @@ class Projection:
         """Read back what `to_records` wrote for one tenant."""
         raise NotImplementedError
 
+    def to_snapshot(self, states: Folded) -> Any:
+        """Serialize states to the JSON value a snapshot stores, in a canonical order.
+
+        The default is `to_records`' list. A model whose rows are costly to read back that
+        way returns an object instead, which only its `from_snapshot` reads.
+        """
+        return self.to_records(states)
+
+    def from_snapshot(self, tenant_id: str, document: Any) -> Folded:
+        """Read back a snapshot's JSON value: `to_records`' list, or this model's own object.
+
+        Raises ValueError, KeyError or TypeError for a value this model cannot read, such as
+        one written before its state type gained a field.
+        """
+        if not isinstance(document, list):
+            raise ValueError(f"snapshot of {self.name} is not a list of records")
+        return self.from_records(tenant_id, document)
+
 
 class IncidentRowProjection(Projection, Generic[State]):
     """A table with one row per incident whose columns are the fields of a state dataclass.
@@ -159,19 +178,13 @@ class IncidentRowProjection(Projection, Generic[State]):
         self, events: Iterable[RecordedEvent], initial: Folded | None = None
     ) -> dict[tuple[str, UUID], State]:
         """Fold events onto `initial`: the table this projection should hold for them."""
-        states: dict[tuple[str, str], State | None] = {
-            (tenant_id, INCIDENT_STREAM_PREFIX + str(incident_id)): state
-            for (tenant_id, incident_id), state in (initial or {}).items()
-        }
+        states: dict[tuple[str, Any], State | None] = dict(initial or {})
+        keys = StreamKeys(self)
         for event in events:
             if event.event_type in INCIDENT_EVENT_TYPES:
-                key = (event.tenant_id, event.stream_id)
+                key = keys.of(event)
                 states[key] = self.evolve(states.get(key), event)
-        return {
-            (tenant_id, state.incident_id): state  # type: ignore[attr-defined]
-            for (tenant_id, _), state in states.items()
-            if state is not None
-        }
+        return keys.result(states)
 
     def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
         # States are keyed by (tenant, stream id): the stream id is already on every event,
@@ -316,6 +329,73 @@ class IncidentRowProjection(Projection, Generic[State]):
             states[(tenant_id, values[0])] = self.state_type(*values)
         return states
 
+    def to_snapshot(self, states: Folded) -> dict[str, Any]:
+        """Serialize states by column: {"columns": field names, "values": one array per
+        field}, rows sorted by incident id, values in `to_records`' forms. It reads back
+        without an object per row, and with one parse per time or id that is not null."""
+        ordered = [states[key] for key in sorted(states, key=lambda key: str(key[1]))]
+        rows = [[_encode(value) for value in self._values(state)] for state in ordered]
+        values = [list(column) for column in zip(*rows, strict=True)] if rows else []
+        return {"columns": self.columns, "values": values or [[] for _ in self.columns]}
+
+    def from_snapshot(self, tenant_id: str, document: Any) -> dict[tuple[str, UUID], State]:
+        if isinstance(document, list):
+            return self.from_records(tenant_id, document)
+        if not isinstance(document, dict) or document.get("columns") != self.columns:
+            raise ValueError(
+                f"snapshot of {self.name} has other columns than {self.state_type.__name__}"
+            )
+        columns = document.get("values")
+        if (
+            not isinstance(columns, list)
+            or len(columns) != len(self.columns)
+            or len({len(column) for column in columns}) > 1
+        ):
+            raise ValueError(f"snapshot of {self.name} lacks one array of values per column")
+        decoded = []
+        for name, column in zip(self.columns, columns, strict=True):
+            parse = _PARSERS.get(self._decoders[name])
+            if parse is None:
+                decoded.append(column)
+            else:
+                decoded.append([None if value is None else parse(value) for value in column])
+        states: list[State] = list(map(self.state_type, *decoded))
+        keys = zip(repeat(tenant_id, len(states)), decoded[0], strict=True)
+        return dict(zip(keys, states, strict=True))
+
+
+class StreamKeys:
+    """Row keys of incident streams for a fold, built once per stream: making a UUID from
+    the stream id costs more than folding one event."""
+
+    def __init__(self, projection: Projection) -> None:
+        self.projection = projection
+        self.keys: dict[tuple[str, str], tuple[str, Any]] = {}
+
+    def of(self, event: RecordedEvent) -> tuple[str, Any]:
+        """Return the row key of an incident event's stream."""
+        key = self.keys.get((event.tenant_id, event.stream_id))
+        if key is None:
+            key = self.projection.stream_key(event.tenant_id, event.stream_id)
+            assert key is not None, event.stream_id
+            self.keys[(event.tenant_id, event.stream_id)] = key
+        return key
+
+    def result(self, states: dict[tuple[str, Any], Any]) -> dict[tuple[str, Any], Any]:
+        """Return the folded states keyed by (tenant, state.incident_id), without the rows
+        whose state became None. Only the streams folded here are checked, because the rows
+        of `initial` are keyed that way already."""
+        if all(
+            states[key] is not None and states[key].incident_id == key[1]
+            for key in self.keys.values()
+        ):
+            return states
+        return {
+            (tenant_id, state.incident_id): state
+            for (tenant_id, _), state in states.items()
+            if state is not None
+        }
+
 
 def qualified(schema: str | None, table: str) -> sql.Identifier:
     """Return the identifier of `table`, in `schema` when one is given."""
@@ -368,6 +448,13 @@ def _decode_uuid(value: str | None) -> UUID | None:
 
 def _decode_as_is(value: Any) -> Any:
     return value
+
+
+# The parse of a non-null value for each decoder, for decoding whole columns.
+_PARSERS: dict[Callable[[Any], Any], Callable[[str], Any]] = {
+    _decode_datetime: datetime.fromisoformat,
+    _decode_uuid: UUID,
+}
 
 
 def _is_union(hint: Any) -> bool:

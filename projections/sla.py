@@ -40,9 +40,9 @@ from ledger.sla_policy import (
 )
 from ledger.tenants import TENANT_CREATED
 from projections.base import (
-    INCIDENT_STREAM_PREFIX,
     Folded,
     IncidentRowProjection,
+    StreamKeys,
     copy_config_versions,
     qualified,
 )
@@ -595,10 +595,8 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
         """Fold events onto `initial`; the events must include the tenant's configuration
         stream from its start, which is how replay reads them."""
         histories: dict[str, ConfigHistory] = {}
-        states: dict[tuple[str, str], IncidentState | None] = {
-            (tenant_id, INCIDENT_STREAM_PREFIX + str(incident_id)): state
-            for (tenant_id, incident_id), state in (initial or {}).items()
-        }
+        states: dict[tuple[str, Any], IncidentState | None] = dict(initial or {})
+        keys = StreamKeys(self)
         for event in events:
             if is_config_event(event):
                 history = histories.get(event.tenant_id)
@@ -608,15 +606,11 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
                     )
                 history.add(event)
             elif event.event_type in lc.INCIDENT_EVENT_TYPES:
-                key = (event.tenant_id, event.stream_id)
+                key = keys.of(event)
                 states[key] = self.fold_event(
                     states.get(key), event, histories.get(event.tenant_id)
                 )
-        return {
-            (tenant_id, state.incident_id): state
-            for (tenant_id, _), state in states.items()
-            if state is not None
-        }
+        return keys.result(states)
 
     def fold_configs(self, events: Iterable[RecordedEvent]) -> dict[tuple[str, int], Any]:
         """Fold the rows the configuration versions table should hold for `events`."""

@@ -3,18 +3,21 @@
 A snapshot is taken from the live read model and its checkpoint, read in one repeatable-read
 transaction, so its rows are the fold of exactly the tenant's events up to that checkpoint.
 It records the checkpoint, the latest `recorded_at` and `occurred_at` among those events,
-their count, and the SHA-256 of its canonical JSON rows, which are stored zlib-compressed.
+their count, and the SHA-256 of its canonical JSON (the projection's `to_snapshot`), which
+is stored zlib-compressed. Snapshots taken as lists of records, the first format, still load.
 Snapshots are derived data: time travel starts from one to fold fewer events, and returns
 the same states without any.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -71,7 +74,7 @@ def _info(row: tuple[Any, ...]) -> SnapshotInfo:
 
 def serialize(projection: Projection, states: Folded) -> bytes:
     """Return the canonical bytes of a tenant's rows: what a snapshot's SHA-256 covers."""
-    return orjson.dumps(projection.to_records(states), option=orjson.OPT_SORT_KEYS)
+    return orjson.dumps(projection.to_snapshot(states), option=orjson.OPT_SORT_KEYS)
 
 
 def take_snapshot(
@@ -232,12 +235,13 @@ def nearest_snapshot(
     as_of: datetime | None,
     known_at: datetime | None,
 ) -> LoadedSnapshot | None:
-    """Load the latest snapshot usable for a replay at (`as_of`, `known_at`), or None.
+    """Load the snapshot to start a replay at (`as_of`, `known_at`) from, or None.
 
     Usable means every event in it was recorded by `known_at`. With `as_of`, a model that is
-    not stream-keyed also needs every event in it to have happened by `as_of`; a
-    stream-keyed one refolds the streams that had later events instead. A snapshot whose
-    content no longer matches its SHA-256 is skipped with a warning.
+    not stream-keyed also needs every event in it to have happened by `as_of`. Of the usable
+    snapshots the latest is loaded, except with `as_of` on a stream-keyed model (see
+    `_by_valid_time`). A snapshot whose content no longer matches its SHA-256, or that this
+    version of the model cannot read, is skipped with a warning.
     """
     query = (
         f"SELECT {_INFO_COLUMNS} FROM projection_snapshots WHERE tenant_id = %s AND projection = %s"
@@ -250,24 +254,113 @@ def nearest_snapshot(
         query += " AND last_occurred_at <= %s"
         params.append(as_of)
     query += " ORDER BY tx_id DESC, position DESC"
-    for info in [_info(row) for row in conn.execute(query, params)]:
-        row = conn.execute(
-            "SELECT content FROM projection_snapshots "
-            "WHERE tenant_id = %s AND projection = %s AND snapshot_id = %s",
-            (tenant_id, projection.name, info.snapshot_id),
-        ).fetchone()
-        assert row is not None
-        content = zlib.decompress(row[0])
-        if hashlib.sha256(content).hexdigest() != info.sha256:
-            logger.warning(
-                "snapshot %d of projection %s for tenant %s does not match its SHA-256; skipped",
-                info.snapshot_id,
-                info.projection,
-                tenant_id,
-            )
-            continue
-        return LoadedSnapshot(info, projection.from_records(tenant_id, orjson.loads(content)))
+    candidates = [_info(row) for row in conn.execute(query, params)]
+    if as_of is not None and projection.stream_keyed:
+        candidates = _by_valid_time(conn, candidates, as_of)
+    for info in candidates:
+        loaded = _load(conn, projection, info)
+        if loaded is not None:
+            return loaded
     return None
+
+
+def _by_valid_time(
+    conn: psycopg.Connection[Any], candidates: list[SnapshotInfo], as_of: datetime
+) -> list[SnapshotInfo]:
+    """Return, latest first, the snapshots worth starting a replay as of `as_of` from.
+
+    A replay from a snapshot folds again every stream of it with an event after `as_of`,
+    and every event after it that happened by then. Both are few for a snapshot whose
+    tenant's last event, its frontier, happened shortly before `as_of`, when the log is
+    roughly in valid-time order. A snapshot with a frontier after `as_of` contains
+    the streams that started after it, which would all be folded again, so a fold from
+    nothing costs less.
+    """
+    if not candidates:
+        return []
+    # NOTE: a history imported after newer events breaks the valid-time order that this
+    # choice assumes. The replay returns the same states, but may fold more events.
+    frontiers = dict(
+        conn.execute(
+            """
+            SELECT s.snapshot_id, last_event.occurred_at
+            FROM projection_snapshots AS s
+            CROSS JOIN LATERAL (
+                SELECT occurred_at FROM events
+                WHERE tenant_id = s.tenant_id AND (tx_id, position) <= (s.tx_id, s.position)
+                ORDER BY tx_id DESC, position DESC
+                LIMIT 1
+            ) AS last_event
+            WHERE s.tenant_id = %s AND s.projection = %s AND s.snapshot_id = ANY(%s)
+            """,
+            (
+                candidates[0].tenant_id,
+                candidates[0].projection,
+                [info.snapshot_id for info in candidates],
+            ),
+        ).fetchall()
+    )
+    return [
+        info
+        for info in candidates
+        if info.last_occurred_at <= as_of
+        or (frontiers.get(info.snapshot_id) is not None and frontiers[info.snapshot_id] <= as_of)
+    ]
+
+
+def _load(
+    conn: psycopg.Connection[Any], projection: Projection, info: SnapshotInfo
+) -> LoadedSnapshot | None:
+    """Read, check and decode one snapshot's rows; None, with a warning, when it is unusable."""
+    row = conn.execute(
+        "SELECT content FROM projection_snapshots "
+        "WHERE tenant_id = %s AND projection = %s AND snapshot_id = %s",
+        (info.tenant_id, projection.name, info.snapshot_id),
+    ).fetchone()
+    if row is None:
+        # Pruned since its figures were read.
+        return None
+    content = zlib.decompress(row[0])
+    if hashlib.sha256(content).hexdigest() != info.sha256:
+        logger.warning(
+            "snapshot %d of projection %s for tenant %s does not match its SHA-256; skipped",
+            info.snapshot_id,
+            info.projection,
+            info.tenant_id,
+        )
+        return None
+    try:
+        with _cycle_collection_paused():
+            states = projection.from_snapshot(info.tenant_id, orjson.loads(content))
+    except (ValueError, KeyError, TypeError) as error:
+        # Derived data: a fold from the log gives the same states without it.
+        logger.warning(
+            "snapshot %d of projection %s for tenant %s cannot be read (%s); skipped",
+            info.snapshot_id,
+            info.projection,
+            info.tenant_id,
+            error,
+        )
+        return None
+    return LoadedSnapshot(info, states)
+
+
+@contextmanager
+def _cycle_collection_paused() -> Iterator[None]:
+    """Pause the cycle collector while a snapshot decodes.
+
+    A decode allocates a few objects per row, each a reason for the collector to walk the
+    young objects, and at times the whole heap, although these rows form no cycles. Other
+    threads run without cycle collection meanwhile. The first pause to end turns it back
+    on, unless it was off before.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def snapshot_job_function(database: Database) -> Any:

@@ -165,6 +165,17 @@ def parked_positions(
     return frozenset(row[0] for row in rows)
 
 
+def tenant_parked_positions(
+    conn: psycopg.Connection[Any], projection: str, tenant_id: str
+) -> frozenset[int]:
+    """Return every position of the tenant's log that `projection` skips."""
+    rows = conn.execute(
+        "SELECT position FROM parked_events WHERE projection = %s AND tenant_id = %s",
+        (projection, tenant_id),
+    ).fetchall()
+    return frozenset(row[0] for row in rows)
+
+
 def without_parked(events: Iterable[Any], parked: frozenset[int]) -> list[Any]:
     """Return `events` (anything with a `position`) less the parked ones."""
     if not parked:

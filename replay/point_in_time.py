@@ -15,6 +15,7 @@ import psycopg
 
 from ledger.events import RecordedEvent
 from ledger.ids import incident_stream_id
+from ledger.parking import tenant_parked_positions
 from ledger.store import EVENT_COLUMNS, row_to_event
 from projections.sla import SlaState, evolve_sla, load_histories
 from projections.trends import TREND_CONFIGS, TrendState, evolve_trend
@@ -24,7 +25,7 @@ def straddling_sla_states(
     conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
 ) -> list[SlaState]:
     """Fold the SLA state at `as_of` of each incident with events before and after it."""
-    events = _straddling_events(conn, "incident_sla", tenant_id, as_of)
+    events = _straddling_events(conn, "incident_sla", "sla", tenant_id, as_of)
     if not events:
         return []
     # The configuration version in force for each event comes from its log position, as
@@ -44,7 +45,7 @@ def straddling_trend_states(
     conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
 ) -> list[TrendState]:
     """Fold the trends state at `as_of` of each incident with events before and after it."""
-    events = _straddling_events(conn, "incident_trends", tenant_id, as_of)
+    events = _straddling_events(conn, "incident_trends", "trends", tenant_id, as_of)
     if not events:
         return []
     history = load_histories(conn, [tenant_id], TREND_CONFIGS).get(tenant_id)
@@ -59,10 +60,13 @@ def straddling_trend_states(
 
 
 def _straddling_events(
-    conn: psycopg.Connection[Any], table: str, tenant_id: str, as_of: datetime
+    conn: psycopg.Connection[Any], table: str, projection: str, tenant_id: str, as_of: datetime
 ) -> dict[str, list[RecordedEvent]]:
     """Return, by stream, the events up to `as_of` of the incidents of `table` (a read model
-    with earliest_occurred_at and latest_occurred_at) that have events on both sides of it."""
+    with earliest_occurred_at and latest_occurred_at) that have events on both sides of it.
+
+    Leaves out the events `projection` skips.
+    """
     ids = [
         row[0]
         for row in conn.execute(
@@ -86,7 +90,9 @@ def _straddling_events(
             """,
             (tenant_id, streams, as_of),
         )
+        parked = tenant_parked_positions(conn, projection, tenant_id)
         for row in cur:
             event = row_to_event(row)
-            events[event.stream_id].append(event)
+            if event.position not in parked:
+                events[event.stream_id].append(event)
     return events

@@ -25,6 +25,7 @@ from ledger.errors import IncidentNotFound
 from ledger.events import RecordedEvent
 from ledger.ids import incident_stream_id
 from ledger.lifecycle import IncidentState, fold_incident
+from ledger.parking import tenant_parked_positions, without_parked
 from ledger.store import EVENT_COLUMNS, Checkpoint, row_to_event
 from projections.base import INCIDENT_STREAM_PREFIX, Folded, Projection
 from projections.sla_queries import consistent_snapshot
@@ -127,8 +128,10 @@ def replay(
             refold = _streams_after(conn, tenant_id, as_of, loaded.info.checkpoint)
             if any(projection.stream_key(tenant_id, stream) is None for stream in refold):
                 loaded = None
+        parked = tenant_parked_positions(conn, projection.name, tenant_id)
         if loaded is None:
             events = read_tenant_events(conn, tenant_id, as_of=as_of, known_at=known_at)
+            events = without_parked(events, parked)
             return Replayed(projection.fold(events), None, len(events))
 
         states = dict(loaded.states)
@@ -144,6 +147,7 @@ def replay(
             after=loaded.info.checkpoint,
             refold_streams=refold,
         )
+        events = without_parked(events, parked)
         return Replayed(projection.fold(events, states), loaded.info.snapshot_id, len(events))
 
 
@@ -187,6 +191,7 @@ def incident_at(
         with conn.cursor() as cur:
             cur.execute(query + " ORDER BY stream_version", params)
             events = [row_to_event(row) for row in cur]
+        events = without_parked(events, tenant_parked_positions(conn, "incidents", tenant_id))
     state = fold_incident(events)
     if state is None:
         limits = [

@@ -32,6 +32,7 @@ from ledger.config_sections import (
 from ledger.database import set_tenant
 from ledger.errors import ConfigInvalid, ConfigProblem
 from ledger.events import normalize_json
+from ledger.parking import tenant_parked_positions, without_parked
 from ledger.tenants import TenantConfig
 from projections.sla import NOT_JUDGED, SlaProjection, SlaState, resolution_breached
 from projections.sla_queries import SlaCounts, consistent_snapshot, summarize_states
@@ -179,6 +180,7 @@ def what_if(
     with consistent_snapshot(conn):
         set_tenant(conn, tenant_id)
         events = read_tenant_events(conn, tenant_id, as_of=as_of, known_at=known_at)
+        events = without_parked(events, tenant_parked_positions(conn, "sla", tenant_id))
 
     # Both folds start from nothing, because a snapshot contains rows judged by the policies
     # in force.

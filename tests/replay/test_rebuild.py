@@ -28,7 +28,14 @@ from ledger.lifecycle import (
 from ledger.store import Checkpoint, PostgresEventStore, read_after
 from projections.base import IncidentRowProjection
 from projections.runtime import default_projections, load_checkpoint, projection_named
-from replay.rebuild import SHADOW_SCHEMA, RebuildFailed, rebuild
+from replay.rebuild import (
+    REBUILD_LOCK_CLASS,
+    SHADOW_SCHEMA,
+    RebuildFailed,
+    RebuildReport,
+    rebuild,
+    rebuild_many,
+)
 from tests.conftest import project_everything
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
@@ -324,6 +331,96 @@ def test_failed_rebuild_changes_nothing(
 
     assert tables(fresh_database) == before
     assert shadow_tables(fresh_database) == []
+
+
+def test_rebuild_many_equals_fold(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=60, seed=11, end=T0)
+    seed_demo(fresh_store, "other", incidents=20, seed=12, end=T0)
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+    names = ["sla", "grouping", "incidents"]
+    swapped: list[RebuildReport] = []
+
+    reports = rebuild_many(
+        fresh_database,
+        [projection_named(name) for name in names],
+        workers=2,
+        swapped=swapped.append,
+        min_partition_events=10,
+    )
+
+    after = tables(fresh_database)
+    assert [report.projection for report in reports] == names
+    assert sorted(report.projection for report in swapped) == sorted(names)
+    for report in reports:
+        expected, last = folded(fresh_database, report.projection)
+        assert after[report.projection][0] == expected, report.projection
+        assert after[report.projection][1] == last, report.projection
+        assert report.checkpoint == last
+    # Two tenants: grouping folds each whole, the stream-keyed models split each in two.
+    assert [report.partitions for report in reports] == [4, 2, 4]
+    assert after["trends"] == before["trends"]
+    assert shadow_tables(fresh_database) == []
+
+
+def test_rebuild_many_failure_keeps_unswapped(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=40, seed=13, end=T0)
+    poison = uuid.uuid4()
+    event = report(poison, 5)
+    event.payload["category"] = "Explodes"
+    fresh_store.append("other", incident_stream_id(poison), [event], expected_version=0)
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+    broken = IncidentRowProjection("incidents", "incidents", IncidentState, _boom)
+    swapped: list[RebuildReport] = []
+
+    with pytest.raises(RebuildFailed, match="projection incidents failed .* tenant other"):
+        rebuild_many(
+            fresh_database, [broken, projection_named("sla")], workers=2, swapped=swapped.append
+        )
+
+    after = tables(fresh_database)
+    assert after["incidents"] == before["incidents"]
+    # sla may have been swapped in before the failure; then its rows are a complete rebuild.
+    expected, last = folded(fresh_database, "sla")
+    if swapped:
+        assert [report.projection for report in swapped] == ["sla"]
+        assert after["sla"] == (expected, last)
+    else:
+        assert after["sla"] == before["sla"]
+    assert after["grouping"] == before["grouping"]
+    assert shadow_tables(fresh_database) == []
+
+
+def test_rebuild_many_locked_projection(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=10, seed=14, end=T0)
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+    lock = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
+
+    with fresh_database.connect_worker(autocommit=True) as other:
+        assert other.execute(lock, (REBUILD_LOCK_CLASS, "sla")).fetchone() == (True,)
+        with pytest.raises(RebuildFailed, match="another rebuild of projection sla is running"):
+            rebuild_many(fresh_database, [projection_named("incidents"), projection_named("sla")])
+        # The lock on incidents, taken before sla's failed, was released.
+        assert other.execute(lock, (REBUILD_LOCK_CLASS, "incidents")).fetchone() == (True,)
+
+    assert tables(fresh_database) == before
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [([], "no projection to rebuild"), (["sla", "sla"], "projection sla is named twice")],
+)
+def test_rebuild_many_rejects_names(database: Database, names: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        rebuild_many(database, [projection_named(name) for name in names])
 
 
 def _rebuild_workers(database: Database) -> list[tuple[int, str]]:

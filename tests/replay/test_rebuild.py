@@ -509,6 +509,32 @@ def test_interrupted_rebuild_command_changes_nothing(
     assert shadow_tables(fresh_database) == []
 
 
+def test_rebuild_command_several_projections(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=12, seed=15, end=T0)
+    project_everything(fresh_database)
+    env = dict(os.environ)
+    env["DATABASE_URL"] = fresh_database.owner_conninfo
+    env["CIVICPULSE_LOG_LEVEL"] = "INFO"
+    command = [sys.executable, "-m", "api.cli", "rebuild", "sla", "grouping", "--workers", "2"]
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    with fresh_database.connect_worker(autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, hashtext('grouping'))", (REBUILD_LOCK_CLASS,))
+        locked = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    assert "rebuilt sla: " in done.stderr
+    assert "rebuilt grouping: " in done.stderr
+    assert "rebuild of sla: partitions 1 of 1 done" in done.stderr
+    assert "rebuild of grouping: partitions 1 of 1 done" in done.stderr
+    assert locked.returncode == 2, locked.stderr
+    assert "another rebuild of projection grouping is running" in locked.stderr
+    assert "for sla, grouping the live model and its checkpoint are unchanged" in locked.stderr
+    assert tables(fresh_database)["sla"][0] == folded(fresh_database, "sla")[0]
+
+
 def test_rebuild_unknown_tenant_fails(database: Database) -> None:
     with pytest.raises(RebuildFailed, match="tenant 'nobody-here' has no events"):
         rebuild(database, projection_named("sla"), tenant_id="nobody-here")

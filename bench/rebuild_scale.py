@@ -53,7 +53,7 @@ def describe(report: RebuildReport, folded: int) -> str:
         f"{report.projection:<10} {report.workers} workers: {report.total_seconds:7.1f} s, "
         f"{folded / report.total_seconds:8,.0f} events/s ({folded:,} events, "
         f"{report.partitions} partitions, folded at {report.fold_seconds:.1f} s, "
-        f"swap {report.swap_seconds:.1f} s)"
+        f"swap {report.swap_seconds:.1f} s, worker CPU {report.worker_cpu_seconds:.1f} s)"
     )
 
 
@@ -151,9 +151,10 @@ def main() -> None:
                     together_events = sum(
                         report.events_folded + report.events_caught_up for report in reports
                     )
+                    cpu = sum(report.worker_cpu_seconds for report in reports)
                     print(
                         f"round {round_number + 1} together, {workers} workers: {elapsed:7.1f} s, "
-                        f"{together_events / elapsed:8,.0f} events/s",
+                        f"{together_events / elapsed:8,.0f} events/s, worker CPU {cpu:.1f} s",
                         flush=True,
                     )
                     for report in reports:

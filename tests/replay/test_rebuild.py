@@ -359,6 +359,7 @@ def test_rebuild_many_equals_fold(
         assert after[report.projection][0] == expected, report.projection
         assert after[report.projection][1] == last, report.projection
         assert report.checkpoint == last
+        assert report.worker_cpu_seconds > 0
     # Two tenants: grouping folds each whole, the stream-keyed models split each in two.
     assert [report.partitions for report in reports] == [4, 2, 4]
     assert after["trends"] == before["trends"]

@@ -487,7 +487,7 @@ def _fold_partitions(
     partitions are all folded, in this process, while the pool folds the others."""
     # Largest first: a long partition that starts last would leave the other workers idle
     # at the end. Submission order is the order in which the pool starts them.
-    # NOTE: size is the event count, but folding a grouping event took 2 to 3 times as
+    # NOTE: size is the event count, but folding a grouping event took 2 to 3.5 times as
     # long as an incidents or sla event in a profile of Boston data, so the order is rough.
     tasks = sorted(
         ((job, partition) for job in jobs for partition in job.partitions),

@@ -51,7 +51,7 @@ def _projections(names: list[str] | None) -> list[Any]:
 def rebuild_command(
     projections: Annotated[
         list[str] | None,
-        typer.Argument(help="Projections to rebuild, one after the other (default: all)"),
+        typer.Argument(help="Projections to rebuild, together on one process pool (default: all)"),
     ] = None,
     tenant: Annotated[
         str | None, typer.Option("--tenant", help="Rebuild this tenant's rows only")
@@ -60,44 +60,20 @@ def rebuild_command(
         int, typer.Option(min=0, help="Worker processes that fold the log (0: one per CPU)")
     ] = 0,
 ) -> None:
-    """Rebuild read models from the log on a process pool and swap them in atomically.
+    """Rebuild read models from the log on a process pool and swap each in atomically.
 
     Events appended meanwhile are included. A failed or interrupted rebuild leaves the
-    live model and its checkpoint unchanged.
+    live models not yet swapped in, and their checkpoints, unchanged.
     """
-    from replay.rebuild import RebuildFailed, RebuildProgress, rebuild
+    from replay.rebuild import RebuildFailed, RebuildProgress, RebuildReport, rebuild_many
 
     chosen = _projections(projections)
     database = _database()
     count = workers or os.cpu_count() or 1
-    for projection in chosen:
-        if console.is_terminal:
-            with Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-            ) as bar:
-                task = bar.add_task(f"folding {projection.name}", total=None)
+    done: list[str] = []
 
-                def show(step: RebuildProgress, bar: Progress = bar, task: Any = task) -> None:
-                    bar.update(task, completed=step.events_folded, total=step.events_total)
-
-                report = _run(rebuild, RebuildFailed, database, projection, tenant, count, show)
-        else:
-
-            def log(step: RebuildProgress) -> None:
-                logger.info(
-                    "rebuild of %s: partitions %d of %d done, events folded %d of %d",
-                    step.projection,
-                    step.partitions_done,
-                    step.partitions,
-                    step.events_folded,
-                    step.events_total,
-                )
-
-            report = _run(rebuild, RebuildFailed, database, projection, tenant, count, log)
+    def show_report(report: RebuildReport) -> None:
+        done.append(report.projection)
         console.print(
             f"rebuilt {report.projection}"
             + (f" for tenant {report.tenant_id}" if report.tenant_id else "")
@@ -108,26 +84,68 @@ def rebuild_command(
             f"{report.total_seconds:.1f} s in all"
         )
 
+    def run(progress: Any) -> None:
+        try:
+            rebuild_many(
+                database,
+                chosen,
+                tenant_id=tenant,
+                workers=count,
+                progress=progress,
+                swapped=show_report,
+            )
+        except RebuildFailed as error:
+            # The error names the projection it stopped; the others need naming too.
+            suffix = _unchanged(chosen, done) if len(chosen) > 1 else ""
+            raise _fail(str(error) + suffix) from error
+        except KeyboardInterrupt:
+            console.print(
+                "[yellow]interrupted:[/yellow] the rebuild stopped" + _unchanged(chosen, done)
+            )
+            raise typer.Exit(code=130) from None
 
-def _run(
-    rebuild: Any,
-    failure: type[Exception],
-    database: Database,
-    projection: Any,
-    tenant: str | None,
-    workers: int,
-    progress: Any,
-) -> Any:
-    try:
-        return rebuild(database, projection, tenant_id=tenant, workers=workers, progress=progress)
-    except failure as error:
-        raise _fail(str(error)) from error
-    except KeyboardInterrupt:
-        console.print(
-            f"[yellow]interrupted:[/yellow] the rebuild of {projection.name} stopped; the "
-            "live model and its checkpoint are unchanged"
-        )
-        raise typer.Exit(code=130) from None
+    if console.is_terminal:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            tasks = {
+                projection.name: bar.add_task(f"folding {projection.name}", total=None)
+                for projection in chosen
+            }
+
+            def show(step: RebuildProgress) -> None:
+                bar.update(
+                    tasks[step.projection], completed=step.events_folded, total=step.events_total
+                )
+
+            run(show)
+    else:
+
+        def log(step: RebuildProgress) -> None:
+            logger.info(
+                "rebuild of %s: partitions %d of %d done, events folded %d of %d",
+                step.projection,
+                step.partitions_done,
+                step.partitions,
+                step.events_folded,
+                step.events_total,
+            )
+
+        run(log)
+
+
+def _unchanged(chosen: list[Any], done: list[str]) -> str:
+    """Name the projections a stopped rebuild left as they were, for its error message."""
+    left = [projection.name for projection in chosen if projection.name not in done]
+    if not left:
+        return ""
+    return f"; for {', '.join(left)} the live model and its checkpoint are unchanged" + (
+        f" ({', '.join(done)} were rebuilt and swapped in)" if done else ""
+    )
 
 
 def replay_command(

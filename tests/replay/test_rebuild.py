@@ -28,7 +28,14 @@ from ledger.lifecycle import (
 from ledger.store import Checkpoint, PostgresEventStore, read_after
 from projections.base import IncidentRowProjection
 from projections.runtime import default_projections, load_checkpoint, projection_named
-from replay.rebuild import SHADOW_SCHEMA, RebuildFailed, rebuild
+from replay.rebuild import (
+    REBUILD_LOCK_CLASS,
+    SHADOW_SCHEMA,
+    RebuildFailed,
+    RebuildReport,
+    rebuild,
+    rebuild_many,
+)
 from tests.conftest import project_everything
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
@@ -326,6 +333,97 @@ def test_failed_rebuild_changes_nothing(
     assert shadow_tables(fresh_database) == []
 
 
+def test_rebuild_many_equals_fold(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=60, seed=11, end=T0)
+    seed_demo(fresh_store, "other", incidents=20, seed=12, end=T0)
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+    names = ["sla", "grouping", "incidents"]
+    swapped: list[RebuildReport] = []
+
+    reports = rebuild_many(
+        fresh_database,
+        [projection_named(name) for name in names],
+        workers=2,
+        swapped=swapped.append,
+        min_partition_events=10,
+    )
+
+    after = tables(fresh_database)
+    assert [report.projection for report in reports] == names
+    assert sorted(report.projection for report in swapped) == sorted(names)
+    for report in reports:
+        expected, last = folded(fresh_database, report.projection)
+        assert after[report.projection][0] == expected, report.projection
+        assert after[report.projection][1] == last, report.projection
+        assert report.checkpoint == last
+        assert report.worker_cpu_seconds > 0
+    # Two tenants: grouping folds each whole, the stream-keyed models split each in two.
+    assert [report.partitions for report in reports] == [4, 2, 4]
+    assert after["trends"] == before["trends"]
+    assert shadow_tables(fresh_database) == []
+
+
+def test_rebuild_many_failure_keeps_unswapped(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=40, seed=13, end=T0)
+    poison = uuid.uuid4()
+    event = report(poison, 5)
+    event.payload["category"] = "Explodes"
+    fresh_store.append("other", incident_stream_id(poison), [event], expected_version=0)
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+    broken = IncidentRowProjection("incidents", "incidents", IncidentState, _boom)
+    swapped: list[RebuildReport] = []
+
+    with pytest.raises(RebuildFailed, match="projection incidents failed .* tenant other"):
+        rebuild_many(
+            fresh_database, [broken, projection_named("sla")], workers=2, swapped=swapped.append
+        )
+
+    after = tables(fresh_database)
+    assert after["incidents"] == before["incidents"]
+    # sla may have been swapped in before the failure; then its rows are a complete rebuild.
+    expected, last = folded(fresh_database, "sla")
+    if swapped:
+        assert [report.projection for report in swapped] == ["sla"]
+        assert after["sla"] == (expected, last)
+    else:
+        assert after["sla"] == before["sla"]
+    assert after["grouping"] == before["grouping"]
+    assert shadow_tables(fresh_database) == []
+
+
+def test_rebuild_many_locked_projection(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=10, seed=14, end=T0)
+    project_everything(fresh_database)
+    before = tables(fresh_database)
+    lock = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
+
+    with fresh_database.connect_worker(autocommit=True) as other:
+        assert other.execute(lock, (REBUILD_LOCK_CLASS, "sla")).fetchone() == (True,)
+        with pytest.raises(RebuildFailed, match="another rebuild of projection sla is running"):
+            rebuild_many(fresh_database, [projection_named("incidents"), projection_named("sla")])
+        # The lock on incidents, taken before sla's failed, was released.
+        assert other.execute(lock, (REBUILD_LOCK_CLASS, "incidents")).fetchone() == (True,)
+
+    assert tables(fresh_database) == before
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [([], "no projection to rebuild"), (["sla", "sla"], "projection sla is named twice")],
+)
+def test_rebuild_many_rejects_names(database: Database, names: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        rebuild_many(database, [projection_named(name) for name in names])
+
+
 def _rebuild_workers(database: Database) -> list[tuple[int, str]]:
     with database.connect_worker() as conn:
         rows = conn.execute(
@@ -410,6 +508,32 @@ def test_interrupted_rebuild_command_changes_nothing(
     assert "the live model and its checkpoint are unchanged" in stderr
     assert tables(fresh_database) == before
     assert shadow_tables(fresh_database) == []
+
+
+def test_rebuild_command_several_projections(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=12, seed=15, end=T0)
+    project_everything(fresh_database)
+    env = dict(os.environ)
+    env["DATABASE_URL"] = fresh_database.owner_conninfo
+    env["CIVICPULSE_LOG_LEVEL"] = "INFO"
+    command = [sys.executable, "-m", "api.cli", "rebuild", "sla", "grouping", "--workers", "2"]
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    with fresh_database.connect_worker(autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, hashtext('grouping'))", (REBUILD_LOCK_CLASS,))
+        locked = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    assert "rebuilt sla: " in done.stderr
+    assert "rebuilt grouping: " in done.stderr
+    assert "rebuild of sla: partitions 1 of 1 done" in done.stderr
+    assert "rebuild of grouping: partitions 1 of 1 done" in done.stderr
+    assert locked.returncode == 2, locked.stderr
+    assert "another rebuild of projection grouping is running" in locked.stderr
+    assert "for sla, grouping the live model and its checkpoint are unchanged" in locked.stderr
+    assert tables(fresh_database)["sla"][0] == folded(fresh_database, "sla")[0]
 
 
 def test_rebuild_unknown_tenant_fails(database: Database) -> None:

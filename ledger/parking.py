@@ -4,8 +4,8 @@ A projection stops at an event it cannot apply: its batch rolls back and the pro
 retries it, and every later event of every tenant waits. When the event cannot be fixed
 (events are never changed), an operator parks it for that projection. The projection then
 skips it in streaming, in rebuilds and in time travel alike (what-if replays skip the
-events parked for `sla`), so every way of computing the read model gives the same rows. Unparking removes the mark; the read model includes the
-event again only after a rebuild.
+events parked for `sla`), so every way of computing the read model gives the same rows.
+Unparking removes the mark; the read model includes the event again only after a rebuild.
 
 Each park and unpark is also an event in the tenant's `operations-<tenant>` stream, so the
 decision and its reason are in the sealed log.

@@ -28,7 +28,7 @@ import psycopg
 from ledger.database import Database
 from ledger.store import Checkpoint
 from projections.base import Folded, Projection
-from projections.runtime import load_checkpoint, replayable_projections
+from projections.runtime import replayable_projections
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,16 @@ def take_snapshot(
     with conn.transaction():
         # One snapshot of the database for the checkpoint, the event figures and the rows.
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        checkpoint = load_checkpoint(conn, projection.name)
+        # A plain read: load_checkpoint's INSERT ... ON CONFLICT fails with a serialization
+        # failure at repeatable read when the projector has just moved the checkpoint.
+        found = conn.execute(
+            "SELECT tx_id::text::bigint, position FROM projection_checkpoints "
+            "WHERE projection = %s",
+            (projection.name,),
+        ).fetchone()
+        if found is None:
+            return None
+        checkpoint = Checkpoint(int(found[0]), int(found[1]))
         row = conn.execute(
             """
             SELECT count(*), max(recorded_at), max(occurred_at) FROM events

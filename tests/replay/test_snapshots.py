@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
@@ -489,3 +490,32 @@ def test_incident_as_of_and_known_at(client: TestClient, database: Database, see
     assert bad.headers["content-type"].startswith(PROBLEM)
     assert "invalid known_at 'soon'" in bad.json()["detail"]
     assert "ISO 8601" in bad.json()["detail"]
+
+
+def test_snapshot_while_checkpoint_moves(database: Database, small_tenant: str) -> None:
+    # The projector moves the checkpoint all the time. A snapshot that wrote to the
+    # checkpoint row at repeatable read failed when the row changed under it.
+    stop = threading.Event()
+
+    def move_checkpoint() -> None:
+        with database.connect_worker(autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(
+                    "UPDATE projection_checkpoints SET updated_at = now() WHERE projection = 'sla'"
+                )
+
+    mover = threading.Thread(target=move_checkpoint)
+    mover.start()
+    errors: list[BaseException] = []
+    try:
+        with _worker(database) as conn:
+            for _ in range(200):
+                try:
+                    take_snapshot(conn, projection_named("sla"), small_tenant)
+                except psycopg.Error as error:
+                    errors.append(error)
+    finally:
+        stop.set()
+        mover.join()
+
+    assert errors == []

@@ -91,19 +91,10 @@ def park_event(
             (projection, row[0], tenant_id, event_id, reason, parked_by),
         ).fetchone()
         if inserted is not None:
-            payload = {
-                "projection": projection,
-                "event_id": str(event_id),
-                "position": row[0],
-                "reason": reason,
-            }
-            store.append(
-                tenant_id,
-                operations_stream_id(tenant_id),
-                [NewEvent(EVENT_PARKED, payload, occurred_at, metadata={"actor": parked_by})],
-                expected_version=None,
-                conn=conn,
+            mark = ParkedEvent(
+                projection, row[0], tenant_id, event_id, reason, parked_by, occurred_at
             )
+            _record(conn, store, EVENT_PARKED, mark)
         parked = _read(conn, "WHERE projection = %s AND position = %s", (projection, row[0]))
     return parked[0], inserted is not None
 
@@ -132,20 +123,31 @@ def unpark_event(
         ).fetchone()
         if removed is None:
             return False
-        payload = {
-            "projection": projection,
-            "event_id": str(event_id),
-            "position": removed[0],
-            "reason": reason,
-        }
-        store.append(
-            tenant_id,
-            operations_stream_id(tenant_id),
-            [NewEvent(EVENT_UNPARKED, payload, occurred_at, metadata={"actor": unparked_by})],
-            expected_version=None,
-            conn=conn,
+        mark = ParkedEvent(
+            projection, removed[0], tenant_id, event_id, reason, unparked_by, occurred_at
         )
+        _record(conn, store, EVENT_UNPARKED, mark)
     return True
+
+
+def _record(
+    conn: psycopg.Connection[Any], store: PostgresEventStore, event_type: str, mark: ParkedEvent
+) -> None:
+    """Append a park or unpark to the tenant's operations stream, in `conn`'s transaction."""
+    payload = {
+        "projection": mark.projection,
+        "event_id": str(mark.event_id),
+        "position": mark.position,
+        "reason": mark.reason,
+    }
+    event = NewEvent(event_type, payload, mark.parked_at, metadata={"actor": mark.parked_by})
+    store.append(
+        mark.tenant_id,
+        operations_stream_id(mark.tenant_id),
+        [event],
+        expected_version=None,
+        conn=conn,
+    )
 
 
 def list_parked(conn: psycopg.Connection[Any], projection: str | None = None) -> list[ParkedEvent]:

@@ -28,7 +28,7 @@ def sla_rows(conn: Any) -> Any:
 
 @pytest.fixture
 def parked_log(fresh_database: Database, fresh_store: PostgresEventStore) -> uuid.UUID:
-    """Five reports, one with an event the SLA fold fails on, parked for `sla`."""
+    """Five readable reports and one the SLA fold fails on, parked for `sla`."""
     incidents = [uuid.uuid4() for _ in range(5)]
     for minutes, incident in enumerate(incidents):
         fresh_store.append(

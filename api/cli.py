@@ -418,6 +418,9 @@ def projections_parked(
     _, database = _migrated()
     with database.connect_worker() as conn:
         rows = list_parked(conn, projection)
+    if not rows:
+        console.print("no event is parked" + (f" for {projection}" if projection else ""))
+        return
     table = Table(title="parked events")
     for column in ("projection", "position", "tenant", "event id", "parked", "by", "reason"):
         table.add_column(column)

@@ -149,9 +149,10 @@ def validate_grouping(document: Any) -> GroupingSettings:
         location = ".".join(str(part) for part in problem["loc"]) or "grouping"
         field = str(problem["loc"][0]) if problem["loc"] else ""
         fix = _FIXES.get(field, "remove it; the settings are " + ", ".join(_FIXES))
+        # The settings are JSON, where pydantic's tuples are lists.
+        message = problem["msg"].replace("valid tuple", "list")
         raise CommandInvalid(
-            f"invalid grouping setting {location} = {problem.get('input')!r}: "
-            f"{problem['msg']}; {fix}"
+            f"invalid grouping setting {location} = {problem.get('input')!r}: {message}; {fix}"
         ) from error
 
 

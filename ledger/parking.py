@@ -21,7 +21,7 @@ from uuid import UUID
 
 import psycopg
 
-from ledger.errors import InvalidRequest, LedgerError
+from ledger.errors import InvalidRequest, LedgerError, TenantNotFound
 from ledger.events import NewEvent
 from ledger.store import PostgresEventStore
 
@@ -79,6 +79,11 @@ def park_event(
             (tenant_id, event_id),
         ).fetchone()
         if row is None:
+            known = conn.execute(
+                "SELECT 1 FROM streams WHERE tenant_id = %s LIMIT 1", (tenant_id,)
+            ).fetchone()
+            if known is None:
+                raise TenantNotFound(tenant_id, "check the --tenant value")
             raise EventNotFound(tenant_id, event_id)
         inserted = conn.execute(
             """

@@ -66,6 +66,7 @@ def test_settings_round_trip(clients: dict[Role, TestClient], tenant_id: str) ->
         ({"related_categories": [["A", "A"]]}, ["related_categories", "two different"]),
         ({"placeholders": [{"latitude": 95, "longitude": 0}]}, ["placeholders.0.latitude", "95"]),
         ({"ungrouped_categories": [" "]}, ["ungrouped_categories", "empty", "category names"]),
+        ({"ungrouped_categories": "Sticker Request"}, ["ungrouped_categories", "should be a list"]),
         ({"radius": 3}, ["radius", "remove it"]),
     ],
 )

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ledger.database import Database
-from ledger.errors import InvalidRequest
+from ledger.errors import InvalidRequest, TenantNotFound
 from ledger.events import NewEvent
 from ledger.ids import incident_stream_id
 from ledger.parking import (
@@ -144,6 +144,17 @@ def test_park_rejects_unknown_event_and_empty_reason(
     with fresh_database.connect_worker() as conn:
         with pytest.raises(EventNotFound, match=str(missing)):
             park(conn, fresh_store, missing)
+        with pytest.raises(TenantNotFound, match="'nosuch' not found"):
+            park_event(
+                conn,
+                fresh_store,
+                "sla",
+                "nosuch",
+                poison_id,
+                reason="x",
+                parked_by="ops",
+                occurred_at=NOW,
+            )
         with pytest.raises(InvalidRequest, match="invalid reason"):
             park(conn, fresh_store, poison_id, reason="  ")
         marks = list_parked(conn)
@@ -177,3 +188,31 @@ def test_cli_park_names_unknown_projection(
     assert result.exit_code == 2
     assert "unknown projection 'slas'" in result.output
     assert "sla" in result.output
+
+
+def test_cli_parked_lists_marks(
+    fresh_database: Database, fresh_store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.cli import app
+
+    monkeypatch.setenv("DATABASE_URL", fresh_database.owner_conninfo)
+    _, poison_id = poisoned_log(fresh_store)
+    empty = CliRunner().invoke(app, ["projections", "parked"])
+    with fresh_database.connect_worker() as conn:
+        park_event(
+            conn,
+            fresh_store,
+            "sla",
+            "acme",
+            poison_id,
+            reason="bad",
+            parked_by="ops",
+            occurred_at=NOW,
+        )
+        conn.commit()
+    listed = CliRunner().invoke(app, ["projections", "parked", "--projection", "sla"])
+
+    assert empty.exit_code == 0
+    assert "no event is parked" in empty.output
+    assert listed.exit_code == 0
+    assert str(poison_id)[:8] in listed.output

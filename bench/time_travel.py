@@ -20,6 +20,10 @@ For one tenant and one projection it then:
    tenant's snapshots and is rolled back afterwards. The answers with and without
    snapshots are compared, because snapshots must change no answer.
 
+For the `sla` projection each round also times the SLA summary as of the random valid
+time, as `GET /tenants/{t}/sla/summary?as_of=T` computes it: from the live read model, with
+only the incidents that have events on both sides of T folded again.
+
 It prints the median and 95th percentile of each kind and their ratio to the full replay.
 Targets: the snapshot path at 1/50 of a full replay or less, and under 200 ms at the 95th
 percentile. `--profile` adds a cProfile of one snapshot-path replay at a random time of each axis.
@@ -53,12 +57,16 @@ from ledger.database import Database  # noqa: E402
 from ledger.store import Checkpoint  # noqa: E402
 from projections.base import Projection  # noqa: E402
 from projections.runtime import load_checkpoint, project_batch, projection_named  # noqa: E402
+from projections.sla_queries import sla_summary  # noqa: E402
 from replay.snapshots import take_snapshot  # noqa: E402
 from replay.time_travel import Replayed, replay  # noqa: E402
 
 TARGET_RATIO = 1 / 50
 TARGET_P95_SECONDS = 0.2
 KINDS = ("as_of, snapshots", "as_of, none", "known_at, snapshots", "known_at, none")
+# What GET /tenants/{t}/sla/summary?as_of=T runs: aggregates over the read model, plus the
+# incidents with events on both sides of T folded again (sla only).
+SUMMARY = "as_of, SLA summary"
 
 
 def snapshot_as_scheduled(
@@ -228,6 +236,11 @@ def main() -> None:
                     seconds[kind].append(took)
                     folded[kind].append(result.events_folded)
                     states[kind] = result.states
+                if projection.name == "sla":
+                    started = time.perf_counter()
+                    sla_summary(conn, args.tenant, as_of)
+                    seconds[SUMMARY].append(time.perf_counter() - started)
+                    folded[SUMMARY].append(0)
                 for axis in ("as_of", "known_at"):
                     if states[f"{axis}, snapshots"] != states[f"{axis}, none"]:
                         raise SystemExit(
@@ -237,7 +250,8 @@ def main() -> None:
                 print(
                     f"round {round_number}: as_of {as_of:%Y-%m-%d %H:%M}, known_at "
                     f"{known_at:%H:%M:%S.%f}: "
-                    + ", ".join(f"{kind} {seconds[kind][-1]:.2f} s" for kind, _, _ in runs),
+                    + ", ".join(f"{kind} {seconds[kind][-1]:.2f} s" for kind, _, _ in runs)
+                    + (f", {SUMMARY} {seconds[SUMMARY][-1]:.3f} s" if SUMMARY in seconds else ""),
                     flush=True,
                 )
             profiles: dict[str, cProfile.Profile] = {}
@@ -266,7 +280,7 @@ def main() -> None:
             f"{'kind':<20} {'median s':>9} {'p95 s':>8} {'events (median)':>16} "
             f"{'median / full':>14} {'p95 / full':>11}"
         )
-        for kind in KINDS:
+        for kind in (*KINDS, SUMMARY) if SUMMARY in seconds else KINDS:
             median, high = statistics.median(seconds[kind]), p95(seconds[kind])
             print(
                 f"{kind:<20} {median:>9.3f} {high:>8.3f} "

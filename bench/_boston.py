@@ -9,7 +9,7 @@ from pathlib import Path
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool
 
-from bench._databases import fresh_database
+from bench._databases import drop, fresh_database
 from ledger.database import Database
 from ledger.grouping import configure_grouping
 from ledger.imports.pipeline import import_boston
@@ -57,3 +57,11 @@ def boston_database(
     name, database = fresh_database(server_conninfo)
     fill(database, path, copies)
     return name, database
+
+
+def release(server_conninfo: str, name: str, *, keep: bool) -> None:
+    """Drop the database `name`, or print its name when it is to be kept."""
+    if keep:
+        print(f"kept database {name}")
+    else:
+        drop(server_conninfo, name)

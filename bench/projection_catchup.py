@@ -35,8 +35,8 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._boston import DEFAULT_FILE, boston_database  # noqa: E402
-from bench._databases import drop, server  # noqa: E402
+from bench._boston import DEFAULT_FILE, boston_database, release  # noqa: E402
+from bench._databases import server  # noqa: E402
 from ledger.database import Database  # noqa: E402
 from ledger.store import Checkpoint, read_after  # noqa: E402
 from projections.runtime import catch_up, default_projections  # noqa: E402
@@ -131,10 +131,7 @@ def main() -> None:
                 f"{'met' if met else 'missed'} ({TARGET_RATE:,}/s and {TARGET_RATIO})"
             )
     finally:
-        if args.keep or args.database:
-            print(f"kept database {name}")
-        else:
-            drop(conninfo, name)
+        release(conninfo, name, keep=args.keep or bool(args.database))
 
 
 if __name__ == "__main__":

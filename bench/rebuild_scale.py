@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._boston import DEFAULT_FILE, boston_database  # noqa: E402
-from bench._databases import drop, server  # noqa: E402
+from bench._boston import DEFAULT_FILE, boston_database, release  # noqa: E402
+from bench._databases import server  # noqa: E402
 from projections.runtime import replayable_projections  # noqa: E402
 from replay.rebuild import (  # noqa: E402
     MIN_PARTITION_EVENTS,
@@ -183,10 +183,7 @@ def main() -> None:
             many = statistics.median(together[args.workers])
             print(row("together", together_events, one, many, verdict=True))
     finally:
-        if args.keep or args.database:
-            print(f"kept database {name}")
-        else:
-            drop(conninfo, name)
+        release(conninfo, name, keep=args.keep or bool(args.database))
 
 
 if __name__ == "__main__":

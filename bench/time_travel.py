@@ -50,8 +50,8 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._boston import DEFAULT_FILE, boston_database  # noqa: E402
-from bench._databases import drop, server  # noqa: E402
+from bench._boston import DEFAULT_FILE, boston_database, release  # noqa: E402
+from bench._databases import server  # noqa: E402
 from bench.rebuild_scale import load_average  # noqa: E402
 from ledger.database import Database  # noqa: E402
 from ledger.store import Checkpoint  # noqa: E402
@@ -295,10 +295,7 @@ def main() -> None:
             print(f"\nprofile of one snapshot replay at a random {axis}:")
             pstats.Stats(profile).sort_stats("cumulative").print_stats(18)
     finally:
-        if args.keep or args.database:
-            print(f"kept database {name}")
-        else:
-            drop(conninfo, name)
+        release(conninfo, name, keep=args.keep or bool(args.database))
 
 
 if __name__ == "__main__":

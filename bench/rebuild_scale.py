@@ -171,17 +171,17 @@ def main() -> None:
             totals = {1: 0.0, args.workers: 0.0}
             total_events = 0
             for projection_name, by_workers in seconds.items():
-                one = statistics.median(by_workers[1])
+                single = statistics.median(by_workers[1])
                 many = statistics.median(by_workers[args.workers])
-                totals[1] += one
+                totals[1] += single
                 totals[args.workers] += many
                 total_events += events[projection_name]
-                print(row(projection_name, events[projection_name], one, many))
+                print(row(projection_name, events[projection_name], single, many))
             print(row("each, sum", total_events, totals[1], totals[args.workers], verdict=True))
         if together:
-            one = statistics.median(together[1])
+            single = statistics.median(together[1])
             many = statistics.median(together[args.workers])
-            print(row("together", together_events, one, many, verdict=True))
+            print(row("together", together_events, single, many, verdict=True))
     finally:
         release(conninfo, name, keep=args.keep or bool(args.database))
 

@@ -172,15 +172,14 @@ def test_unknown_command_lists_the_commands(
     problem = response.json()
     assert problem["type"].endswith("/unknown-command")
     assert "'fix'" in problem["detail"]
-    assert "acknowledge" in problem["detail"] and "resolve" in problem["detail"]
+    assert "acknowledge" in problem["detail"]
+    assert "resolve" in problem["detail"]
     assert problem["commands"] == sorted(problem["commands"])
     assert "start-work" in problem["commands"]
     assert event_count(store, tenant_id) == before
 
 
-def test_unknown_path_that_is_no_command_keeps_the_plain_404(
-    client: TestClient, tenant_id: str
-) -> None:
+def test_unknown_path_keeps_plain_404(client: TestClient, tenant_id: str) -> None:
     response = client.get(f"/tenants/{tenant_id}/incidents/1/2/3")
 
     assert response.status_code == 404

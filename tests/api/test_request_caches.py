@@ -113,7 +113,7 @@ def test_key_cache_rereads_after_stream_change(
     cache = KeyCache()
     with session_pool.connection() as conn:
         first = cache.authenticate(conn, token)
-    # Revoked in SQL without an event: the cache keeps the row, as its NOTE says.
+    # Revoked in SQL without an event: the cache keeps the row, as its NOTE describes.
     with database.connect_owner() as owner, owner.transaction():
         set_tenant(owner, tenant_id)
         owner.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = %s", (key.key_id,))

@@ -13,14 +13,14 @@ import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
-PROBE = '''
+PROBE = """
 from pathlib import Path
 
 def test_waits(server_conninfo, tmp_path_factory):
     Path({marker!r}).write_text(server_conninfo)
     import time
     time.sleep(120)
-'''
+"""
 
 
 def _postgres_running(data_dir: str) -> bool:

@@ -289,7 +289,7 @@ def test_split_hub_leaves_others_grouped() -> None:
 
 def test_removed_link_divides_unmatched_parts() -> None:
     # a and c are 80 m apart, beyond the 60 m distance, and b joins them. Without b's
-    # links nothing holds a and c together.
+    # links, a and c are in no group together.
     config = validate_grouping({"distance_m": 60}).to_payload()
     a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     events = [
@@ -605,8 +605,8 @@ def test_dense_cluster_links_grow_linearly(fresh_database: Database) -> None:
         for position, incident in enumerate(incidents, start=1)
     ]
     first = incidents[0]
-    # The first report is the one every later report links with; moving it to another
-    # category and splitting the second leaves the others to be linked again.
+    # Every later report links with the first one. Moving it to another category and
+    # splitting the second leaves the others to be linked again.
     events.append(
         recorded(
             count + 1,

@@ -343,8 +343,14 @@ def projections_park(
     Streaming, rebuilds and time travel of that projection all skip the event.
     """
     from ledger.parking import park_event
+    from projections.runtime import projection_named
 
     _known_projection(projection)
+    if not projection_named(projection).parkable:
+        raise _fail(
+            f"projection {projection!r} cannot be parked: it must hold every event; "
+            "park the event for the projection that fails on it"
+        )
     _, database = _migrated()
     pool, store = _parking_store(database)
     with pool, pool.connection() as conn:

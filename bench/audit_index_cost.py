@@ -1,7 +1,9 @@
-"""Benchmark of the audit indexes of migration 0005: their cost to the Boston import.
+"""Benchmark of the audit indexes that migration 0016 moved off `events`: what each would
+cost the Boston import if it were still there.
 
 In each round it imports the Boston export into fresh databases, one per variant, in
-turn: without the audit indexes, with all of them, and with all but one of some. It prints
+turn: with the schema as it is (no audit index on `events`), with all four indexes put
+back on `events` as migrations 0005 to 0015 had them, and with each one alone. It prints
 the import's events per second for each, and the medians.
 
     python bench/audit_index_cost.py [--file PATH] [--rounds N]
@@ -35,26 +37,27 @@ from ledger.settings import Settings  # noqa: E402
 DEFAULT_FILE = ROOT.parent / "shared" / "data" / "boston311_2015.csv.gz"
 
 
-def audit_indexes() -> list[str]:
-    """Return the names of the indexes migration 0005 creates, read from its module."""
-    path = ROOT / "migrations" / "versions" / "0005_audit_indexes.py"
-    spec = importlib.util.spec_from_file_location("audit_indexes_migration", path)
+def moved_indexes() -> dict[str, str]:
+    """Return the indexes migration 0016 dropped from events, name -> definition, read from
+    its module."""
+    path = ROOT / "migrations" / "versions" / "0016_audit_entries.py"
+    spec = importlib.util.spec_from_file_location("audit_entries_migration", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return list(module.INDEXES)
+    return dict(module.EVENT_INDEXES)
 
 
-# Variant name -> indexes of migration 0005 dropped before the import.
+MOVED = moved_indexes()
+# Variant name -> indexes created on events before the import.
 VARIANTS = {
-    "no audit indexes": audit_indexes(),
-    "all audit indexes": [],
-    "all but role": ["events_audit_role"],
-    "all but occurred": ["events_audit_occurred"],
+    "no audit index on events (now)": [],
+    "all four on events (before 0016)": list(MOVED),
+    **{f"only {name}": [name] for name in MOVED},
 }
 
 
-def import_rate(server: str, path: Path, dropped: list[str]) -> float:
+def import_rate(server: str, path: Path, created: list[str]) -> float:
     name = f"civicpulse_bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -64,8 +67,8 @@ def import_rate(server: str, path: Path, dropped: list[str]) -> float:
         database = Database.for_owner(owner, settings)
         migrate(database, settings)
         with database.connect_owner(autocommit=True) as conn:
-            for index in dropped:
-                conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index)))
+            for index in created:
+                conn.execute(f"CREATE INDEX {index} ON events {MOVED[index]}")
         with database.connect_owner() as conn:
             started = time.perf_counter()
             report = import_boston(conn, path, tenant_id="boston", time_zone="America/New_York")
@@ -87,8 +90,8 @@ def main() -> None:
 
     rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for round_number in range(1, args.rounds + 1):
-        for variant, dropped in VARIANTS.items():
-            rate = import_rate(server, args.file, dropped)
+        for variant, created in VARIANTS.items():
+            rate = import_rate(server, args.file, created)
             rates[variant].append(rate)
             print(f"round {round_number} {variant}: {rate:,.0f} events/s", flush=True)
     for variant, values in rates.items():

@@ -41,6 +41,7 @@ from tests.ledger.plan_helpers import (  # noqa: E402
     Statement,
     explain,
     fill_events,
+    index_audit_log,
     is_explainable,
     sequential_scans,
     statement_text,
@@ -99,6 +100,7 @@ def main() -> None:
             started = time.perf_counter()
             fill_events(conn, plans.BIG, plans.EVENTS - 50_000)
             fill_events(conn, plans.SMALL, 50_000)
+            index_audit_log(database)
             print(f"filled {plans.EVENTS:,} events in {time.perf_counter() - started:.0f} s")
             for spec in args.index:
                 index_name, definition = spec.split("=", 1)

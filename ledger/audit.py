@@ -1,8 +1,10 @@
 """Audit queries over one tenant's event log: filters, pages, histories and changes.
 
 Every query reads the `audit_events` view (migration 0005), which shows the rows of the
-tenant named by `set_tenant`, like the row-level security policy on `events`, but lets the
-planner use the expression indexes on metadata and payload. Run the queries inside
+tenant named by `set_tenant`, like the row-level security policy on `events`. Filters on
+actor, event type, recorded time and category also read `audit_entries`, the audit
+projection's index of the log (projections/audit.py), up to that projection's checkpoint,
+and the log after it, so results never lag the log. Run the queries inside
 `audit_transaction`, which opens a read-only REPEATABLE READ transaction for one tenant, so
 that every statement of a request reads the same snapshot.
 """
@@ -48,6 +50,7 @@ from ledger.lifecycle import (
 from ledger.personal import CONTACT_ACCESSED, reporter_stream_id
 from ledger.store import EVENT_COLUMNS, row_to_event
 from ledger.tenants import CATEGORIES_CONFIGURED, TENANT_CREATED
+from projections.audit import AUDIT_PROJECTION
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -72,6 +75,7 @@ KNOWN_ROLES = frozenset({role.value for role in Role} | {IMPORT_ROLE})
 INCIDENT_STREAM_PREFIX = "incident-"
 
 _COLUMNS = sql.SQL(EVENT_COLUMNS)
+_JOINED_COLUMNS = sql.SQL(", ".join(f"e.{name.strip()}" for name in EVENT_COLUMNS.split(",")))
 _CURSOR_VERSION = 1
 
 
@@ -183,66 +187,125 @@ class AuditFilter:
         digest = hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS))
         return digest.hexdigest()[:32]
 
-    def where(self, tenant_id: str) -> tuple[sql.Composed, list[Any]]:
-        """Return the WHERE conditions on `audit_events` and their parameters."""
-        clauses: list[sql.Composable] = [sql.SQL("tenant_id = %s")]
+    def where(
+        self,
+        tenant_id: str,
+        indexed: LogPlace | None = None,
+        alias: str = "",
+        *,
+        without_entry_conditions: bool = False,
+    ) -> tuple[sql.Composed, list[Any]]:
+        """Return the WHERE conditions on `audit_events` and their parameters.
+
+        `alias` qualifies the columns (`e.` for `audit_events AS e`). `indexed` is the
+        place up to which `audit_entries` indexes the log: the category condition reads
+        reported categories from the entries up to it and from the log after it.
+        `without_entry_conditions` leaves out the conditions of `entry_where`, for rows
+        that an entry matched already: repeated on the event, they would only make the
+        planner underestimate the rows and sort where an index gives the order.
+        """
+        entry_conditions = not without_entry_conditions
+        p = alias
+        clauses: list[sql.Composable] = [sql.SQL(f"{p}tenant_id = %s")]
         params: list[Any] = [tenant_id]
 
         def add(clause: str, *values: Any) -> None:
             clauses.append(sql.SQL(clause))
             params.extend(values)
 
-        if self.actor is not None:
-            add("metadata->>'actor' = %s", self.actor)
+        if self.actor is not None and entry_conditions:
+            add(f"{p}metadata->>'actor' = %s", self.actor)
         if self.role is not None:
-            add("metadata->>'role' = %s", self.role)
-        if len(self.event_types) == 1:
-            # `= value` rather than `= ANY(array)`: the index scan then returns rows in
-            # (tx_id, position) order and needs no sort.
-            add("event_type = %s", self.event_types[0])
-        elif self.event_types:
-            add("event_type = ANY(%s)", sorted(set(self.event_types)))
+            add(f"{p}metadata->>'role' = %s", self.role)
+        if len(self.event_types) == 1 and entry_conditions:
+            add(f"{p}event_type = %s", self.event_types[0])
+        elif self.event_types and entry_conditions:
+            add(f"{p}event_type = ANY(%s)", sorted(set(self.event_types)))
         if self.incident_id is not None:
             # An officer's reading of the incident's contact details is recorded in the
             # tenant's reporters stream, and belongs to the incident's trail too.
             add(
-                "(stream_id = %s OR (stream_id = %s AND event_type = %s"
-                " AND payload->>'incident_id' = %s))",
+                f"({p}stream_id = %s OR ({p}stream_id = %s AND {p}event_type = %s"
+                f" AND {p}payload->>'incident_id' = %s))",
                 incident_stream_id(self.incident_id),
                 reporter_stream_id(tenant_id),
                 CONTACT_ACCESSED,
                 str(self.incident_id),
             )
         if self.stream_id is not None:
-            add("stream_id = %s", self.stream_id)
+            add(f"{p}stream_id = %s", self.stream_id)
         if self.category is not None:
             # An incident's category is in its ReportSubmitted event. The filter reads it
-            # from the log, not from the incidents read model: the read model lags behind
-            # the log while the projector catches up, and it would not share this query's
-            # snapshot. The partial index events_audit_category contains (tenant, category,
-            # stream id) for ReportSubmitted events only, so the subquery reads the
-            # matching streams from the index, and the outer query takes their events
-            # through the (stream_id, stream_version) index. The event type is a literal,
-            # not a parameter, so that the planner can match the index's WHERE clause.
+            # from the log and its index, not from the incidents read model: the read
+            # model lags behind the log while the projector catches up, and it would not
+            # share this query's snapshot. The subquery finds the matching streams in the
+            # partial index audit_entries_category up to the indexed place and in the log
+            # after it; the outer query takes their events through the
+            # (stream_id, stream_version) index.
             # NOTE: no event changes a category yet; once staff corrections exist, decide
             # whether this should match the category at the time of each event instead.
+            place = indexed or LogPlace()
             clauses.append(
                 sql.SQL(
-                    "stream_id IN (SELECT reported.stream_id FROM audit_events AS reported "
-                    "WHERE reported.tenant_id = %s AND reported.event_type = {} "
-                    "AND reported.payload->>'category' = %s)"
-                ).format(sql.Literal(REPORT_SUBMITTED))
+                    f"{p}stream_id IN ("
+                    "SELECT entry.stream_id FROM audit_entries AS entry "
+                    "WHERE entry.tenant_id = %s AND entry.category = %s "
+                    "UNION ALL "
+                    "SELECT reported.stream_id FROM audit_events AS reported "
+                    "WHERE reported.tenant_id = %s AND reported.event_type = %s "
+                    "AND reported.payload->>'category' = %s "
+                    "AND (reported.tx_id, reported.position) > (%s::text::xid8, %s))"
+                )
             )
-            params.extend([tenant_id, self.category])
+            params.extend(
+                [
+                    tenant_id,
+                    self.category,
+                    tenant_id,
+                    REPORT_SUBMITTED,
+                    self.category,
+                    str(place.tx_id),
+                    place.position,
+                ]
+            )
         if self.occurred_from is not None:
-            add("occurred_at >= %s", self.occurred_from)
+            add(f"{p}occurred_at >= %s", self.occurred_from)
         if self.occurred_to is not None:
-            add("occurred_at < %s", self.occurred_to)
-        if self.recorded_from is not None:
-            add("recorded_at >= %s", self.recorded_from)
-        if self.recorded_to is not None:
-            add("recorded_at < %s", self.recorded_to)
+            add(f"{p}occurred_at < %s", self.occurred_to)
+        if self.recorded_from is not None and entry_conditions:
+            add(f"{p}recorded_at >= %s", self.recorded_from)
+        if self.recorded_to is not None and entry_conditions:
+            add(f"{p}recorded_at < %s", self.recorded_to)
         return sql.SQL(" AND ").join(clauses), params
+
+    def entry_where(self, tenant_id: str) -> tuple[sql.Composed, list[Any]] | None:
+        """Return the conditions on `audit_entries AS a` that its indexes serve, or None
+        when the filter has none of them (actor, event types, recorded time)."""
+        clauses: list[sql.Composable] = []
+        params: list[Any] = []
+        if self.actor is not None:
+            clauses.append(sql.SQL("a.actor = %s"))
+            params.append(self.actor)
+        # `= value` rather than `= ANY(array)`: the index scan then returns rows in
+        # (tx_id, position) order and needs no sort.
+        if len(self.event_types) == 1:
+            clauses.append(sql.SQL("a.event_type = %s"))
+            params.append(self.event_types[0])
+        elif self.event_types:
+            clauses.append(sql.SQL("a.event_type = ANY(%s)"))
+            params.append(sorted(set(self.event_types)))
+        if self.recorded_from is not None:
+            clauses.append(sql.SQL("a.recorded_at >= %s"))
+            params.append(self.recorded_from)
+        if self.recorded_to is not None:
+            clauses.append(sql.SQL("a.recorded_at < %s"))
+            params.append(self.recorded_to)
+        if not clauses:
+            return None
+        return sql.SQL(" AND ").join([sql.SQL("a.tenant_id = %s"), *clauses]), [
+            tenant_id,
+            *params,
+        ]
 
 
 @contextmanager
@@ -282,44 +345,46 @@ def check_filter(conn: psycopg.Connection[Any], tenant_id: str, audit_filter: Au
         raise InvalidRequest(f"unknown role {role!r}: use one of {valid}")
 
 
-_FILTER_EXPRESSIONS = {
-    "event_type": sql.SQL("event_type"),
-    "role": sql.SQL("(metadata->>'role')"),
-}
+_FILTER_COLUMNS = {"event_type": "event_type", "role": "role"}
+_FILTER_EXPRESSIONS = {"event_type": "event_type", "role": "(metadata->>'role')"}
 
 
 def _missing(conn: psycopg.Connection[Any], tenant_id: str, kind: str, values: set[str]) -> bool:
     """Return True when some of `values` never occur in the tenant's log."""
-    expression = _FILTER_EXPRESSIONS[kind]
-    query = sql.SQL(
-        "SELECT count(*) FROM unnest(%s::text[]) AS wanted(value) WHERE NOT EXISTS "
-        "(SELECT 1 FROM audit_events WHERE tenant_id = %s AND {} = wanted.value)"
-    ).format(expression)
-    row = conn.execute(query, (sorted(values), tenant_id)).fetchone()
-    return row is not None and row[0] > 0
+    present = set(_distinct_values(conn, tenant_id, kind))
+    return not values <= present
 
 
 def _distinct_values(conn: psycopg.Connection[Any], tenant_id: str, kind: str) -> list[str]:
-    """List the distinct values of an indexed expression in the tenant's log.
+    """List the distinct values of an audit column in the tenant's log, sorted.
 
-    A recursive query jumps from one value to the next through the index, so it reads one
-    index entry per distinct value instead of every event.
+    Up to the indexed place, a recursive query jumps from one value to the next in
+    `audit_entries`; for event types it reads one entry of audit_entries_type per distinct
+    value instead of every event. After that place, it reads the log.
     """
-    expression = _FILTER_EXPRESSIONS[kind]
+    column = sql.Identifier(_FILTER_COLUMNS[kind])
+    expression = sql.SQL(_FILTER_EXPRESSIONS[kind])
+    place = indexed_place(conn)
     query = sql.SQL(
         """
         WITH RECURSIVE found(value) AS (
-            (SELECT {expr} FROM audit_events WHERE tenant_id = %s AND {expr} IS NOT NULL
-             ORDER BY {expr} LIMIT 1)
+            (SELECT {column} FROM audit_entries WHERE tenant_id = %s AND {column} IS NOT NULL
+             ORDER BY {column} LIMIT 1)
             UNION ALL
-            SELECT (SELECT {expr} FROM audit_events
-                    WHERE tenant_id = %s AND {expr} > found.value ORDER BY {expr} LIMIT 1)
+            SELECT (SELECT {column} FROM audit_entries
+                    WHERE tenant_id = %s AND {column} > found.value ORDER BY {column} LIMIT 1)
             FROM found WHERE found.value IS NOT NULL
         )
         SELECT value FROM found WHERE value IS NOT NULL
+        UNION
+        SELECT DISTINCT {expression} FROM audit_events
+        WHERE tenant_id = %s AND {expression} IS NOT NULL
+          AND (tx_id, position) > (%s::text::xid8, %s)
+        ORDER BY 1
         """
-    ).format(expr=expression)
-    return [row[0] for row in conn.execute(query, (tenant_id, tenant_id))]
+    ).format(column=column, expression=expression)
+    rows = conn.execute(query, (tenant_id, tenant_id, tenant_id, str(place.tx_id), place.position))
+    return [row[0] for row in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +446,95 @@ class AuditPage:
     has_more: bool
 
 
+def indexed_place(conn: psycopg.Connection[Any]) -> LogPlace:
+    """Return the place up to which `audit_entries` indexes the log: the audit projection's
+    checkpoint in the transaction's snapshot."""
+    row = conn.execute(
+        "SELECT tx_id::text::bigint, position FROM projection_checkpoints WHERE projection = %s",
+        (AUDIT_PROJECTION,),
+    ).fetchone()
+    return LogPlace(int(row[0]), row[1]) if row is not None else LogPlace()
+
+
+def matching_query(
+    conn: psycopg.Connection[Any],
+    tenant_id: str,
+    audit_filter: AuditFilter,
+    after: LogPlace,
+    limit: int | None,
+) -> tuple[sql.Composed, list[Any]]:
+    """Return the query for the events after `after` that match, in log order, and its
+    parameters. With a `limit`, only events below the transaction horizon count.
+
+    A filter on actor, event types or recorded time reads two parts. Up to the place the
+    audit projection has indexed, `audit_entries` finds the events through its indexes;
+    after that place, the log itself is read in order. The entries and the checkpoint
+    change in one transaction, so in one snapshot the two parts meet without a gap or an
+    overlap, and the result is the same however far the projection has come.
+    """
+    indexed = indexed_place(conn)
+    where, params = audit_filter.where(tenant_id, indexed)
+    horizon = sql.SQL(
+        "AND tx_id < pg_snapshot_xmin(pg_current_snapshot())" if limit is not None else ""
+    )
+    limit_clause = sql.SQL("LIMIT %s" if limit is not None else "")
+    limit_params = [limit] if limit is not None else []
+    entries = audit_filter.entry_where(tenant_id)
+    if entries is None:
+        query = sql.SQL(
+            """
+            SELECT {columns} FROM audit_events
+            WHERE {where} AND (tx_id, position) > (%s::text::xid8, %s) {horizon}
+            ORDER BY tx_id, position {limit}
+            """
+        ).format(columns=_COLUMNS, where=where, horizon=horizon, limit=limit_clause)
+        return query, [*params, str(after.tx_id), after.position, *limit_params]
+
+    entry_where, entry_params = entries
+    joined_where, joined_params = audit_filter.where(
+        tenant_id, indexed, alias="e.", without_entry_conditions=True
+    )
+    tail_from = max(after, indexed, key=lambda place: (place.tx_id, place.position))
+    query = sql.SQL(
+        """
+        SELECT {columns} FROM (
+            (SELECT {joined_columns}
+             FROM audit_entries AS a
+             JOIN audit_events AS e
+               ON e.tenant_id = a.tenant_id AND e.tx_id = a.tx_id AND e.position = a.position
+             WHERE {entry_where} AND {joined_where}
+               AND (a.tx_id, a.position) > (%s::text::xid8, %s)
+             ORDER BY a.tx_id, a.position {limit})
+            UNION ALL
+            (SELECT {columns} FROM audit_events
+             WHERE {where} AND (tx_id, position) > (%s::text::xid8, %s) {horizon}
+             ORDER BY tx_id, position {limit})
+        ) AS found
+        ORDER BY tx_id, position {limit}
+        """
+    ).format(
+        columns=_COLUMNS,
+        joined_columns=_JOINED_COLUMNS,
+        entry_where=entry_where,
+        joined_where=joined_where,
+        where=where,
+        horizon=horizon,
+        limit=limit_clause,
+    )
+    return query, [
+        *entry_params,
+        *joined_params,
+        str(after.tx_id),
+        after.position,
+        *limit_params,
+        *params,
+        str(tail_from.tx_id),
+        tail_from.position,
+        *limit_params,
+        *limit_params,
+    ]
+
+
 def read_page(
     conn: psycopg.Connection[Any],
     tenant_id: str,
@@ -409,19 +563,9 @@ def read_page(
     after = decode_cursor(cursor, fingerprint) if cursor is not None else LogPlace()
     check_filter(conn, tenant_id, audit_filter)
 
-    where, params = audit_filter.where(tenant_id)
-    query = sql.SQL(
-        """
-        SELECT {columns} FROM audit_events
-        WHERE {where}
-          AND (tx_id, position) > (%s::text::xid8, %s)
-          AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-        ORDER BY tx_id, position
-        LIMIT %s
-        """
-    ).format(columns=_COLUMNS, where=where)
+    query, params = matching_query(conn, tenant_id, audit_filter, after, limit + 1)
     with conn.cursor() as cur:
-        cur.execute(query, [*params, str(after.tx_id), after.position, limit + 1])
+        cur.execute(query, params)
         events = [row_to_event(row) for row in cur.fetchall()]
 
     has_more = len(events) > limit
@@ -447,10 +591,9 @@ def iter_event_batches(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     check_filter(conn, tenant_id, audit_filter)
-    where, params = audit_filter.where(tenant_id)
-    query = sql.SQL("SELECT {columns} FROM audit_events WHERE {where} ORDER BY tx_id, position")
+    query, params = matching_query(conn, tenant_id, audit_filter, LogPlace(), None)
     with conn.cursor(name="audit_events_export") as cur:
-        cur.execute(query.format(columns=_COLUMNS, where=where), params)
+        cur.execute(query, params)
         while rows := cur.fetchmany(batch_size):
             yield [row_to_event(row) for row in rows]
 

@@ -56,6 +56,8 @@ class Projection:
     # False for a model that implements only `apply` so far: rebuilds, time travel and
     # snapshots refuse it with a clear error instead of failing half-way.
     replayable: bool = False
+    # False for a model that must hold every event, which operators then cannot park.
+    parkable: bool = True
 
     def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
         raise NotImplementedError

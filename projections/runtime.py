@@ -24,6 +24,7 @@ from ledger.events import RecordedEvent
 from ledger.metrics import PROJECTION_EVENTS, PROJECTION_FAILURES, PROJECTION_LAG
 from ledger.parking import parked_positions, without_parked
 from ledger.store import Checkpoint, read_after
+from projections.audit import audit_projection
 from projections.base import Projection
 from projections.grouping import grouping_projection
 from projections.incidents import incidents_projection
@@ -48,7 +49,13 @@ RECONNECT_WARNING_SECONDS = 30.0
 
 
 def default_projections() -> list[Projection]:
-    return [incidents_projection(), sla_projection(), grouping_projection(), trends_projection()]
+    return [
+        incidents_projection(),
+        sla_projection(),
+        grouping_projection(),
+        trends_projection(),
+        audit_projection(),
+    ]
 
 
 def replayable_projections() -> list[Projection]:
@@ -250,8 +257,10 @@ def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_s
             return 0
         # The checkpoint moves past the parked events too.
         last = read[-1]
-        parked = parked_positions(conn, projection.name, read[0].position, last.position)
-        events = without_parked(read, parked)
+        events = read
+        if projection.parkable:
+            parked = parked_positions(conn, projection.name, read[0].position, last.position)
+            events = without_parked(read, parked)
         try:
             if events:
                 projection.apply(conn, events)

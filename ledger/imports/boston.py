@@ -7,6 +7,7 @@ Times in the file are naive local times, read in the tenant's time zone.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import re
@@ -175,6 +176,13 @@ class LocalTimeReader:
         return (local - offset).isoformat(timespec="microseconds") + "+00:00"
 
 
+@functools.lru_cache(maxsize=8)
+def time_reader(time_zone: str) -> LocalTimeReader:
+    """Return this process's reader for a zone, so its caches carry over from one chunk of
+    an import to the next. The caches hold at most one entry per hour the files contain."""
+    return LocalTimeReader(ZoneInfo(time_zone))
+
+
 def parse_time(value: str, column: str, zone: ZoneInfo) -> datetime | None:
     """Read one naive export time in `zone`; return it as an aware UTC datetime."""
     text = LocalTimeReader(zone).utc_text(value, column)
@@ -339,9 +347,7 @@ def parse_chunk(
     # passes would only cost time.
     gc.disable()
     try:
-        return _parse_rows(
-            tenant_id, LocalTimeReader(ZoneInfo(time_zone)), source_file, rows, nul_possible
-        )
+        return _parse_rows(tenant_id, time_reader(time_zone), source_file, rows, nul_possible)
     finally:
         gc.enable()
 

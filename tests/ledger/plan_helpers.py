@@ -6,6 +6,7 @@ Shared by the plan test and bench/sql_plans.py, which prints the plans for the d
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ledger.database import set_tenant
+from ledger.database import Database, set_tenant
+from projections.audit import audit_projection
+from projections.runtime import catch_up
 
 # Event types of each generated incident stream, in order.
 STREAM_TYPES = ("ReportSubmitted", "IncidentAcknowledged", "IncidentAssigned", "IncidentClosed")
@@ -143,3 +146,28 @@ def sequential_scans(plan: Any) -> list[str]:
         for node in plan_nodes(plan)
         if node["Node Type"] == "Seq Scan"
     ]
+
+
+def index_audit_log(database: Database, timeout: float = 300.0) -> None:
+    """Bring the audit projection up to the last event, as a running projector keeps it,
+    then ANALYZE its table.
+
+    The projector reads below the server-wide transaction horizon, so this waits while a
+    transaction in another database keeps the horizon back.
+    """
+    projection = audit_projection()
+    deadline = time.monotonic() + timeout
+    with database.connect_worker() as conn:
+        last = conn.execute("SELECT max(position) FROM events").fetchone()
+        conn.commit()
+    while True:
+        catch_up(database, [projection], batch_size=50_000)
+        with database.connect_worker() as conn:
+            indexed = conn.execute("SELECT max(position) FROM audit_entries").fetchone()
+        if last is not None and indexed is not None and indexed[0] == last[0]:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the audit projection did not reach the log's end in {timeout} s")
+        time.sleep(0.5)
+    with database.connect_owner() as conn:
+        conn.execute("ANALYZE audit_entries")

@@ -626,23 +626,6 @@ def test_view_shows_one_tenant(
     assert theirs == (0,)
 
 
-def test_actor_filter_can_use_its_index(
-    scenario: AuditScenario, session_pool: ConnectionPool[Any]
-) -> None:
-    # Row-level security would keep the planner from this index: it is why the audit
-    # queries read the audit_events view.
-    with session_pool.connection() as conn, audit_transaction(conn, scenario.tenant_id):
-        conn.execute("SET LOCAL enable_seqscan = off")
-        conn.execute("SET LOCAL enable_bitmapscan = off")
-        plan = conn.execute(
-            "EXPLAIN SELECT position FROM audit_events WHERE tenant_id = %s "
-            "AND metadata->>'actor' = %s ORDER BY tx_id, position",
-            (scenario.tenant_id, "alice"),
-        ).fetchall()
-
-    assert "events_audit_actor" in "\n".join(row[0] for row in plan)
-
-
 def test_audit_transaction_needs_an_idle_connection(
     scenario: AuditScenario, database: Database
 ) -> None:

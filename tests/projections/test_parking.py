@@ -190,6 +190,35 @@ def test_cli_park_names_unknown_projection(
     assert "sla" in result.output
 
 
+def test_cli_park_rejects_audit_index(
+    fresh_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.cli import app
+
+    monkeypatch.setenv("DATABASE_URL", fresh_database.owner_conninfo)
+    result = CliRunner().invoke(
+        app,
+        [
+            "projections",
+            "park",
+            "--projection",
+            "audit",
+            "--tenant",
+            "acme",
+            "--event-id",
+            str(uuid.uuid4()),
+            "--reason",
+            "x",
+        ],
+    )
+
+    assert result.exit_code == 2
+    assert "projection 'audit' cannot be parked" in result.output
+    with fresh_database.connect_worker() as conn:
+        marks = list_parked(conn)
+    assert marks == []
+
+
 def test_cli_parked_lists_marks(
     fresh_database: Database, fresh_store: PostgresEventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

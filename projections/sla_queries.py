@@ -113,23 +113,29 @@ def _sla_summary(
         for state in straddling_sla_states(conn, tenant_id, as_of)
         if state.status not in NOT_JUDGED
     ]
+    # One scan of the read model counts both groupings: GROUPING() tells the rows of the
+    # category set (department not grouped, 1) from those of the department set (2).
+    rows = conn.execute(
+        f"""
+        SELECT GROUPING(category, department), category, department,
+               count(*),
+               count(*) FILTER (WHERE resolution_due_at IS NOT NULL),
+               count(*) FILTER (WHERE resolved_at IS NULL),
+               count(*) FILTER (WHERE {RESOLUTION_BREACHED_SQL})
+        FROM incident_sla
+        WHERE tenant_id = %(tenant)s AND latest_occurred_at <= %(now)s
+          AND status <> ALL(%(not_judged)s)
+        GROUP BY GROUPING SETS ((category), (department))
+        """,
+        {"tenant": tenant_id, "now": as_of, "not_judged": list(NOT_JUDGED)},
+    ).fetchall()
+    set_of = {1: "category", 2: "department"}
     for grouping, column in GROUPINGS.items():
         groups: dict[str | None, SlaCounts] = defaultdict(SlaCounts)
-        rows = conn.execute(
-            f"""
-            SELECT {column},
-                   count(*),
-                   count(*) FILTER (WHERE resolution_due_at IS NOT NULL),
-                   count(*) FILTER (WHERE resolved_at IS NULL),
-                   count(*) FILTER (WHERE {RESOLUTION_BREACHED_SQL})
-            FROM incident_sla
-            WHERE tenant_id = %(tenant)s AND latest_occurred_at <= %(now)s
-              AND status <> ALL(%(not_judged)s)
-            GROUP BY {column}
-            """,
-            {"tenant": tenant_id, "now": as_of, "not_judged": list(NOT_JUDGED)},
-        )
-        for key, total, with_target, still_open, breached in rows:
+        for grouped, category, department, total, with_target, still_open, breached in rows:
+            if set_of[grouped] != grouping:
+                continue
+            key = category if grouping == "category" else department
             groups[key] += SlaCounts(total, with_target, still_open, breached)
         for state in straddling:
             groups[getattr(state, column)] += SlaCounts(

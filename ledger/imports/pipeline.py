@@ -511,6 +511,16 @@ class CopyWriter:
 
     def _write_chunk(self, chunk: ParsedChunk) -> _Outcome:
         stream_ids = [case.stream_id for case in chunk.cases]
+        unique = len(set(stream_ids)) == len(stream_ids)
+        if unique:
+            # Most chunks of an import create streams that do not exist yet. Copy them
+            # without looking their heads up first: if one exists, a unique index rejects
+            # the COPY, the savepoint undoes it, and the chunk takes the checked path.
+            try:
+                with self.conn.transaction():
+                    return _Outcome(appended=self._copy(chunk.events_copy, chunk.streams_copy))
+            except pg_errors.UniqueViolation:
+                pass
         heads = {
             row[0]: (row[1], row[2], bytes(row[3]) if row[3] is not None else None)
             for row in self.conn.execute(
@@ -519,7 +529,7 @@ class CopyWriter:
                 (stream_ids,),
             )
         }
-        if not heads and len(set(stream_ids)) == len(stream_ids):
+        if not heads and unique:
             return _Outcome(appended=self._copy(chunk.events_copy, chunk.streams_copy))
         return self._write_slow(chunk, heads)
 

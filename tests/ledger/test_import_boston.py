@@ -3,9 +3,12 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,6 +130,46 @@ def test_import_reports_bad_rows_and_keeps_good(
     assert afternoon[0].payload["neighborhood"] == "Roxbury"
     assert afternoon[0].payload["ward"] == "Ward 8"
     assert "neighborhood" not in closed[0].payload
+
+
+def test_concurrent_imports_store_each_case_once(
+    database: Database, store: PostgresEventStore, tenant: str, tmp_path: Path
+) -> None:
+    header = boston_header()
+    rows = [
+        make_row(
+            header,
+            **case(
+                str(3000 + n), "03/08/2015 01:30:00 AM", "03/09/2015 02:00:00 PM" if n % 2 else ""
+            ),
+        )
+        for n in range(600)
+    ]
+    path = write_export(tmp_path / "export.csv.gz", rows)
+    start = threading.Barrier(3)
+
+    def imported() -> Any:
+        start.wait()
+        return run_import(database, path, tenant, workers=1)
+
+    with ThreadPoolExecutor(3) as pool:
+        reports = list(pool.map(lambda _: imported(), range(3)))
+
+    assert sum(report.events_appended for report in reports) == 900
+    for report in reports:
+        assert report.events_appended + report.events_already_present == 900
+        assert report.rejected == []
+    with store.pool.connection() as conn:
+        set_tenant(conn, tenant)
+        stored = conn.execute(
+            "SELECT count(*), count(DISTINCT event_id) FROM events WHERE tenant_id = %s",
+            (tenant,),
+        ).fetchone()
+        heads = conn.execute(
+            "SELECT count(*), sum(version) FROM streams WHERE tenant_id = %s", (tenant,)
+        ).fetchone()
+    assert stored == (900, 900)
+    assert heads == (600, 900)
 
 
 def test_reimport_adds_nothing(

@@ -72,6 +72,32 @@ def upgrade() -> None:
     op.execute(f"GRANT SELECT, INSERT, DELETE, TRUNCATE ON audit_entries TO {worker_role}")
     op.execute(f"GRANT SELECT ON audit_entries TO {app_role}")
 
+    # Index the log that exists now, as one projector batch would: every event below the
+    # transaction horizon, with the checkpoint at the last of them. An event of a
+    # transaction still running has a tx_id at or above the horizon, so it sorts after the
+    # checkpoint and the projector indexes it later.
+    op.execute(
+        """
+        INSERT INTO audit_entries
+            (tenant_id, tx_id, position, stream_id, event_type, actor, role, category,
+             recorded_at)
+        SELECT tenant_id, tx_id, position, stream_id, event_type,
+               metadata->>'actor', metadata->>'role',
+               CASE WHEN event_type = 'ReportSubmitted' THEN payload->>'category' END,
+               recorded_at
+        FROM events
+        WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
+        """
+    )
+    op.execute(
+        """
+        INSERT INTO projection_checkpoints (projection, tx_id, position)
+        SELECT 'audit', tx_id, position FROM audit_entries
+        ORDER BY tx_id DESC, position DESC
+        LIMIT 1
+        """
+    )
+
     for name in EVENT_INDEXES:
         op.execute(f"DROP INDEX {name}")
 

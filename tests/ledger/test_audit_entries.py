@@ -205,3 +205,33 @@ def test_unknown_type_lists_types_of_both_parts(
     assert "unknown event_type 'Teleported'" in message
     assert "NoteFiled" in message
     assert "NoteAmended" in message
+
+
+def test_migration_indexes_existing_log(fresh_database: Database) -> None:
+    from alembic import command
+
+    from ledger.schema import alembic_config
+    from ledger.settings import Settings
+
+    config = alembic_config(fresh_database, Settings(database_url=fresh_database.owner_conninfo))
+    command.downgrade(config, "0015")
+    with app_pool(fresh_database) as pool:
+        scenario = build_scenario(PostgresEventStore(pool), fresh_database)
+    command.upgrade(config, "head")
+
+    with fresh_database.connect_worker() as conn:
+        positions = [
+            row[0]
+            for row in conn.execute(
+                "SELECT position FROM audit_entries WHERE tenant_id = %s ORDER BY tx_id, position",
+                (scenario.tenant_id,),
+            )
+        ]
+        checkpoint = load_checkpoint(conn, audit_projection().name)
+        conn.commit()
+    applied, _ = catch_up(fresh_database, [audit_projection()])
+
+    assert positions == [event.position for event in scenario.events]
+    last = scenario.events[-1]
+    assert (checkpoint.tx_id, checkpoint.position) >= (last.tx_id, last.position)
+    assert applied == 0

@@ -14,7 +14,6 @@ from uuid import UUID, uuid4
 import psycopg
 from fastapi import Body, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -37,7 +36,7 @@ from ledger.group_commit import GroupCommitter
 from ledger.ids import incident_stream_id
 from ledger.keys import KeyCache, Principal, Role, issue_key, list_keys, revoke_key
 from ledger.lifecycle import COMMANDS
-from ledger.metrics import PROJECTION_LAG
+from ledger.metrics import PROJECTION_LAG, metrics_text
 from ledger.personal import erase_reporter, record_contact_access
 from ledger.seals import latest_seal
 from ledger.store import PostgresEventStore
@@ -563,7 +562,8 @@ def create_app(
                     PROJECTION_LAG.labels(name).set(item.events_behind)
         except psycopg.Error as error:
             logger.warning("could not measure projection lag for /metrics: %s", error)
-        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = metrics_text()
+        return PlainTextResponse(body, media_type=content_type)
 
     @app.get("/status", tags=["operations"])
     def status() -> dict[str, Any]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -1041,21 +1043,29 @@ def _serve_workers(database: Database, host: str, port: int, processes: int) -> 
     """
     import uvicorn
 
-    # NOTE: each worker has its own Prometheus registry, so GET /metrics shows the counters
-    # of the worker that handles the request. prometheus_client's multiprocess mode is off.
+    # Each worker writes its metrics to files in one directory, and GET /metrics sums them
+    # (prometheus_client's multiprocess mode), so any worker can serve a scrape. The
+    # workers are new processes, so they read the variable before their first metric.
+    own_directory = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if own_directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="civicpulse-metrics-")
     if database.embedded:
         # The workers use the server this process started. Each would otherwise start
         # the embedded server itself, and stop it again when it exits.
         os.environ["DATABASE_URL"] = database.owner_conninfo
     logger.info("starting %d API worker processes on %s:%d", processes, host, port)
-    uvicorn.run(
-        "api.server:create_worker_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=processes,
-        log_config=None,
-    )
+    try:
+        uvicorn.run(
+            "api.server:create_worker_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=processes,
+            log_config=None,
+        )
+    finally:
+        if own_directory:
+            shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
 
 
 @app.command()

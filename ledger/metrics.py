@@ -6,7 +6,17 @@ fixed however many tenants and incidents there are.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 HTTP_REQUESTS = Counter(
     "civicpulse_http_requests_total",
@@ -31,10 +41,13 @@ APPEND_REPLAYS = Counter(
     "civicpulse_append_replays_total",
     "Appends answered with the stored result of an earlier request with the same ids",
 )
+# With several API worker processes (prometheus_client's multiprocess mode), the value of
+# the worker that measured last is shown.
 PROJECTION_LAG = Gauge(
     "civicpulse_projection_lag_events",
     "Committed events beyond the projection's checkpoint, as last measured by this process",
     ["projection"],
+    multiprocess_mode="mostrecent",
 )
 PROJECTION_EVENTS = Counter(
     "civicpulse_projection_events_applied_total",
@@ -77,6 +90,7 @@ CLASSIFIER_RATE_LIMITS = Counter(
 CLASSIFIER_STOPPED = Gauge(
     "civicpulse_classifier_stopped",
     "1 while the classifier pool is stopped by rejected credentials or an exhausted quota",
+    multiprocess_mode="max",
 )
 GROUP_COMMIT_BATCH_SIZE = Histogram(
     "civicpulse_group_commit_batch_size",
@@ -87,3 +101,17 @@ GROUP_COMMIT_FAILURES = Counter(
     "civicpulse_group_commit_failures_total",
     "Group-commit batches whose COMMIT failed or whose connection broke, storing none of them",
 )
+
+
+def metrics_text() -> tuple[bytes, str]:
+    """Return the metrics exposition and its content type.
+
+    When PROMETHEUS_MULTIPROC_DIR is set, as `civicpulse serve --workers N` sets it for its
+    workers, the figures are summed over every process that wrote to that directory, so a
+    scrape shows the whole server whichever worker handles it.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -202,3 +202,34 @@ def test_sigterm_stops_all_workers(fresh_database: Database, tmp_path: Path) -> 
     assert code == 0
     assert len(workers) >= 2
     assert alive == []
+
+
+def posted_reports(text: str) -> float:
+    """Sum the request counter's series for successful report submissions in an exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        if (
+            line.startswith("civicpulse_http_requests_total{")
+            and 'method="POST"' in line
+            and "/incidents" in line
+            and 'status="201"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_sum_over_workers(served: Served) -> None:
+    base, token = served.base, served.token
+    before = posted_reports(requests.get(f"{base}/metrics", timeout=30).text)
+    count = CLIENTS * 2
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        keys = [f"metrics-{uuid.uuid4().hex[:8]}" for _ in range(count)]
+        responses = list(pool.map(lambda key: post_report(base, token, key), keys))
+    # New connections, so that the scrapes land on both workers.
+    scrapes = [requests.get(f"{base}/metrics", timeout=30) for _ in range(8)]
+
+    assert [response.status_code for response in responses] == [201] * count
+    for scrape in scrapes:
+        assert scrape.status_code == 200
+        assert posted_reports(scrape.text) - before == count

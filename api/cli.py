@@ -108,7 +108,8 @@ def _store(database: Database) -> tuple[ConnectionPool[Any], PostgresEventStore]
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    # Escaped, so that brackets in a message (a field path such as `[key]`) print as they are.
+    console.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code=2)
 
 
@@ -231,15 +232,13 @@ def config_apply(
     ] = None,
 ) -> None:
     """Apply a configuration file; each changed section becomes a new version."""
-    import yaml
-
+    from api.yaml_files import YamlFileInvalid, load_yaml_file
     from ledger.config_sections import apply_config
 
     try:
-        # YAML 1.2 is a superset of JSON, so one loader reads both kinds of file.
-        document = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise _fail(f"invalid YAML or JSON in {file}: {error}") from error
+        document = load_yaml_file(file)
+    except YamlFileInvalid as error:
+        raise _fail(str(error)) from error
     if not isinstance(document, dict):
         raise _fail(f"{file} must contain an object of sections, such as `sla_policies:`")
     named = document.pop("tenant", None)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
@@ -27,7 +28,7 @@ TIME_HELP = "RFC 3339; without an offset it is read in the tenant's time zone"
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code=2)
 
 
@@ -354,9 +355,8 @@ def what_if_command(
     """Replay a tenant's history under a proposed SLA policy file and compare it with the
     policies in force: cases that would breach or no longer breach, and on-time rates per
     category. Nothing is written."""
-    import yaml
-
     from api.cli import _store
+    from api.yaml_files import YamlFileInvalid, load_yaml_file
     from ledger.audit import parse_time
     from ledger.tenants import require_tenant
     from replay.what_if import parse_proposal, what_if
@@ -364,10 +364,9 @@ def what_if_command(
     if output_format not in ("table", "json", "csv"):
         raise _fail(f"invalid --format {output_format!r}: use table, json or csv")
     try:
-        # YAML 1.2 is a superset of JSON, so one loader reads both kinds of file.
-        document = yaml.safe_load(policy_file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise _fail(f"invalid YAML or JSON in {policy_file}: {error}") from error
+        document = load_yaml_file(policy_file)
+    except YamlFileInvalid as error:
+        raise _fail(str(error)) from error
     if isinstance(document, dict):
         named = document.pop("tenant", None)
         if named is not None and named != tenant:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -27,7 +28,7 @@ from pydantic import (
 )
 
 from ledger.business_time import BusinessCalendar
-from ledger.dashboards import DASHBOARDS_CONFIGURED, validate_dashboards
+from ledger.dashboards import DASHBOARDS_CONFIGURED, Dashboard, validate_dashboards
 from ledger.errors import CommandInvalid, ConfigInvalid, ConfigProblem
 from ledger.events import NewEvent, normalize_json
 from ledger.grouping import GROUPING_CONFIGURED, validate_grouping
@@ -73,6 +74,9 @@ class ConfigSection:
     name: str
     event_type: str
     validate: SectionValidator
+    # The model of one entry of a list section, whose fields an error about an unknown
+    # field lists as the allowed ones.
+    entry_model: type[BaseModel] | None = None
 
 
 SECTIONS: dict[str, ConfigSection] = {}
@@ -326,6 +330,9 @@ class RouteSpec(_Strict):
     department: Annotated[str, Field(min_length=1, max_length=200)]
 
 
+# NOTE: the categories that routing rules and policy matches name are not checked against
+# the categories section, because submitted and imported reports may carry categories that
+# the section does not list (only a staff reclassification is checked against it).
 def _validate_routing(value: Any, context: SectionContext) -> dict[str, Any]:
     routes = TypeAdapter(list[RouteSpec]).validate_python(_as_list(value, "routes"))
     return {"routes": [route.model_dump(mode="json") for route in routes]}
@@ -342,9 +349,13 @@ def _as_list(value: Any, key: str) -> list[Any]:
 
 
 register_section(ConfigSection("categories", CATEGORIES_CONFIGURED, _validate_categories))
-register_section(ConfigSection("calendars", CALENDARS_CONFIGURED, _validate_calendars))
-register_section(ConfigSection("sla_policies", SLA_POLICIES_CONFIGURED, _validate_policies))
-register_section(ConfigSection("routing", ROUTING_CONFIGURED, _validate_routing))
+register_section(
+    ConfigSection("calendars", CALENDARS_CONFIGURED, _validate_calendars, CalendarSpec)
+)
+register_section(
+    ConfigSection("sla_policies", SLA_POLICIES_CONFIGURED, _validate_policies, PolicySpec)
+)
+register_section(ConfigSection("routing", ROUTING_CONFIGURED, _validate_routing, RouteSpec))
 
 
 def _validate_grouping(value: Any, context: SectionContext) -> dict[str, Any]:
@@ -358,7 +369,9 @@ def _validate_dashboards(value: Any, context: SectionContext) -> dict[str, Any]:
     return validate_dashboards(value)
 
 
-register_section(ConfigSection("dashboards", DASHBOARDS_CONFIGURED, _validate_dashboards))
+register_section(
+    ConfigSection("dashboards", DASHBOARDS_CONFIGURED, _validate_dashboards, Dashboard)
+)
 
 
 def _kind(value: Any) -> str:
@@ -423,25 +436,108 @@ def validate_document(
         try:
             payload = section.validate(document[name], context)
         except ValidationError as error:
-            problems.extend(_problems(name, error))
+            problems.extend(_problems(name, error, section.entry_model))
             continue
         except (ValueError, CommandInvalid) as error:
-            problems.append(ConfigProblem(name, "", _short(document[name]), str(error)))
+            # The message names the entry at fault, so a list or object (the whole section)
+            # is left out as the value.
+            value = document[name]
+            scalar = None if isinstance(value, list | dict) else _short(value)
+            problems.append(ConfigProblem(name, "", scalar, str(error)))
             continue
         payloads[name] = payload
         context.payloads[name] = payload
+    if not problems:
+        problems.extend(_calendars_in_use(document, context.payloads))
     if problems:
         raise ConfigInvalid(problems)
     return payloads
 
 
-def _problems(section: str, error: ValidationError) -> list[ConfigProblem]:
+def _calendars_in_use(
+    document: dict[str, Any], payloads: dict[str, dict[str, Any]]
+) -> list[ConfigProblem]:
+    """Return a problem for each calendar that a document removes while policies name it.
+
+    A document with an `sla_policies` section had its policies checked against the
+    resulting calendars already, so only the stored policies are checked here.
+    """
+    if "calendars" not in document or "sla_policies" in document:
+        return []
+    names = {item["name"] for item in payloads.get("calendars", {}).get("calendars", [])}
+    users: dict[str, list[str]] = {}
+    for policy in payloads.get("sla_policies", {}).get("policies", []):
+        calendar = policy.get("calendar")
+        if calendar is not None and calendar not in names:
+            users.setdefault(calendar, []).append(policy["id"])
+    return [
+        ConfigProblem(
+            "calendars",
+            "",
+            calendar,
+            f"calendar {calendar!r} is removed but SLA policies {', '.join(policies)} name it: "
+            "keep the calendar, or change those policies' calendar in an sla_policies "
+            "section of the same document",
+        )
+        for calendar, policies in sorted(users.items())
+    ]
+
+
+def _problems(
+    section: str, error: ValidationError, entry_model: type[BaseModel] | None
+) -> list[ConfigProblem]:
+    """Turn pydantic's errors into problems with dotted field paths and actionable fixes."""
     problems = []
     for item in error.errors(include_url=False):
-        location = ".".join(str(part) for part in item["loc"])
+        location = [str(part) for part in item["loc"]]
         message = str(item["msg"]).removeprefix("Value error, ")
-        problems.append(ConfigProblem(section, location, _short(item.get("input")), message))
+        if location and location[-1] == "[key]":
+            # pydantic marks an invalid dictionary key with a "[key]" step after the key.
+            location.pop()
+            message = f"invalid key {item.get('input')!r}: {message}"
+        if item["type"].startswith("date_"):
+            message += "; use an existing date, written YYYY-MM-DD"
+        if item["type"] == "extra_forbidden" and location:
+            allowed = _allowed_fields(entry_model, item["loc"][:-1])
+            message = f"unknown field {location[-1]!r}: " + (
+                f"use {', '.join(allowed)}" if allowed else "remove it"
+            )
+        problems.append(
+            ConfigProblem(section, ".".join(location), _short(item.get("input")), message)
+        )
     return problems
+
+
+def _allowed_fields(entry_model: type[BaseModel] | None, path: tuple[Any, ...]) -> list[str]:
+    """Return the fields of the model found at `path` in a list of `entry_model` entries."""
+    if entry_model is None:
+        return []
+    annotation: Any = list[entry_model]  # type: ignore[valid-type]
+    for part in path:
+        annotation = _without_none(annotation)
+        origin = get_origin(annotation)
+        if origin is list and isinstance(part, int):
+            annotation = get_args(annotation)[0]
+        elif origin is dict:
+            annotation = get_args(annotation)[1]
+        elif _is_model(annotation) and part in annotation.model_fields:
+            annotation = annotation.model_fields[part].annotation
+        else:
+            return []
+    annotation = _without_none(annotation)
+    return list(annotation.model_fields) if _is_model(annotation) else []
+
+
+def _without_none(annotation: Any) -> Any:
+    """Return X for an optional `X | None`, else the annotation itself."""
+    if get_origin(annotation) not in (Union, UnionType):
+        return annotation
+    arguments = [argument for argument in get_args(annotation) if argument is not type(None)]
+    return arguments[0] if len(arguments) == 1 else annotation
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _short(value: Any) -> Any:

@@ -173,6 +173,12 @@ def validate_categories(document: Any) -> dict[str, Any]:
     for number, item in enumerate(items, start=1):
         if not isinstance(item, dict):
             raise CommandInvalid(f"invalid category #{number}: expected a JSON object")
+        unknown_keys = sorted(set(item) - {"name", "department", "keywords"}, key=str)
+        if unknown_keys:
+            raise CommandInvalid(
+                f"unknown field(s) {', '.join(map(str, unknown_keys))} in category #{number} "
+                f"({item.get('name')!r}): use name, department and keywords"
+            )
         name = item.get("name")
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise CommandInvalid(

@@ -134,6 +134,74 @@ sla_policies:
     assert "--tenant" in no_tenant.stderr
 
 
+def test_cli_invalid_unquoted_date(
+    database: Database, store: PostgresEventStore, tenant_id: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"""tenant: {tenant_id}
+calendars:
+  - name: office
+    time_zone: Europe/London
+    weekly_hours: {{monday: ["09:00-17:00"]}}
+    holidays: [2026-02-30]
+""",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "DATABASE_URL": database.owner_conninfo}
+    env["CIVICPULSE_LOG_LEVEL"] = "WARNING"
+    result = civicpulse("config", "apply", str(path), env=env)
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{path}, line 6" in result.stderr
+    assert "invalid date 2026-02-30" in result.stderr
+    assert "YYYY-MM-DD" in result.stderr
+
+
+def test_cli_unknown_category_field(
+    database: Database, store: PostgresEventStore, tenant_id: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "categories:\n  - {name: Pothole, departmnt: Public Works}\n"
+        "calendars:\n  - {name: office, time_zone: UTC, weekly_hours: {funday: ['09:00-17:00']}}\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "DATABASE_URL": database.owner_conninfo}
+    env["CIVICPULSE_LOG_LEVEL"] = "WARNING"
+    result = civicpulse("config", "apply", str(path), "--tenant", tenant_id, env=env)
+
+    assert result.returncode == 2
+    assert "unknown field(s) departmnt" in result.stderr
+    assert "field 0.weekly_hours.funday," in result.stderr
+    assert "invalid key 'funday'" in result.stderr
+
+
+def test_impossible_date_is_problem(admin: TestClient, tenant_id: str) -> None:
+    document = {"calendars": [{**CALENDAR, "holidays": ["2026-02-30"]}]}
+    response = admin.post(f"/tenants/{tenant_id}/config", json=document)
+    body = assert_problem(response, 422, "calendars", "'2026-02-30'")
+    (error,) = body["errors"]
+
+    assert error["field"] == "0.holidays.0"
+    assert error["value"] == "2026-02-30"
+    assert "existing date, written YYYY-MM-DD" in error["fix"]
+
+
+def test_removing_used_calendar_is_problem(admin: TestClient, tenant_id: str) -> None:
+    admin.post(f"/tenants/{tenant_id}/config", json=DOCUMENT)
+    other = {**CALENDAR, "name": "other"}
+    response = admin.post(f"/tenants/{tenant_id}/config", json={"calendars": [other]})
+    body = assert_problem(response, 422, "calendars", "'office'")
+    (error,) = body["errors"]
+    sections = admin.get(f"/tenants/{tenant_id}/config").json()["sections"]
+
+    assert error["value"] == "office"
+    assert "SLA policies standard name it" in error["fix"]
+    assert sections["calendars"]["calendars"][0]["name"] == "office"
+
+
 def test_cli_projections_status(database: Database) -> None:
     env = {**os.environ, "DATABASE_URL": database.owner_conninfo}
     env["CIVICPULSE_LOG_LEVEL"] = "WARNING"

@@ -136,6 +136,16 @@ def test_apply_only_changed_section(store: PostgresEventStore, tenant_id: str) -
         ),
         ("routing", [{"categories": ["Pothole"]}], ["routing", "0.department", "Field required"]),
         ("categories", [{"name": ""}], ["categories", "1 to 200 characters"]),
+        (
+            "categories",
+            [{"name": "Pothole", "departmnt": "Public Works"}],
+            ["categories", "departmnt", "category #1", "use name, department and keywords"],
+        ),
+        (
+            "calendars",
+            [{**CALENDAR, "holidays": ["2026-02-30"]}],
+            ["calendars", "0.holidays.0", "'2026-02-30'", "existing date, written YYYY-MM-DD"],
+        ),
     ],
 )
 def test_invalid_section_applies_nothing(
@@ -188,6 +198,83 @@ def test_every_invalid_section_reported(store: PostgresEventStore, tenant_id: st
         apply_config(store, tenant_id, document, occurred_at=NOW)
 
     assert {problem.section for problem in raised.value.problems} == {"calendars", "routing"}
+
+
+def test_removing_used_calendar_rejected(store: PostgresEventStore, tenant_id: str) -> None:
+    apply_config(store, tenant_id, DOCUMENT, occurred_at=NOW)
+    phone = {"id": "phone", "calendar": "office", "first_response": "2 business hours"}
+    apply_config(store, tenant_id, {"sla_policies": [POLICY, phone]}, occurred_at=NOW)
+    before = stream_length(store, tenant_id)
+    other = {**CALENDAR, "name": "other"}
+
+    with pytest.raises(ConfigInvalid) as raised:
+        apply_config(store, tenant_id, {"calendars": [other]}, occurred_at=NOW)
+
+    (problem,) = raised.value.problems
+    assert problem.section == "calendars"
+    assert problem.value == "office"
+    assert "SLA policies standard, phone name it" in problem.fix
+    assert "keep the calendar" in problem.fix
+    assert stream_length(store, tenant_id) == before
+
+
+def test_renaming_calendar_checks_policies(store: PostgresEventStore, tenant_id: str) -> None:
+    apply_config(store, tenant_id, DOCUMENT, occurred_at=NOW)
+    renamed = {**CALENDAR, "name": "town-hall"}
+    stale = {"calendars": [renamed], "sla_policies": [POLICY]}
+    updated = {"calendars": [renamed], "sla_policies": [{**POLICY, "calendar": "town-hall"}]}
+
+    with pytest.raises(ConfigInvalid) as raised:
+        apply_config(store, tenant_id, stale, occurred_at=NOW)
+    result = apply_config(store, tenant_id, updated, occurred_at=NOW)
+
+    assert [problem.section for problem in raised.value.problems] == ["sla_policies"]
+    assert "names calendar 'office', which is not configured" in str(raised.value)
+    assert result.changed == ["calendars", "sla_policies"]
+
+
+def test_unused_calendar_may_be_removed(store: PostgresEventStore, tenant_id: str) -> None:
+    spare = {**CALENDAR, "name": "spare"}
+    apply_config(store, tenant_id, {**DOCUMENT, "calendars": [CALENDAR, spare]}, occurred_at=NOW)
+    result = apply_config(store, tenant_id, {"calendars": [CALENDAR]}, occurred_at=NOW)
+
+    assert result.changed == ["calendars"]
+
+
+def test_unknown_field_lists_allowed_fields(store: PostgresEventStore, tenant_id: str) -> None:
+    document = {
+        "calendars": [{**CALENDAR, "timezone": "UTC"}],
+        "sla_policies": [{**POLICY, "match": {"category": ["Pothole"]}}],
+    }
+    with pytest.raises(ConfigInvalid) as raised:
+        apply_config(store, tenant_id, document, occurred_at=NOW)
+    calendar, policy = raised.value.problems
+
+    assert calendar.field == "0.timezone"
+    assert calendar.fix.startswith("unknown field 'timezone': use name, time_zone, weekly_hours")
+    assert policy.field == "0.match.category"
+    assert policy.fix == "unknown field 'category': use categories, severities, channels"
+
+
+def test_invalid_weekday_key_path(store: PostgresEventStore, tenant_id: str) -> None:
+    document = {"calendars": [{**CALENDAR, "weekly_hours": {"funday": ["09:00-17:00"]}}]}
+    with pytest.raises(ConfigInvalid) as raised:
+        apply_config(store, tenant_id, document, occurred_at=NOW)
+    (problem,) = raised.value.problems
+
+    assert problem.field == "0.weekly_hours.funday"
+    assert problem.value == "funday"
+    assert problem.fix.startswith("invalid key 'funday': Input should be 'monday'")
+
+
+def test_category_error_omits_whole_list(store: PostgresEventStore, tenant_id: str) -> None:
+    categories = [{"name": "Pothole"}, {"name": "Pothole"}]
+    with pytest.raises(ConfigInvalid) as raised:
+        apply_config(store, tenant_id, {"categories": categories}, occurred_at=NOW)
+    (problem,) = raised.value.problems
+
+    assert problem.value is None
+    assert "category 'Pothole' is listed twice" in problem.fix
 
 
 def test_policy_may_name_stored_calendar(store: PostgresEventStore, tenant_id: str) -> None:

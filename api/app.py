@@ -340,8 +340,11 @@ KnownAtQuery = Annotated[
 ]
 
 
-def parse_as_of(value: str | None, zone_name: str) -> datetime:
-    """Read an ISO 8601 time; a time without an offset is read in the tenant's time zone."""
+def parse_as_of(value: str | None, zone_name: str, name: str = "as_of") -> datetime:
+    """Read an ISO 8601 time; a time without an offset is read in the tenant's time zone.
+
+    `name` is the parameter or option that the error message names.
+    """
     from zoneinfo import ZoneInfo
 
     if value is None:
@@ -354,7 +357,7 @@ def parse_as_of(value: str | None, zone_name: str) -> datetime:
         moment = datetime.fromisoformat(value)
     except ValueError as error:
         raise InvalidRequest(
-            f"invalid as_of {value!r}: use ISO 8601, such as 2016-01-13T00:00 or "
+            f"invalid {name} {value!r}: use ISO 8601, such as 2016-01-13T00:00 or "
             "2016-01-13T05:00:00Z"
         ) from error
     if moment.tzinfo is None:

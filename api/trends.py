@@ -169,7 +169,7 @@ def add_trends_routes(
     ) -> TrendsOut:
         """Count incidents opened and closed, the backlog and the flagged records per period."""
         tenant = require_tenant(store, tenant_id)
-        moment = parse_as_of(now, tenant.time_zone)
+        moment = parse_as_of(now, tenant.time_zone, "now")
         first, last = date_range(period, since, until, moment, tenant.time_zone)
         with pool.connection() as conn, consistent_snapshot(conn):
             rows = trend_counts(
@@ -211,7 +211,7 @@ def add_trends_routes(
     ) -> DurationsOut:
         """Median and 90th percentile times to first response or to resolution, in seconds."""
         tenant = require_tenant(store, tenant_id)
-        moment = parse_as_of(now, tenant.time_zone)
+        moment = parse_as_of(now, tenant.time_zone, "now")
         first, last = date_range(period, since, until, moment, tenant.time_zone)
         with pool.connection() as conn:
             rows = duration_percentiles(
@@ -256,7 +256,7 @@ def add_trends_routes(
     ) -> RankingsOut:
         """Rank departments or areas by the share of cases resolved within their SLA target."""
         tenant = require_tenant(store, tenant_id)
-        moment = parse_as_of(now, tenant.time_zone)
+        moment = parse_as_of(now, tenant.time_zone, "now")
         first, last = parse_day("since", since), parse_day("until", until)
         with pool.connection() as conn:
             rows = rankings(

@@ -60,7 +60,7 @@ def _query(tenant: str, now: str | None) -> Iterator[_Query]:
     with ConnectionPool(database.app_conninfo, min_size=1, max_size=1) as pool:
         try:
             config = require_tenant(PostgresEventStore(pool), tenant)
-            moment = parse_as_of(now, config.time_zone)
+            moment = parse_as_of(now, config.time_zone, "--now")
             with pool.connection() as conn:
                 progress = projection_progress(conn).get("trends")
                 if progress is None or not progress.caught_up:
@@ -180,7 +180,7 @@ def trends_rankings(
     tenant: TenantOption,
     by: Annotated[str, typer.Option(help="department or area")] = "department",
     min_cases: Annotated[
-        int, typer.Option(help="Fewest decided cases a group needs to be ranked")
+        int, typer.Option(min=1, help="Fewest decided cases a group needs to be ranked")
     ] = DEFAULT_MIN_CASES,
     since: SinceOption = None,
     until: UntilOption = None,

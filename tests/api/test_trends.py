@@ -71,6 +71,7 @@ def test_reporters_may_not_read_trends(
         ("trends", {"since": "2016-02-01", "until": "2016-01-01"}, ("swap them",)),
         ("trends", {"period": "day", "since": "1990-01-01"}, ("more than 1000 days",)),
         ("trends", {"now": "yesterday"}, ("'yesterday'", "ISO 8601")),
+        ("trends/rankings", {"now": "notatime"}, ("invalid now 'notatime'", "ISO 8601")),
         ("trends/durations", {"measure": "speed"}, ("'speed'", "first_response or resolution")),
         ("trends/rankings", {"by": "category"}, ("'category'", "department, area")),
         ("trends/rankings", {"min_cases": 0}, ("min_cases 0", "1 or more")),

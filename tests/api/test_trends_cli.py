@@ -56,6 +56,10 @@ def test_counts_durations_rankings_and_bad_options(
     )
     bad_period = civicpulse("trends", "counts", "--tenant", "acme", "--period", "year", env=env)
     bad_since = civicpulse("trends", "rankings", "--tenant", "acme", "--since", "1 May", env=env)
+    bad_now = civicpulse("trends", "counts", "--tenant", "acme", "--now", "bogus", env=env)
+    bad_min_cases = civicpulse(
+        "trends", "rankings", "--tenant", "acme", "--min-cases", "0", env=env
+    )
 
     assert counts.returncode == 0, counts.stderr
     assert ["2026-03-01", "Streets", "3", "3", "0", "0"] in cells(counts.stdout)
@@ -69,3 +73,8 @@ def test_counts_durations_rankings_and_bad_options(
     assert "invalid period 'year': use day, week or month" in bad_period.stderr
     assert bad_since.returncode == 2
     assert "invalid since '1 May'" in bad_since.stderr
+    assert bad_now.returncode == 2
+    assert "invalid --now 'bogus'" in bad_now.stderr
+    assert bad_min_cases.returncode == 2
+    assert "--min-cases" in bad_min_cases.stderr
+    assert "min_cases" not in bad_min_cases.stderr

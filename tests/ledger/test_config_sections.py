@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -411,3 +412,16 @@ def test_documented_example_applies(store: PostgresEventStore, tenant_id: str) -
     assert "2026-07-03" in holidays
     policies = config.payloads[SLA_POLICIES_CONFIGURED]["policies"]
     assert [policy["id"] for policy in policies] == ["emergency", "urgent", "phone", "standard"]
+
+
+def test_boston_grouping_example_applies(store: PostgresEventStore, tenant_id: str) -> None:
+    example = EXAMPLE.parent / "boston-grouping.json"
+    settings = json.loads(example.read_text(encoding="utf-8"))
+    result = apply_config(store, tenant_id, {"grouping": settings}, occurred_at=NOW)
+    config = load_tenant(store, tenant_id)
+
+    assert result.changed == ["grouping"]
+    assert config is not None
+    assert config.grouping.distance_m == 50
+    assert config.grouping.is_placeholder(42.3594, -71.0587)
+    assert not config.grouping.is_placeholder(42.3694, -71.0587)

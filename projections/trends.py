@@ -123,8 +123,8 @@ def evolve_trend(
 def _add_trend_changes(
     state: TrendState, event: RecordedEvent, history: ConfigHistory | None, changes: dict[str, Any]
 ) -> None:
-    """Add to `changes`, the SLA changes an event makes to `state`, the trend facts that
-    change with them: anomalies, the flag and the business-time durations."""
+    """Add the trend facts that change with `changes`, the SLA changes an event makes to
+    `state`, to `changes`: anomalies, the flag and the business-time durations."""
     first_response_at = changes.get("first_response_at", state.first_response_at)
     resolved_at = changes.get("resolved_at", state.resolved_at)
     submitted_at = state.submitted_at

@@ -1,7 +1,7 @@
 """The trends read model: per-incident facts that trend, duration and ranking queries read.
 
-Each row contains the incident's SLA facts, folded by `evolve_sla`, so category,
-department, policy and due times are exactly the SLA model's. Trends add the area, the
+Each row contains the incident's SLA facts, folded by the steps of `evolve_sla`, so
+category, department, policy and due times are exactly the SLA model's. Trends add the area, the
 anomalies the importers flagged, and the business-time durations to first response and to
 resolution. Counts per period are not stored: they are aggregates over these rows
 (projections/trends_queries.py), so a reopen, a reclassification or an event with an old

@@ -1,11 +1,11 @@
 """The trends read model: per-incident facts that trend, duration and ranking queries read.
 
 Each row contains the incident's SLA facts, folded by the steps of `evolve_sla`, so
-category, department, policy and due times are exactly the SLA model's. Trends add the area, the
-anomalies the importers flagged, and the business-time durations to first response and to
-resolution. Counts per period are not stored: they are aggregates over these rows
-(projections/trends_queries.py), so a reopen, a reclassification or an event with an old
-`occurred_at` changes one row and every figure that depends on it at once.
+category, department, policy and due times are exactly the SLA model's. Trends add the
+area, the anomalies the importers flagged, and the business-time durations to first
+response and to resolution. Counts per period are not stored: they are aggregates over
+these rows (projections/trends_queries.py), so a reopen, a reclassification or an event
+with an old `occurred_at` changes one row and every figure that depends on it at once.
 
 The model keeps its own copy of the tenant's configuration versions (`trend_configs`), so
 it never reads a table another projection writes at another checkpoint.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import operator
 import types
 import typing
@@ -21,6 +22,7 @@ from itertools import repeat
 from typing import Any, Generic, TypeVar
 from uuid import UUID
 
+import orjson
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
@@ -28,9 +30,19 @@ from psycopg.types.json import Jsonb
 from ledger.events import RecordedEvent
 from ledger.lifecycle import INCIDENT_EVENT_TYPES
 
+logger = logging.getLogger(__name__)
+
 State = TypeVar("State")
 
 INCIDENT_STREAM_PREFIX = "incident-"
+EMPTY_JSON_ARRAY = "[]"
+# Column types that psycopg writes in binary COPY form from the values a state dataclass
+# contains: str, UUID, aware datetime, float, int and bool. jsonb columns are encoded by
+# `_binary_row` and sent as bytea.
+BINARY_COPY_TYPES = frozenset({"text", "uuid", "timestamptz", "float8", "int4", "int8", "bool"})
+# jsonb's binary form is a format version byte, 1, followed by the JSON text.
+JSONB_VERSION = b"\x01"
+EMPTY_JSONB = JSONB_VERSION + b"[]"
 
 
 # Folded states of a projection: row key -> state. The key's first element is the tenant id.
@@ -157,6 +169,9 @@ class IncidentRowProjection(Projection, Generic[State]):
             index for index, name in enumerate(self.columns) if _is_json_object(hints[name])
         ]
         self._decoders = {name: _decoder(hints[name]) for name in self.columns}
+        # Binary COPY types of tenant_id and the columns by qualified table name, or None
+        # for a table with a column type outside BINARY_COPY_TYPES and jsonb.
+        self._copy_types: dict[str, list[str] | None] = {}
 
     @property
     def _target(self) -> sql.Identifier:
@@ -237,10 +252,13 @@ class IncidentRowProjection(Projection, Generic[State]):
         )
         column_list = sql.SQL(", ").join(map(sql.Identifier, columns))
         with conn.cursor() as cur:
-            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)) as copy:
-                for (tenant_id, _), state in states.items():
-                    if state is not None:
-                        copy.write_row((tenant_id, *self._row(state)))
+            if not self._copy_binary(conn, staging, column_list, states):
+                with cur.copy(
+                    sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)
+                ) as copy:
+                    for (tenant_id, _), state in states.items():
+                        if state is not None:
+                            copy.write_row((tenant_id, *self._row(state)))
             updates = sql.SQL(", ").join(
                 sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name))
                 for name in self.columns
@@ -262,7 +280,75 @@ class IncidentRowProjection(Projection, Generic[State]):
                     (tenant_id, stream_id.removeprefix(INCIDENT_STREAM_PREFIX)),
                 )
 
+    def _copy_binary(
+        self,
+        conn: psycopg.Connection[Any],
+        staging: sql.Identifier,
+        column_list: sql.Composable,
+        states: dict[tuple[str, str], State | None],
+    ) -> bool:
+        """COPY the states that are not None into `staging` in binary format and return
+        True. Return False, with nothing copied, when the caller must COPY them as text.
+
+        Formatting a datetime is the costliest step of a text row. Over the trends rows
+        of one Boston copy, a binary COPY took 0.6 s of client CPU and a text COPY 1.3 s.
+        Binary is stricter, though. A value of another type than its column (an int in a
+        text column, a naive datetime) raises TypeError where the server would convert
+        its text, so a savepoint undoes the COPY and the batch goes out as text.
+        """
+        types = self._binary_copy_types(conn)
+        if types is None:
+            return False
+        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(staging, column_list)
+        try:
+            with conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy:
+                copy.set_types(types)
+                for (tenant_id, _), state in states.items():
+                    if state is not None:
+                        copy.write_row((tenant_id, *self._binary_row(state)))
+        except (TypeError, ValueError, OverflowError) as error:
+            logger.warning(
+                "binary COPY of %d states into %s failed, copying them as text: %s",
+                len(states),
+                self.table,
+                error,
+            )
+            return False
+        return True
+
+    def _binary_copy_types(self, conn: psycopg.Connection[Any]) -> list[str] | None:
+        """Return the types to COPY tenant_id and the state columns as, read once per table
+        from the catalog: jsonb columns as bytea, because `_binary_row` encodes them."""
+        target = self._target.as_string(conn)
+        if target not in self._copy_types:
+            found = dict(
+                conn.execute(
+                    "SELECT a.attname, t.typname FROM pg_attribute a "
+                    "JOIN pg_type t ON t.oid = a.atttypid "
+                    "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                    (target,),
+                ).fetchall()
+            )
+            column_types = [found.get(name) for name in ["tenant_id", *self.columns]]
+            usable = all(name in BINARY_COPY_TYPES or name == "jsonb" for name in column_types)
+            self._copy_types[target] = (
+                ["bytea" if name == "jsonb" else str(name) for name in column_types]
+                if usable
+                else None
+            )
+        return self._copy_types[target]
+
+    def _binary_row(self, state: State) -> list[Any]:
+        """Return the values of `state` for a binary COPY, JSON fields in jsonb's binary form."""
+        row = list(self._values(state))
+        for index in self._json_indexes:
+            value = row[index]
+            if value is not None:
+                row[index] = EMPTY_JSONB if value == [] else JSONB_VERSION + orjson.dumps(value)
+        return row
+
     def _row(self, state: State) -> tuple[Any, ...]:
+        """Return the values of `state` as a row for a text-format COPY."""
         values: tuple[Any, ...] = self._values(state)
         # Most rows (every imported incident) have no JSON value, and a rebuild writes them
         # without copying the tuple.
@@ -270,8 +356,12 @@ class IncidentRowProjection(Projection, Generic[State]):
             return values
         row = list(values)
         for index in self._json_indexes:
-            if row[index] is not None:
-                row[index] = Jsonb(row[index])
+            value = row[index]
+            if value is not None:
+                # An empty array goes out as its text, which COPY's jsonb input reads,
+                # because most list fields are empty and psycopg's str dumper costs less
+                # than its JSON dumper, which is written in Python.
+                row[index] = EMPTY_JSON_ARRAY if value == [] else Jsonb(value)
         return tuple(row)
 
     def write_states(self, conn: psycopg.Connection[Any], states: Folded) -> None:

@@ -133,21 +133,32 @@ class SlaState:
     escalations: list[str] = field(default_factory=list)
 
 
-_STATE_FIELDS = tuple(item.name for item in dataclasses.fields(SlaState))
-_STATE_INDEX = {name: index for index, name in enumerate(_STATE_FIELDS)}
-_state_values = operator.attrgetter(*_STATE_FIELDS)
+AnySlaState = TypeVar("AnySlaState", bound=SlaState)
+
+# The attribute getter and the field indexes of SlaState and of each subclass folded here,
+# so one state of a subclass (the trends model's) is built once per event with its own fields.
+_LAYOUTS: dict[type, tuple[Callable[[Any], tuple[Any, ...]], dict[str, int]]] = {}
 
 
-def _replace(state: SlaState, changes: dict[str, Any]) -> SlaState:
+def _layout(state_type: type) -> tuple[Callable[[Any], tuple[Any, ...]], dict[str, int]]:
+    names = [item.name for item in dataclasses.fields(state_type)]
+    layout = (operator.attrgetter(*names), {name: index for index, name in enumerate(names)})
+    _LAYOUTS[state_type] = layout
+    return layout
+
+
+def _replace(state: AnySlaState, changes: dict[str, Any]) -> AnySlaState:
     """Return `state` with `changes`: dataclasses.replace, at half its cost or less.
 
     replace() looks up each field's init flag on every call, and a rebuild calls it for
-    most events.
+    most events. The result has the type of `state`, a subclass's fields included.
     """
-    values = list(_state_values(state))
+    state_type = type(state)
+    values_of, indexes = _LAYOUTS.get(state_type) or _layout(state_type)
+    values = list(values_of(state))
     for name, value in changes.items():
-        values[_STATE_INDEX[name]] = value
-    return SlaState(*values)
+        values[indexes[name]] = value
+    return state_type(*values)
 
 
 @dataclass(slots=True)
@@ -251,12 +262,26 @@ def _pauses(state: SlaState) -> list[Pause]:
 
 def _pinned_policy(state: SlaState, history: ConfigHistory | None) -> Policy | None:
     """Return the policy an incident is judged by, from the version it was pinned to."""
-    if state.policy_id is None or state.policy_version is None or history is None:
+    return pinned_policy(state.policy_id, state.policy_version, state.category, history)
+
+
+def pinned_policy(
+    policy_id: str | None,
+    policy_version: int | None,
+    category: str | None,
+    history: ConfigHistory | None,
+) -> Policy | None:
+    """Return the policy `policy_id` of configuration version `policy_version`, for an
+    incident of `category`, or None when the incident is not pinned to a policy.
+
+    Raises KeyError when `history` lacks that version.
+    """
+    if policy_id is None or policy_version is None or history is None:
         return None
-    config = history.at_version(state.policy_version)
+    config = history.at_version(policy_version)
     if config is None:
-        raise KeyError(f"tenant configuration version {state.policy_version} is not folded")
-    return config.policy_by_id(state.policy_id, state.category)
+        raise KeyError(f"tenant configuration version {policy_version} is not folded")
+    return config.policy_by_id(policy_id, category)
 
 
 def _due_times(state: SlaState, policy: Policy | None) -> dict[str, Any]:
@@ -286,14 +311,21 @@ def _due_times(state: SlaState, policy: Policy | None) -> dict[str, Any]:
     return changes
 
 
-def _submitted(event: RecordedEvent, history: ConfigHistory | None) -> SlaState:
+def submitted_state(
+    event: RecordedEvent,
+    history: ConfigHistory | None,
+    state_type: type[AnySlaState],
+    extra: dict[str, Any],
+) -> AnySlaState:
+    """Return the state a submission starts: SLA facts, and `extra` for the fields that
+    `state_type`, SlaState or a subclass, adds."""
     payload = event.payload
     at = event.occurred_at
     category = payload.get("category")
     area = payload.get("area")
     channel = payload.get("source_channel") or event.metadata.get("channel")
 
-    state = SlaState(
+    state = state_type(
         incident_id=UUID(payload["incident_id"]),
         category=category,
         department=payload.get("department"),
@@ -314,6 +346,7 @@ def _submitted(event: RecordedEvent, history: ConfigHistory | None) -> SlaState:
         category_source=FROM_REPORT if category else None,
         department_source=FROM_REPORT if payload.get("department") else None,
         clock_started_at=at,
+        **extra,
     )
     config = history.in_force(event) if history is not None else None
     if config is None:
@@ -384,13 +417,23 @@ def evolve_sla(
     `history` contains the tenant's configuration versions; the version in force for
     `event` comes from its position in the log.
     """
-    kind = event.event_type
-    at = event.occurred_at
-    if kind == lc.REPORT_SUBMITTED:
-        return _submitted(event, history)
+    if event.event_type == lc.REPORT_SUBMITTED:
+        return submitted_state(event, history, SlaState, {})
     if state is None:
         return None
+    return apply_sla_changes(state, sla_changes(state, event, history), history)
 
+
+def sla_changes(
+    state: SlaState, event: RecordedEvent, history: ConfigHistory | None
+) -> dict[str, Any]:
+    """Return the field changes an incident event other than a submission makes to `state`.
+
+    The key "_recompute" marks changes after which the due times must be computed again,
+    which `apply_sla_changes` does.
+    """
+    kind = event.event_type
+    at = event.occurred_at
     # Changes are collected and applied with one replace: replace() on a frozen dataclass
     # is the most expensive step of a rebuild.
     changes: dict[str, Any] = {}
@@ -458,6 +501,14 @@ def evolve_sla(
 
     if pause is not None and pause[1] > pause[0]:
         _add_pause(state, pause, changes)
+    return changes
+
+
+def apply_sla_changes(
+    state: AnySlaState, changes: dict[str, Any], history: ConfigHistory | None
+) -> AnySlaState:
+    """Return `state` with `changes` from `sla_changes`, due times computed again when they
+    ask for it. `changes` may also set the fields of a subclass of SlaState."""
     recompute = changes.pop("_recompute", False)
     if not changes:
         return state

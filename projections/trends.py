@@ -1,11 +1,11 @@
 """The trends read model: per-incident facts that trend, duration and ranking queries read.
 
-Each row contains the incident's SLA facts, folded by `evolve_sla`, so category,
-department, policy and due times are exactly the SLA model's. Trends add the area, the
-anomalies the importers flagged, and the business-time durations to first response and to
-resolution. Counts per period are not stored: they are aggregates over these rows
-(projections/trends_queries.py), so a reopen, a reclassification or an event with an old
-`occurred_at` changes one row and every figure that depends on it at once.
+Each row contains the incident's SLA facts, folded by the steps of `evolve_sla`, so
+category, department, policy and due times are exactly the SLA model's. Trends add the
+area, the anomalies the importers flagged, and the business-time durations to first
+response and to resolution. Counts per period are not stored: they are aggregates over
+these rows (projections/trends_queries.py), so a reopen, a reclassification or an event
+with an old `occurred_at` changes one row and every figure that depends on it at once.
 
 The model keeps its own copy of the tenant's configuration versions (`trend_configs`), so
 it never reads a table another projection writes at another checkpoint.
@@ -13,9 +13,6 @@ it never reads a table another projection writes at another checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -29,8 +26,10 @@ from projections.sla import (
     ConfigHistory,
     ConfiguredIncidentProjection,
     SlaState,
-    _pinned_policy,
-    evolve_sla,
+    apply_sla_changes,
+    pinned_policy,
+    sla_changes,
+    submitted_state,
 )
 
 # Payload fields read as the incident's area, first found wins. Reports sent through the
@@ -56,11 +55,6 @@ class TrendState(SlaState):
     resolution_business_seconds: float | None = None
 
 
-_SLA_FIELDS = tuple(item.name for item in dataclasses.fields(SlaState))
-# The constructor by position: the SLA fields, then the trend fields, as declared.
-_new_state = typing.cast(Callable[..., TrendState], TrendState)
-
-
 def _area(payload: dict[str, Any]) -> str | None:
     for name in AREA_FIELDS:
         value = payload.get(name)
@@ -69,8 +63,25 @@ def _area(payload: dict[str, Any]) -> str | None:
     return None
 
 
+def _with_flags(anomalies: list[str], flags: Any) -> list[str]:
+    """Return `anomalies` with the string flags of `flags` that it lacks appended.
+
+    The list passed in is never changed: the result is a new list when a flag is added,
+    and `anomalies` itself otherwise, so states may share one list.
+    """
+    for flag in flags or ():
+        if isinstance(flag, str) and flag not in anomalies:
+            anomalies = [*anomalies, flag]
+    return anomalies
+
+
 def _business_seconds(
-    start: datetime, end: datetime | None, state: SlaState, history: ConfigHistory | None
+    start: datetime,
+    end: datetime | None,
+    policy_id: str | None,
+    policy_version: int | None,
+    category: str | None,
+    history: ConfigHistory | None,
 ) -> float | None:
     """Return the business seconds from `start` to `end` under the incident's calendar.
 
@@ -80,7 +91,7 @@ def _business_seconds(
     """
     if end is None or end < start:
         return None
-    policy = _pinned_policy(state, history)
+    policy = pinned_policy(policy_id, policy_version, category, history)
     if policy is None or policy.calendar is None:
         return (end - start).total_seconds()
     return business_duration(policy.calendar, start, end).total_seconds()
@@ -89,60 +100,69 @@ def _business_seconds(
 def evolve_trend(
     state: TrendState | None, event: RecordedEvent, history: ConfigHistory | None = None
 ) -> TrendState | None:
-    """Apply one incident event: the SLA fold first, then the trend facts on top."""
-    sla = evolve_sla(state, event, history)
-    if sla is None:
-        return None
-    # A (repeated) submission starts the incident's facts again, as it does in the SLA fold.
-    previous = None if event.event_type == lc.REPORT_SUBMITTED else state
+    """Apply one incident event: the SLA fold's changes and the trend facts on top of them.
 
-    area = previous.report_area if previous is not None else None
-    anomalies = list(previous.anomalies) if previous is not None else []
+    The new state is built once from both sets of changes, because building a state of
+    this many fields costs more than working out what changed.
+    """
     if event.event_type == lc.REPORT_SUBMITTED:
-        area = _area(event.payload)
-        anomalies = []
-    for flag in event.payload.get("anomalies") or ():
-        if isinstance(flag, str) and flag not in anomalies:
-            anomalies.append(flag)
+        # A (repeated) submission starts the incident's facts again, as it does in the SLA
+        # fold. Nothing is responded to or resolved yet, so there are no durations, and the
+        # only flags are the importer's.
+        payload = event.payload
+        anomalies = _with_flags([], payload.get("anomalies"))
+        extra = {"report_area": _area(payload), "anomalies": anomalies, "flagged": bool(anomalies)}
+        return submitted_state(event, history, TrendState, extra)
+    if state is None:
+        return None
+    changes = sla_changes(state, event, history)
+    _add_trend_changes(state, event, history, changes)
+    return apply_sla_changes(state, changes, history)
+
+
+def _add_trend_changes(
+    state: TrendState, event: RecordedEvent, history: ConfigHistory | None, changes: dict[str, Any]
+) -> None:
+    """Add the trend facts that change with `changes`, the SLA changes an event makes to
+    `state`, to `changes`: anomalies, the flag and the business-time durations."""
+    first_response_at = changes.get("first_response_at", state.first_response_at)
+    resolved_at = changes.get("resolved_at", state.resolved_at)
+    submitted_at = state.submitted_at
+
+    anomalies = _with_flags(state.anomalies, event.payload.get("anomalies"))
     # A flag stays after a reopen: the record did hold an impossible time.
-    closed_early = sla.resolved_at is not None and sla.resolved_at < sla.submitted_at
-    if closed_early and CLOSED_BEFORE_OPENED not in anomalies:
-        anomalies.append(CLOSED_BEFORE_OPENED)
-    responded_early = sla.first_response_at is not None and sla.first_response_at < sla.submitted_at
-    if responded_early and RESPONDED_BEFORE_OPENED not in anomalies:
-        anomalies.append(RESPONDED_BEFORE_OPENED)
+    if resolved_at is not None and resolved_at < submitted_at:
+        anomalies = _with_flags(anomalies, (CLOSED_BEFORE_OPENED,))
+    if first_response_at is not None and first_response_at < submitted_at:
+        anomalies = _with_flags(anomalies, (RESPONDED_BEFORE_OPENED,))
+    if anomalies is not state.anomalies:
+        changes["anomalies"] = anomalies
+    flagged = bool(anomalies)
+    if flagged != state.flagged:
+        changes["flagged"] = flagged
 
     # Business durations are measured again only when their ends or the pinned policy
     # change: a business calendar walk is the costly step of this fold.
+    policy_id = changes.get("policy_id", state.policy_id)
+    policy_version = changes.get("policy_version", state.policy_version)
     if (
-        previous is not None
-        and previous.first_response_at == sla.first_response_at
-        and previous.resolved_at == sla.resolved_at
-        and previous.policy_id == sla.policy_id
-        and previous.policy_version == sla.policy_version
-        and previous.submitted_at == sla.submitted_at
+        first_response_at == state.first_response_at
+        and resolved_at == state.resolved_at
+        and policy_id == state.policy_id
+        and policy_version == state.policy_version
     ):
-        response = previous.first_response_business_seconds
-        resolution = previous.resolution_business_seconds
-    else:
-        response = _business_seconds(sla.submitted_at, sla.first_response_at, sla, history)
-        resolution = _business_seconds(sla.submitted_at, sla.resolved_at, sla, history)
-
-    extras = (area, anomalies, bool(anomalies), response, resolution)
-    if previous is not None and sla is previous and extras == _extras(previous):
-        return previous
-    values = [getattr(sla, name) for name in _SLA_FIELDS]
-    return _new_state(*values, *extras)
-
-
-def _extras(state: TrendState) -> tuple[Any, ...]:
-    return (
-        state.report_area,
-        state.anomalies,
-        state.flagged,
-        state.first_response_business_seconds,
-        state.resolution_business_seconds,
+        return
+    category = changes.get("category", state.category)
+    response = _business_seconds(
+        submitted_at, first_response_at, policy_id, policy_version, category, history
     )
+    if response != state.first_response_business_seconds:
+        changes["first_response_business_seconds"] = response
+    resolution = _business_seconds(
+        submitted_at, resolved_at, policy_id, policy_version, category, history
+    )
+    if resolution != state.resolution_business_seconds:
+        changes["resolution_business_seconds"] = resolution
 
 
 TREND_CONFIGS = sql.Identifier("trend_configs")

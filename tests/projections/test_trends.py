@@ -3,6 +3,7 @@ queries count reopens, reclassifications, flagged records and rankings as docume
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -20,7 +21,7 @@ from ledger.events import NewEvent
 from ledger.ids import incident_stream_id
 from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant
-from projections.trends import trends_projection
+from projections.trends import TrendState, trends_projection
 from projections.trends_queries import (
     PERIODS,
     TrendRow,
@@ -380,3 +381,52 @@ def test_bad_parameters_name_the_value(
     } | arguments
     with worker_pool.connection() as conn, pytest.raises(InvalidRequest, match=message):
         trend_counts(conn, "nobody", **query)
+
+
+def _written_state(incident: uuid.UUID, category: Any) -> TrendState:
+    return TrendState(
+        incident_id=incident,
+        category=category,
+        department=None,
+        status="resolved",
+        submitted_at=T0,
+        first_response_due_at=None,
+        first_response_at=T0 + timedelta(hours=2),
+        resolution_due_at=T0 + timedelta(hours=10),
+        resolved_at=T0 + timedelta(hours=2),
+        closed_at=None,
+        paused_since=None,
+        paused_seconds=0.0,
+        earliest_occurred_at=T0,
+        latest_occurred_at=T0 + timedelta(hours=2),
+        pauses=[[T0.isoformat(), (T0 + timedelta(hours=1)).isoformat()]],
+        anomalies=["odd_status"],
+        flagged=True,
+        first_response_business_seconds=7200.0,
+    )
+
+
+def test_write_copies_binary_or_falls_back(
+    worker_pool: ConnectionPool[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    projection = trends_projection()
+    tenant = f"tw-{uuid.uuid4().hex[:10]}"
+    plain = _written_state(uuid.uuid4(), "Pothole")
+    # An int where the text column expects a str: a binary COPY rejects it, and the
+    # batch is copied as text, which stores it as the server reads "7".
+    odd = _written_state(uuid.uuid4(), 7)
+    with (
+        caplog.at_level(logging.WARNING, logger="projections.base"),
+        worker_pool.connection() as conn,
+        conn.transaction(force_rollback=True),
+    ):
+        projection.write(conn, {(tenant, f"incident-{plain.incident_id}"): plain})
+        binary_warnings = len(caplog.records)
+        projection.write(conn, {(tenant, f"incident-{odd.incident_id}"): odd})
+        stored = {key[1]: state for key, state in projection.read_all(conn).items()}
+
+    assert binary_warnings == 0
+    assert stored[plain.incident_id] == plain
+    assert stored[odd.incident_id].category == "7"
+    assert stored[odd.incident_id].pauses == odd.pauses
+    assert "copying them as text" in caplog.text

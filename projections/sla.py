@@ -404,9 +404,17 @@ def _classified(
     # its category, not its policy or due times.
     if pinned is not None and pinned.on_category_change == "reassess" and state.resolved_at is None:
         # Picked again from the configuration in force now; the clock still starts at
-        # submission (or at the last restart).
+        # submission (or at the last restart). When the rules pick the policy that judges
+        # the incident already, it keeps the version it was pinned to: reassessment moves
+        # an incident to the policy that fits it, and never applies later edits of a policy.
         policy = config.policy_for(category, severity, state.channel)
-        changes.update(policy_id=policy.id, policy_version=config.version, _recompute=True)
+        if policy.id != state.policy_id:
+            changes.update(
+                policy_id=policy.id,
+                policy_version=config.version,
+                _recompute=True,
+                _decided_by=event.occurred_at,
+            )
 
 
 def evolve_sla(
@@ -430,7 +438,8 @@ def sla_changes(
     """Return the field changes an incident event other than a submission makes to `state`.
 
     The key "_recompute" marks changes after which the due times must be computed again,
-    which `apply_sla_changes` does.
+    which `apply_sla_changes` does; "_decided_by" then names the time whose met or missed
+    targets keep their old times.
     """
     kind = event.event_type
     at = event.occurred_at
@@ -510,12 +519,38 @@ def apply_sla_changes(
     """Return `state` with `changes` from `sla_changes`, due times computed again when they
     ask for it. `changes` may also set the fields of a subclass of SlaState."""
     recompute = changes.pop("_recompute", False)
+    decided_by: datetime | None = changes.pop("_decided_by", None)
     if not changes:
         return state
+    before = state
     state = _replace(state, changes)
     if recompute:
-        state = _replace(state, _due_times(state, _pinned_policy(state, history)))
+        due_times = _due_times(state, _pinned_policy(state, history))
+        if decided_by is not None:
+            due_times = _keeping_decided_targets(before, due_times, decided_by)
+        state = _replace(state, due_times)
     return state
+
+
+def _keeping_decided_targets(
+    before: SlaState, due_times: dict[str, Any], at: datetime
+) -> dict[str, Any]:
+    """Return `due_times` of a new policy without the times an outcome was decided by at `at`.
+
+    A first response already given, and a due or warning time already passed, keep their
+    old values: the deadline was met or missed under the policy of its day, and the
+    escalation events recorded for it stay true.
+    """
+    kept = dict(due_times)
+    first_response = ("first_response_due_at", "first_response_warning_at")
+    for name in first_response:
+        moment = getattr(before, name)
+        if before.first_response_at is not None or (moment is not None and at > moment):
+            kept[name] = moment
+    for name in ("resolution_due_at", "resolution_warning_at"):
+        if _passed(getattr(before, name), before, at):
+            kept[name] = getattr(before, name)
+    return kept
 
 
 def _add_pause(state: SlaState, pause: Pause, changes: dict[str, Any]) -> None:

@@ -85,6 +85,53 @@ def test_classification_reassesses_policy() -> None:
     assert state.resolution_due_at == MONDAY_3PM + 4 * HOUR
 
 
+def test_same_policy_keeps_pinned_version() -> None:
+    log = office_log()
+    incident = log.submit(MONDAY_3PM)
+    log.policies(MONDAY_3PM + HOUR, URGENT, {**STANDARD, "resolution": "3 business days"})
+    log.incident(incident, lc.REPORT_CLASSIFIED, MONDAY_3PM + 2 * HOUR, severity="low")
+    state = fold_one(log, incident)
+
+    assert state.severity == "low"
+    assert state.policy_id == "standard"
+    assert state.policy_version == 3
+    assert state.resolution_due_at == MONDAY_3PM + 24 * HOUR
+
+
+def test_reassessment_keeps_missed_deadlines() -> None:
+    log = office_log()
+    incident = log.submit(MONDAY_3PM, severity="critical")
+    relaxed = {**URGENT, "first_response": "3 calendar hours", "resolution": "3 calendar days"}
+    log.policies(MONDAY_3PM + HOUR, relaxed, STANDARD)
+    # The urgent targets (30 minutes, 4 hours) are both missed when staff lower the
+    # severity five hours in; the standard policy would give Tuesday 15:00.
+    log.incident(incident, lc.CLASSIFICATION_CORRECTED, MONDAY_3PM + 5 * HOUR, severity="medium")
+    state = fold_one(log, incident)
+
+    assert state.policy_id == "standard"
+    assert state.policy_version == 5
+    assert state.first_response_due_at == MONDAY_3PM + timedelta(minutes=30)
+    assert state.resolution_due_at == MONDAY_3PM + 4 * HOUR
+    assert first_response_breached(state, MONDAY_3PM + 6 * HOUR)
+    assert resolution_breached(state, MONDAY_3PM + 6 * HOUR)
+
+
+def test_reassessment_moves_open_deadlines() -> None:
+    log = office_log()
+    incident = log.submit(MONDAY_3PM, severity="critical")
+    log.incident(incident, lc.INCIDENT_ACKNOWLEDGED, MONDAY_3PM + HOUR / 6)
+    log.incident(incident, lc.CLASSIFICATION_CORRECTED, MONDAY_3PM + 2 * HOUR, severity="low")
+    state = fold_one(log, incident)
+
+    assert state.policy_id == "standard"
+    # Answered within 30 minutes under the urgent policy: that target stays met.
+    assert state.first_response_due_at == MONDAY_3PM + timedelta(minutes=30)
+    assert not first_response_breached(state, MONDAY_3PM + 6 * HOUR)
+    # The resolution target was still ahead, so the standard one replaces it.
+    assert state.resolution_due_at == MONDAY_3PM + 24 * HOUR
+    assert not resolution_breached(state, MONDAY_3PM + 6 * HOUR)
+
+
 def test_resolved_incident_keeps_its_verdict() -> None:
     log = office_log()
     incident = log.submit(MONDAY_3PM)

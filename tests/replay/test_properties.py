@@ -33,6 +33,7 @@ from replay.rebuild import rebuild
 from replay.snapshots import take_snapshot
 from replay.time_travel import replay
 from tests.conftest import create_database, drop_database
+from tests.ledger.audit_scenario import wait_for_horizon
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 FOLLOW_UPS = [
@@ -175,7 +176,16 @@ def _append_history(
 
 
 def _stream(database: Database, batch_sizes: list[int]) -> None:
-    """Bring every projection up to date in batches of the given sizes, in turn."""
+    """Bring every projection up to date in batches of the given sizes, in turn.
+
+    Waits first until the transaction horizon has passed the last event: a transaction in
+    another database of the server can keep it back, and streaming reads only below it.
+    """
+    with database.connect_worker() as conn:
+        row = conn.execute("SELECT max(tx_id)::text::bigint FROM events").fetchone()
+        conn.commit()
+    if row is not None and row[0] is not None:
+        wait_for_horizon(database, row[0])
     with database.connect_worker() as conn:
         for projection in replayable_projections():
             turn = 0

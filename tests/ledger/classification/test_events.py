@@ -21,8 +21,7 @@ from ledger.ids import incident_stream_id
 from ledger.lifecycle import CLASSIFICATION_FAILED, REPORT_CLASSIFIED
 from ledger.store import PostgresEventStore
 from ledger.tenants import configure_categories, load_tenant
-from projections.incidents import incidents_projection
-from projections.runtime import catch_up
+from tests.conftest import project_everything
 
 STAFF = Actor("test clerk", "staff")
 AT = datetime(2026, 1, 2, tzinfo=UTC)
@@ -201,8 +200,9 @@ def test_read_model_matches_fold(fresh_database: Database, fresh_store: Postgres
         [classified("Pothole", "medium", "rules")],
         expected_version=1,
     )
-    projection = incidents_projection()
-    catch_up(fresh_database, [projection])
+    # Waits, unlike one catch_up, while another database's transaction keeps the
+    # server's transaction horizon below the new events.
+    project_everything(fresh_database)
     with fresh_database.connect_worker() as conn:
         row = conn.execute(
             "SELECT category, category_source, severity, classifier FROM incidents "

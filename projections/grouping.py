@@ -314,32 +314,26 @@ class _Batch:
                         cells_by_category[other].update(cells)
             if not cells_by_category:
                 continue
-            # A join on the (cell, category) pairs, so that each pair is one search of the
-            # cell index. A missing category and an empty one share the key '': the rule
-            # distinguishes them. The integer arrays go as text literals, because psycopg
-            # adapts list elements one by one in Python: an eighth of the time of a
-            # profiled catch-up of the Boston export.
-            names = list(cells_by_category)
-            pair_cells: list[int] = []
-            pair_names: list[int] = []
-            for number, name in enumerate(names, start=1):
-                found = cells_by_category[name]
-                pair_cells.extend(found)
-                pair_names.extend([number] * len(found))
+            # One range scan of the tenant's reports inside the time window, kept when
+            # their cell is near a batch report. A missing category and an empty one
+            # share the key '' here, as the rule distinguishes them later. The cells go as
+            # a text literal, because psycopg adapts list elements one by one in Python.
+            # The (cell, category) pairs are checked here in Python: a join on them in
+            # the query cost more server time than the rows it saved.
+            wanted: dict[str, set[int]] = defaultdict(set)
+            for category, cells in cells_by_category.items():
+                wanted[category or ""].update(cells)
+            every_cell = set().union(*wanted.values())
             self._load_reports(
                 tenant_id,
-                source="unnest(%s::bigint[], %s::int[]) AS q(cell, name) "
-                f"JOIN {self.names.reports} AS g "
-                "ON g.cell = q.cell AND coalesce(g.category, '') = (%s::text[])[q.name]",
-                condition="g.submitted_at BETWEEN %s AND %s",
+                condition="g.submitted_at BETWEEN %s AND %s AND g.cell = ANY(%s::bigint[])",
                 params=(
-                    _array_literal(pair_cells),
-                    _array_literal(pair_names),
-                    [name or "" for name in names],
                     tenant_id,
                     min(times) - window,
                     max(times) + window,
+                    _array_literal(sorted(every_cell)),
                 ),
+                wanted=wanted,
             )
 
     def settings_for(self, tenant_id: str) -> GroupingSettings:
@@ -348,26 +342,28 @@ class _Batch:
     def _load_reports(
         self,
         tenant_id: str,
-        source: str | None = None,
-        condition: str = "",
-        params: tuple[Any, ...] = (),
+        condition: str,
+        params: tuple[Any, ...],
+        wanted: dict[str, set[int]] | None = None,
     ) -> None:
-        """Add the stored reports of `source` that match `condition` to the batch.
+        """Add the stored reports of the reports table `g` that match `condition` to the batch.
 
-        `params` fill the placeholders of `source`, then the tenant id, then `condition`.
-        `source` defaults to the reports table as `g`.
+        `params` fill the tenant id, then the placeholders of `condition`. With `wanted`,
+        only reports in one of the cells listed for their category ('' for none) are added.
         """
-        source = source or f"{self.names.reports} AS g"
         query = (
             "SELECT g.incident_id::text, g.submitted_at, g.category, g.category_source, g.text, "
-            f"g.latitude, g.longitude, g.group_id::text FROM {source} "
+            f"g.latitude, g.longitude, g.group_id::text, g.cell FROM {self.names.reports} AS g "
             f"WHERE g.tenant_id = %s AND {condition}"
         )
+        no_cells: set[int] = set()
         with self.conn.cursor() as cur:
             # Planned for each batch's values: a prepared statement's generic plan, chosen
             # without the cell and time bounds, took twice as long in the catch-up bench.
             cur.execute(query, params, prepare=False)
-            for incident_id, *values, group_id in cur:
+            for incident_id, *values, group_id, cell in cur:
+                if wanted is not None and cell not in wanted.get(values[1] or "", no_cells):
+                    continue
                 key = (tenant_id, incident_id)
                 if key not in self.reports:
                     self._add(key, GroupedReport(incident_id, *values))
@@ -620,8 +616,13 @@ class _Batch:
                 for key in self.new:
                     name = names[self.groups.find(key)]
                     copy.write_row((*key, *report_row(self.reports[key], name)))
-            cur.execute(f"INSERT INTO {self.names.reports} SELECT * FROM grouping_reports_batch")
-            cur.execute("TRUNCATE grouping_reports_batch")
+            # Emptied by the same statement, because `failing_event` applies events one
+            # by one in a single transaction. A TRUNCATE would be one more statement, and
+            # it gives the table a new file each time.
+            cur.execute(
+                "WITH batch AS (DELETE FROM grouping_reports_batch RETURNING *) "
+                f"INSERT INTO {self.names.reports} SELECT * FROM batch"
+            )
         updates = [
             (self.reports[key].category, self.reports[key].category_source, *key)
             for key in self.changed - self.new
@@ -661,10 +662,10 @@ class _Batch:
                 for row in upserts:
                     copy.write_row(row)
             cur.execute(
-                f"INSERT INTO {self.names.links} SELECT * FROM grouping_links_batch "
+                "WITH batch AS (DELETE FROM grouping_links_batch RETURNING *) "
+                f"INSERT INTO {self.names.links} SELECT * FROM batch "
                 "ON CONFLICT (tenant_id, incident_id, other_id) DO UPDATE SET kind = EXCLUDED.kind"
             )
-            cur.execute("TRUNCATE grouping_links_batch")
 
     def _group_names(self) -> dict[TextKey, str]:
         """Return each group's name, the smallest incident id among its members, by root.

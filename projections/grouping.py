@@ -605,24 +605,6 @@ class _Batch:
                 "version = EXCLUDED.version",
                 (tenant_id, Jsonb(self.settings[tenant_id].to_payload()), version),
             )
-        if self.new:
-            # COPY cannot write to a table with row-level security: it goes to a temporary
-            # table first.
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS grouping_reports_batch "
-                "(LIKE grouping_reports) ON COMMIT DELETE ROWS"
-            )
-            with cur.copy("COPY grouping_reports_batch FROM STDIN") as copy:
-                for key in self.new:
-                    name = names[self.groups.find(key)]
-                    copy.write_row((*key, *report_row(self.reports[key], name)))
-            # Emptied by the same statement, because `failing_event` applies events one
-            # by one in a single transaction. A TRUNCATE would be one more statement, and
-            # it gives the table a new file each time.
-            cur.execute(
-                "WITH batch AS (DELETE FROM grouping_reports_batch RETURNING *) "
-                f"INSERT INTO {self.names.reports} SELECT * FROM batch"
-            )
         updates = [
             (self.reports[key].category, self.reports[key].category_source, *key)
             for key in self.changed - self.new
@@ -633,10 +615,21 @@ class _Batch:
                 "WHERE tenant_id = %s AND incident_id = %s",
                 updates,
             )
-        self._write_links(cur)
+        upserts, removals = self._link_changes()
+        if removals:
+            cur.executemany(
+                f"DELETE FROM {self.names.links} "
+                "WHERE tenant_id = %s AND incident_id = %s AND other_id = %s",
+                removals,
+            )
+        if self.new or upserts:
+            self._write_rows(cur, names, upserts)
         self._write_groups(cur, names)
 
-    def _write_links(self, cur: psycopg.Cursor[Any]) -> None:
+    def _link_changes(
+        self,
+    ) -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str, str]]]:
+        """Return the links to insert or update and the links to delete."""
         upserts = []
         removals = []
         for (tenant_id, incident_id), changes in self.pending.items():
@@ -645,27 +638,46 @@ class _Batch:
                     removals.append((tenant_id, incident_id, other_id))
                 else:
                     upserts.append((tenant_id, incident_id, other_id, kind))
-        if removals:
-            cur.executemany(
-                f"DELETE FROM {self.names.links} "
-                "WHERE tenant_id = %s AND incident_id = %s AND other_id = %s",
-                removals,
-            )
+        return upserts, removals
+
+    def _write_rows(
+        self,
+        cur: psycopg.Cursor[Any],
+        names: dict[TextKey, str],
+        upserts: list[tuple[str, str, str, str]],
+    ) -> None:
+        """Insert the new reports and upsert the changed links in one statement.
+
+        COPY cannot write to a table with row-level security, so the rows go to temporary
+        tables first. One statement empties both into the tables, because `failing_event`
+        applies events one by one in a single transaction. Two TRUNCATE statements would
+        cost two more round trips and give the tables new files each time.
+        """
+        cur.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS grouping_reports_batch "
+            "(LIKE grouping_reports) ON COMMIT DELETE ROWS; "
+            "CREATE TEMP TABLE IF NOT EXISTS grouping_links_batch "
+            "(LIKE grouping_links) ON COMMIT DELETE ROWS"
+        )
+        if self.new:
+            with cur.copy("COPY grouping_reports_batch FROM STDIN") as copy:
+                for key in self.new:
+                    name = names[self.groups.find(key)]
+                    copy.write_row((*key, *report_row(self.reports[key], name)))
         if upserts:
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS grouping_links_batch "
-                "(LIKE grouping_links) ON COMMIT DELETE ROWS"
-            )
             with cur.copy(
                 "COPY grouping_links_batch (tenant_id, incident_id, other_id, kind) FROM STDIN"
             ) as copy:
                 for row in upserts:
                     copy.write_row(row)
-            cur.execute(
-                "WITH batch AS (DELETE FROM grouping_links_batch RETURNING *) "
-                f"INSERT INTO {self.names.links} SELECT * FROM batch "
-                "ON CONFLICT (tenant_id, incident_id, other_id) DO UPDATE SET kind = EXCLUDED.kind"
-            )
+        # PostgreSQL runs every data-modifying WITH clause, read or not.
+        cur.execute(
+            "WITH reports AS (DELETE FROM grouping_reports_batch RETURNING *), "
+            f"inserted AS (INSERT INTO {self.names.reports} SELECT * FROM reports), "
+            "links AS (DELETE FROM grouping_links_batch RETURNING *) "
+            f"INSERT INTO {self.names.links} SELECT * FROM links "
+            "ON CONFLICT (tenant_id, incident_id, other_id) DO UPDATE SET kind = EXCLUDED.kind"
+        )
 
     def _group_names(self) -> dict[TextKey, str]:
         """Return each group's name, the smallest incident id among its members, by root.

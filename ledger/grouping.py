@@ -266,8 +266,8 @@ def text_similarity(first: str, second: str) -> float:
 def _processed(text: str) -> str:
     """Return the text as the similarity compares it: lowercased, without punctuation.
 
-    Cached because a report is compared with every report near it, and processing the
-    texts again for each pair cost more than the comparison.
+    Cached, because a report is compared with every report near it and its text would
+    otherwise be processed again for each pair.
     """
     return utils.default_process(text)
 
@@ -293,8 +293,8 @@ def candidates(
     """
     if not settings.related(first.category, second.category):
         return False
-    # The private set behind `groups` is read through pydantic's __getattr__, which costs
-    # more than this test on the public field.
+    # The private set behind `groups` is read through pydantic's __getattr__ on each call,
+    # and most tenants list no ungrouped category, so the public field is tested first.
     if settings.ungrouped_categories and (
         not settings.groups(first.category) or not settings.groups(second.category)
     ):

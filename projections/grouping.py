@@ -314,16 +314,15 @@ class _Batch:
                         cells_by_category[other].update(cells)
             if not cells_by_category:
                 continue
-            # One range scan of the tenant's reports inside the time window, kept when
-            # their cell is near a batch report. A missing category and an empty one
-            # share the key '' here, as the rule distinguishes them later. The cells go as
-            # a text literal, because psycopg adapts list elements one by one in Python.
-            # The (cell, category) pairs are checked here in Python: a join on them in
-            # the query cost more server time than the rows it saved.
-            wanted: dict[str, set[int]] = defaultdict(set)
-            for category, cells in cells_by_category.items():
-                wanted[category or ""].update(cells)
-            every_cell = set().union(*wanted.values())
+            # One range scan of the tenant's located reports inside the time window. The
+            # (cell, category) pairs are checked in Python, because a join on them in the
+            # query took more server time than the rows it saved. A missing category and
+            # an empty one share the key '' here, and the rule distinguishes them later. The
+            # cells go as a text literal, because psycopg adapts list elements one by one.
+            cells_for: dict[str, set[int]] = defaultdict(set)
+            for category, near in cells_by_category.items():
+                cells_for[category or ""].update(near)
+            every_cell = set().union(*cells_for.values())
             self._load_reports(
                 tenant_id,
                 condition="g.submitted_at BETWEEN %s AND %s AND g.cell = ANY(%s::bigint[])",
@@ -333,7 +332,7 @@ class _Batch:
                     max(times) + window,
                     _array_literal(sorted(every_cell)),
                 ),
-                wanted=wanted,
+                cells_for=cells_for,
             )
 
     def settings_for(self, tenant_id: str) -> GroupingSettings:
@@ -344,11 +343,11 @@ class _Batch:
         tenant_id: str,
         condition: str,
         params: tuple[Any, ...],
-        wanted: dict[str, set[int]] | None = None,
+        cells_for: dict[str, set[int]] | None = None,
     ) -> None:
         """Add the stored reports of the reports table `g` that match `condition` to the batch.
 
-        `params` fill the tenant id, then the placeholders of `condition`. With `wanted`,
+        `params` fill the tenant id, then the placeholders of `condition`. With `cells_for`,
         only reports in one of the cells listed for their category ('' for none) are added.
         """
         query = (
@@ -362,7 +361,7 @@ class _Batch:
             # without the cell and time bounds, took twice as long in the catch-up bench.
             cur.execute(query, params, prepare=False)
             for incident_id, *values, group_id, cell in cur:
-                if wanted is not None and cell not in wanted.get(values[1] or "", no_cells):
+                if cells_for is not None and cell not in cells_for.get(values[1] or "", no_cells):
                     continue
                 key = (tenant_id, incident_id)
                 if key not in self.reports:

@@ -576,9 +576,12 @@ class _Batch:
                 entries = index.get((tenant_id, cell, category))
                 if entries:
                     found.extend(entry for entry in entries if earliest <= entry[0] <= latest)
+        if not found:
+            return
         found.sort()
         root_of = self.groups.root_of
         reports = self.reports
+        usable = self.usable
         for _, _, other in found:
             if other == key:
                 continue
@@ -586,7 +589,10 @@ class _Batch:
                 continue
             if root_of[other] == root_of[key] or self.link_kind(key, other) is not None:
                 continue  # in its group already, or merged or split by staff
-            if self._usable(other, settings) and candidates(
+            other_usable = usable.get(other)
+            if other_usable is None:
+                other_usable = self._usable(other, settings)
+            if other_usable and candidates(
                 settings, report, reports[other], checked_locations=True
             ):
                 self.set_link(key, other, MATCH)

@@ -319,6 +319,9 @@ class _Batch:
             # query took more server time than the rows it saved. A missing category and
             # an empty one share the key '' here, and the rule distinguishes them later. The
             # cells go as a text literal, because psycopg adapts list elements one by one.
+            # NOTE: a stored report is read again by every batch whose time window covers
+            # it. Keeping the reports across batches would need proof that the previous
+            # batch committed and that nothing else wrote the tables since.
             cells_for: dict[str, set[int]] = defaultdict(set)
             for category, near in cells_by_category.items():
                 cells_for[category or ""].update(near)

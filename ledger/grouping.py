@@ -259,7 +259,17 @@ def _cell_offsets(rows: int, columns: int) -> tuple[int, ...]:
 
 def text_similarity(first: str, second: str) -> float:
     """Return how alike two texts are, 0 to 100 (token set ratio after lowercasing)."""
-    return float(fuzz.token_set_ratio(first, second, processor=utils.default_process))
+    return float(fuzz.token_set_ratio(_processed(first), _processed(second), processor=None))
+
+
+@functools.lru_cache(maxsize=65_536)
+def _processed(text: str) -> str:
+    """Return the text as the similarity compares it: lowercased, without punctuation.
+
+    Cached, because a report is compared with every report near it and its text would
+    otherwise be processed again for each pair.
+    """
+    return utils.default_process(text)
 
 
 def usable_location(settings: GroupingSettings, report: GroupedReport) -> bool:
@@ -283,7 +293,11 @@ def candidates(
     """
     if not settings.related(first.category, second.category):
         return False
-    if not settings.groups(first.category) or not settings.groups(second.category):
+    # The private set behind `groups` is read through pydantic's __getattr__ on each call,
+    # and most tenants list no ungrouped category, so the public field is tested first.
+    if settings.ungrouped_categories and (
+        not settings.groups(first.category) or not settings.groups(second.category)
+    ):
         return False
     window = settings.window_hours * 3600
     if abs((first.submitted_at - second.submitted_at).total_seconds()) > window:

@@ -314,32 +314,28 @@ class _Batch:
                         cells_by_category[other].update(cells)
             if not cells_by_category:
                 continue
-            # A join on the (cell, category) pairs, so that each pair is one search of the
-            # cell index. A missing category and an empty one share the key '': the rule
-            # distinguishes them. The integer arrays go as text literals, because psycopg
-            # adapts list elements one by one in Python: an eighth of the time of a
-            # profiled catch-up of the Boston export.
-            names = list(cells_by_category)
-            pair_cells: list[int] = []
-            pair_names: list[int] = []
-            for number, name in enumerate(names, start=1):
-                found = cells_by_category[name]
-                pair_cells.extend(found)
-                pair_names.extend([number] * len(found))
+            # One range scan of the tenant's located reports inside the time window. The
+            # (cell, category) pairs are checked in Python, because a join on them in the
+            # query took more server time than the rows it saved. A missing category and
+            # an empty one share the key '' here, and the rule distinguishes them later. The
+            # cells go as a text literal, because psycopg adapts list elements one by one.
+            # NOTE: a stored report is read again by every batch whose time window covers
+            # it. Keeping the reports across batches would need proof that the previous
+            # batch committed and that nothing else wrote the tables since.
+            cells_for: dict[str, set[int]] = defaultdict(set)
+            for category, near in cells_by_category.items():
+                cells_for[category or ""].update(near)
+            every_cell = set().union(*cells_for.values())
             self._load_reports(
                 tenant_id,
-                source="unnest(%s::bigint[], %s::int[]) AS q(cell, name) "
-                f"JOIN {self.names.reports} AS g "
-                "ON g.cell = q.cell AND coalesce(g.category, '') = (%s::text[])[q.name]",
-                condition="g.submitted_at BETWEEN %s AND %s",
+                condition="g.submitted_at BETWEEN %s AND %s AND g.cell = ANY(%s::bigint[])",
                 params=(
-                    _array_literal(pair_cells),
-                    _array_literal(pair_names),
-                    [name or "" for name in names],
                     tenant_id,
                     min(times) - window,
                     max(times) + window,
+                    _array_literal(sorted(every_cell)),
                 ),
+                cells_for=cells_for,
             )
 
     def settings_for(self, tenant_id: str) -> GroupingSettings:
@@ -348,26 +344,28 @@ class _Batch:
     def _load_reports(
         self,
         tenant_id: str,
-        source: str | None = None,
-        condition: str = "",
-        params: tuple[Any, ...] = (),
+        condition: str,
+        params: tuple[Any, ...],
+        cells_for: dict[str, set[int]] | None = None,
     ) -> None:
-        """Add the stored reports of `source` that match `condition` to the batch.
+        """Add the stored reports of the reports table `g` that match `condition` to the batch.
 
-        `params` fill the placeholders of `source`, then the tenant id, then `condition`.
-        `source` defaults to the reports table as `g`.
+        `params` fill the tenant id, then the placeholders of `condition`. With `cells_for`,
+        only reports in one of the cells listed for their category ('' for none) are added.
         """
-        source = source or f"{self.names.reports} AS g"
         query = (
             "SELECT g.incident_id::text, g.submitted_at, g.category, g.category_source, g.text, "
-            f"g.latitude, g.longitude, g.group_id::text FROM {source} "
+            f"g.latitude, g.longitude, g.group_id::text, g.cell FROM {self.names.reports} AS g "
             f"WHERE g.tenant_id = %s AND {condition}"
         )
+        no_cells: set[int] = set()
         with self.conn.cursor() as cur:
             # Planned for each batch's values: a prepared statement's generic plan, chosen
             # without the cell and time bounds, took twice as long in the catch-up bench.
             cur.execute(query, params, prepare=False)
-            for incident_id, *values, group_id in cur:
+            for incident_id, *values, group_id, cell in cur:
+                if cells_for is not None and cell not in cells_for.get(values[1] or "", no_cells):
+                    continue
                 key = (tenant_id, incident_id)
                 if key not in self.reports:
                     self._add(key, GroupedReport(incident_id, *values))
@@ -581,9 +579,12 @@ class _Batch:
                 entries = index.get((tenant_id, cell, category))
                 if entries:
                     found.extend(entry for entry in entries if earliest <= entry[0] <= latest)
+        if not found:
+            return
         found.sort()
         root_of = self.groups.root_of
         reports = self.reports
+        usable = self.usable
         for _, _, other in found:
             if other == key:
                 continue
@@ -591,7 +592,10 @@ class _Batch:
                 continue
             if root_of[other] == root_of[key] or self.link_kind(key, other) is not None:
                 continue  # in its group already, or merged or split by staff
-            if self._usable(other, settings) and candidates(
+            other_usable = usable.get(other)
+            if other_usable is None:
+                other_usable = self._usable(other, settings)
+            if other_usable and candidates(
                 settings, report, reports[other], checked_locations=True
             ):
                 self.set_link(key, other, MATCH)
@@ -609,19 +613,6 @@ class _Batch:
                 "version = EXCLUDED.version",
                 (tenant_id, Jsonb(self.settings[tenant_id].to_payload()), version),
             )
-        if self.new:
-            # COPY cannot write to a table with row-level security: it goes to a temporary
-            # table first.
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS grouping_reports_batch "
-                "(LIKE grouping_reports) ON COMMIT DELETE ROWS"
-            )
-            with cur.copy("COPY grouping_reports_batch FROM STDIN") as copy:
-                for key in self.new:
-                    name = names[self.groups.find(key)]
-                    copy.write_row((*key, *report_row(self.reports[key], name)))
-            cur.execute(f"INSERT INTO {self.names.reports} SELECT * FROM grouping_reports_batch")
-            cur.execute("TRUNCATE grouping_reports_batch")
         updates = [
             (self.reports[key].category, self.reports[key].category_source, *key)
             for key in self.changed - self.new
@@ -632,10 +623,21 @@ class _Batch:
                 "WHERE tenant_id = %s AND incident_id = %s",
                 updates,
             )
-        self._write_links(cur)
+        upserts, removals = self._link_changes()
+        if removals:
+            cur.executemany(
+                f"DELETE FROM {self.names.links} "
+                "WHERE tenant_id = %s AND incident_id = %s AND other_id = %s",
+                removals,
+            )
+        if self.new or upserts:
+            self._write_rows(cur, names, upserts)
         self._write_groups(cur, names)
 
-    def _write_links(self, cur: psycopg.Cursor[Any]) -> None:
+    def _link_changes(
+        self,
+    ) -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str, str]]]:
+        """Return the links to insert or update and the links to delete."""
         upserts = []
         removals = []
         for (tenant_id, incident_id), changes in self.pending.items():
@@ -644,27 +646,46 @@ class _Batch:
                     removals.append((tenant_id, incident_id, other_id))
                 else:
                     upserts.append((tenant_id, incident_id, other_id, kind))
-        if removals:
-            cur.executemany(
-                f"DELETE FROM {self.names.links} "
-                "WHERE tenant_id = %s AND incident_id = %s AND other_id = %s",
-                removals,
-            )
+        return upserts, removals
+
+    def _write_rows(
+        self,
+        cur: psycopg.Cursor[Any],
+        names: dict[TextKey, str],
+        upserts: list[tuple[str, str, str, str]],
+    ) -> None:
+        """Insert the new reports and upsert the changed links in one statement.
+
+        COPY cannot write to a table with row-level security, so the rows go to temporary
+        tables first. One statement empties both into the tables, because `failing_event`
+        applies events one by one in a single transaction. Two TRUNCATE statements would
+        cost two more round trips and give the tables new files each time.
+        """
+        cur.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS grouping_reports_batch "
+            "(LIKE grouping_reports) ON COMMIT DELETE ROWS; "
+            "CREATE TEMP TABLE IF NOT EXISTS grouping_links_batch "
+            "(LIKE grouping_links) ON COMMIT DELETE ROWS"
+        )
+        if self.new:
+            with cur.copy("COPY grouping_reports_batch FROM STDIN") as copy:
+                for key in self.new:
+                    name = names[self.groups.find(key)]
+                    copy.write_row((*key, *report_row(self.reports[key], name)))
         if upserts:
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS grouping_links_batch "
-                "(LIKE grouping_links) ON COMMIT DELETE ROWS"
-            )
             with cur.copy(
                 "COPY grouping_links_batch (tenant_id, incident_id, other_id, kind) FROM STDIN"
             ) as copy:
                 for row in upserts:
                     copy.write_row(row)
-            cur.execute(
-                f"INSERT INTO {self.names.links} SELECT * FROM grouping_links_batch "
-                "ON CONFLICT (tenant_id, incident_id, other_id) DO UPDATE SET kind = EXCLUDED.kind"
-            )
-            cur.execute("TRUNCATE grouping_links_batch")
+        # PostgreSQL runs every data-modifying WITH clause, read or not.
+        cur.execute(
+            "WITH reports AS (DELETE FROM grouping_reports_batch RETURNING *), "
+            f"inserted AS (INSERT INTO {self.names.reports} SELECT * FROM reports), "
+            "links AS (DELETE FROM grouping_links_batch RETURNING *) "
+            f"INSERT INTO {self.names.links} SELECT * FROM links "
+            "ON CONFLICT (tenant_id, incident_id, other_id) DO UPDATE SET kind = EXCLUDED.kind"
+        )
 
     def _group_names(self) -> dict[TextKey, str]:
         """Return each group's name, the smallest incident id among its members, by root.

@@ -11,6 +11,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.rows import args_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
@@ -85,7 +86,9 @@ def read_after(
     would step past an event whose transaction commits late. No event below the horizon
     can appear later, so the returned order never changes.
     """
-    with conn.cursor() as cur:
+    # The columns come in RecordedEvent's field order, and bytea loads as bytes, so each row
+    # is passed to the constructor as it is.
+    with conn.cursor(row_factory=args_row(RecordedEvent)) as cur:
         cur.execute(
             f"""
             SELECT {EVENT_COLUMNS}
@@ -97,7 +100,7 @@ def read_after(
             """,
             (str(checkpoint.tx_id), checkpoint.position, limit),
         )
-        return [row_to_event(row) for row in cur.fetchall()]
+        return cur.fetchall()
 
 
 class PostgresEventStore:

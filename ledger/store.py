@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -76,7 +76,10 @@ def row_to_event(row: tuple[Any, ...]) -> RecordedEvent:
 
 
 def read_after(
-    conn: psycopg.Connection[Any], checkpoint: Checkpoint, limit: int
+    conn: psycopg.Connection[Any],
+    checkpoint: Checkpoint,
+    limit: int,
+    payload_types: Collection[str] | None = None,
 ) -> list[RecordedEvent]:
     """Read up to `limit` events after `checkpoint`, in commit-safe order.
 
@@ -85,20 +88,35 @@ def read_after(
     transactions commit out of position order, so a reader that trusted positions alone
     would step past an event whose transaction commits late. No event below the horizon
     can appear later, so the returned order never changes.
+
+    With `payload_types`, only events of those types carry their payload and metadata;
+    the others come with empty objects, which spares sending and decoding JSON that the
+    reader would not look at. Every event is still returned, so a checkpoint set from the
+    last one moves past them all.
     """
+    columns = EVENT_COLUMNS
+    params: list[Any] = []
+    if payload_types is not None:
+        columns = EVENT_COLUMNS.replace(
+            "payload, metadata",
+            "CASE WHEN event_type = ANY(%s) THEN payload ELSE '{}'::jsonb END, "
+            "CASE WHEN event_type = ANY(%s) THEN metadata ELSE '{}'::jsonb END",
+        )
+        types = sorted(payload_types)
+        params = [types, types]
     # The columns come in RecordedEvent's field order, and bytea loads as bytes, so each row
     # is passed to the constructor as it is.
     with conn.cursor(row_factory=args_row(RecordedEvent)) as cur:
         cur.execute(
             f"""
-            SELECT {EVENT_COLUMNS}
+            SELECT {columns}
             FROM events
             WHERE (tx_id, position) > (%s::text::xid8, %s)
               AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
             ORDER BY tx_id, position
             LIMIT %s
             """,
-            (str(checkpoint.tx_id), checkpoint.position, limit),
+            (*params, str(checkpoint.tx_id), checkpoint.position, limit),
         )
         return cur.fetchall()
 
@@ -153,6 +171,13 @@ class PostgresEventStore:
         """
         if not events:
             raise ValueError("append needs at least one event")
+        ids = [event.event_id for event in events]
+        if len(set(ids)) != len(ids):
+            repeated = next(event_id for event_id in ids if ids.count(event_id) > 1)
+            raise ValueError(
+                f"event id {repeated} appears more than once in one append; "
+                "give each event its own id"
+            )
         prepared = [_prepare(event) for event in events]
         try:
             result = self._append(tenant_id, stream_id, prepared, expected_version, conn)

@@ -38,6 +38,9 @@ class AuditProjection(Projection):
     tables = ("audit_entries",)
     # Parking would drop events from audit results, which must list every event.
     parkable = False
+    # The entries are copied from the events table, so the projector need not send any
+    # payload or metadata.
+    payload_types: frozenset[str] | None = frozenset()
 
     def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
         """Insert the entries of a batch, which is a contiguous run of the log in

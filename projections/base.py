@@ -70,6 +70,10 @@ class Projection:
     replayable: bool = False
     # False for a model that must hold every event, which operators then cannot park.
     parkable: bool = True
+    # The event types whose payload and metadata `apply` reads; None for all. The
+    # streaming projector still passes every event, and the others come with empty
+    # payload and metadata, which spares decoding JSON the model ignores.
+    payload_types: frozenset[str] | None = None
 
     def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
         raise NotImplementedError

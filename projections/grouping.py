@@ -799,6 +799,7 @@ class GroupingProjection(Projection):
     tables = (SETTINGS_TABLE, REPORTS_TABLE, LINKS_TABLE)
     stream_keyed = False
     replayable = True
+    payload_types: frozenset[str] | None = GROUPING_EVENT_TYPES
     # Fields of the records `to_records` writes, for CSV output.
     columns = ("row", "incident_id", "other_id", "kind", *_REPORT_FIELDS, "settings", "version")
 

@@ -257,7 +257,7 @@ def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_s
         conn.execute("SET LOCAL synchronous_commit = off")
         lock_for_apply(conn, projection.name)
         start = load_checkpoint(conn, projection.name)
-        read = read_after(conn, start, batch_size)
+        read = read_after(conn, start, batch_size, projection.payload_types)
         if not read:
             return 0
         # The checkpoint moves past the parked events too.

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -323,3 +325,43 @@ def test_reader_waits_for_earlier_open_transaction(
     assert [e.stream_id for e in seen_after_commit] == [early_stream, late_stream]
     positions = [(e.tx_id, e.position) for e in seen_after_commit]
     assert positions == sorted(positions)
+
+
+def test_reader_leaves_out_unread_payloads(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    stream = new_stream()
+    events = [
+        NewEvent("Noted", {"n": 1}, T0, metadata={"actor": "alice"}),
+        NewEvent("Flagged", {"n": 2}, T0, metadata={"actor": "bob"}),
+        NewEvent("Noted", {"n": 3}, T0, metadata={"actor": "carol"}),
+    ]
+    fresh_store.append("acme", stream, events, expected_version=0)
+
+    with fresh_database.connect_worker(autocommit=True) as reader:
+        deadline = time.monotonic() + 60
+        while len(full := read_after(reader, Checkpoint(), 100)) < 3:
+            assert time.monotonic() < deadline, "the horizon did not pass the events"
+            time.sleep(0.05)
+        partial = read_after(reader, Checkpoint(), 100, payload_types={"Flagged"})
+
+    assert [e.event_type for e in partial] == ["Noted", "Flagged", "Noted"]
+    assert [(e.payload, e.metadata) for e in partial] == [
+        ({}, {}),
+        ({"n": 2}, {"actor": "bob"}),
+        ({}, {}),
+    ]
+    assert partial == [
+        e if e.event_type == "Flagged" else dataclasses.replace(e, payload={}, metadata={})
+        for e in full
+    ]
+
+
+def test_repeated_id_in_one_append_rejected(store: PostgresEventStore) -> None:
+    stream = new_stream()
+    twice = event(1)
+
+    with pytest.raises(ValueError, match=f"event id {twice.event_id} appears more than once"):
+        store.append("acme", stream, [twice, twice], expected_version=0)
+
+    assert count_events(store, stream) == 0

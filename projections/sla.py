@@ -437,9 +437,9 @@ def sla_changes(
 ) -> dict[str, Any]:
     """Return the field changes an incident event other than a submission makes to `state`.
 
-    The key "_recompute" marks changes after which the due times must be computed again,
-    which `apply_sla_changes` does; "_decided_by" then names the time whose met or missed
-    targets keep their old times.
+    The key "_recompute" marks changes after which `apply_sla_changes` computes the due
+    times again. With it, "_decided_by" names a time: targets met or missed by then keep
+    their old times.
     """
     kind = event.event_type
     at = event.occurred_at

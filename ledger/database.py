@@ -8,8 +8,11 @@ delete events.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -198,6 +201,49 @@ def app_conninfo_for(owner_conninfo: str, role: str, password: str | None) -> st
     return make_conninfo("", **parts)
 
 
+def _forget_ended_handles(data_dir: Path) -> None:
+    """Drop the processes that no longer exist from pgserver's list of the server's users.
+
+    pgserver stops the server when the last process on its list exits, and each process
+    takes itself off the list at exit. A process killed with SIGKILL never does, so the
+    server would outlive every later user. The list is read and written under pgserver's
+    own inter-process lock.
+    """
+    # NOTE: this reads pgserver 0.1's private pid list (.handle_pids.json) and lock,
+    # because pgserver offers no call that does it; check both when upgrading pgserver.
+    from pgserver.postgres_server import PostgresServer
+
+    handles = data_dir / ".handle_pids.json"
+    if not handles.exists():
+        return
+    with PostgresServer._lock:
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError) as error:
+            logger.warning("could not read %s, left as it is: %s", handles, error)
+            return
+        alive = [pid for pid in pids if _process_exists(pid)]
+        if alive != pids:
+            ended = sorted(set(pids) - set(alive))
+            logger.info(
+                "embedded PostgreSQL in %s: forgetting processes %s, which ended without "
+                "releasing it",
+                data_dir,
+                ended,
+            )
+            handles.write_text(json.dumps(alive))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def start_embedded_server(settings: Settings) -> str:
     """Start (or reuse) the embedded PostgreSQL and return an owner connection string.
 
@@ -209,6 +255,7 @@ def start_embedded_server(settings: Settings) -> str:
     key = str(data_dir)
     if key not in _embedded_servers:
         data_dir.mkdir(parents=True, exist_ok=True)
+        _forget_ended_handles(data_dir)
         logger.info("using the embedded PostgreSQL in %s (started if not running)", data_dir)
         _embedded_servers[key] = pgserver.get_server(  # type: ignore[attr-defined]
             data_dir, cleanup_mode="stop"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
 import psycopg
@@ -35,6 +35,9 @@ from ledger.errors import LedgerError
 from ledger.logs import configure_logging
 from ledger.settings import Settings, get_settings
 from ledger.store import PostgresEventStore
+
+if TYPE_CHECKING:
+    from projections.base import Projection
 
 app = typer.Typer(help="CivicPulse: an append-only incident ledger.", no_args_is_help=True)
 tenant_app = typer.Typer(help="Create and configure tenants.", no_args_is_help=True)
@@ -322,11 +325,11 @@ def _parking_store(database: Database) -> tuple[ConnectionPool[Any], PostgresEve
     return pool, PostgresEventStore(pool)
 
 
-def _known_projection(name: str) -> None:
+def _known_projection(name: str) -> Projection:
     from projections.runtime import projection_named
 
     try:
-        projection_named(name)
+        return projection_named(name)
     except ValueError as error:
         raise _fail(str(error)) from None
 
@@ -344,10 +347,8 @@ def projections_park(
     Streaming, rebuilds and time travel of that projection all skip the event.
     """
     from ledger.parking import park_event
-    from projections.runtime import projection_named
 
-    _known_projection(projection)
-    if not projection_named(projection).parkable:
+    if not _known_projection(projection).parkable:
         raise _fail(
             f"projection {projection!r} cannot be parked: it must hold every event; "
             "park the event for the projection that fails on it"

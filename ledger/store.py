@@ -75,6 +75,14 @@ def row_to_event(row: tuple[Any, ...]) -> RecordedEvent:
     return RecordedEvent(*fields, bytes(digest))  # type: ignore[call-arg]
 
 
+# EVENT_COLUMNS with payload and metadata only for the event types a parameter lists.
+_SELECTED_PAYLOAD_COLUMNS = EVENT_COLUMNS.replace(
+    "payload, metadata",
+    "CASE WHEN event_type = ANY(%s) THEN payload ELSE '{}'::jsonb END, "
+    "CASE WHEN event_type = ANY(%s) THEN metadata ELSE '{}'::jsonb END",
+)
+
+
 def read_after(
     conn: psycopg.Connection[Any],
     checkpoint: Checkpoint,
@@ -89,19 +97,15 @@ def read_after(
     would step past an event whose transaction commits late. No event below the horizon
     can appear later, so the returned order never changes.
 
-    With `payload_types`, only events of those types carry their payload and metadata;
-    the others come with empty objects, which spares sending and decoding JSON that the
+    With `payload_types`, only events of those types carry their payload and metadata.
+    The others come with empty objects, which spares sending and decoding JSON that the
     reader would not look at. Every event is still returned, so a checkpoint set from the
     last one moves past them all.
     """
     columns = EVENT_COLUMNS
     params: list[Any] = []
     if payload_types is not None:
-        columns = EVENT_COLUMNS.replace(
-            "payload, metadata",
-            "CASE WHEN event_type = ANY(%s) THEN payload ELSE '{}'::jsonb END, "
-            "CASE WHEN event_type = ANY(%s) THEN metadata ELSE '{}'::jsonb END",
-        )
+        columns = _SELECTED_PAYLOAD_COLUMNS
         types = sorted(payload_types)
         params = [types, types]
     # The columns come in RecordedEvent's field order, and bytea loads as bytes, so each row

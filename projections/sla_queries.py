@@ -113,8 +113,8 @@ def _sla_summary(
         for state in straddling_sla_states(conn, tenant_id, as_of)
         if state.status not in NOT_JUDGED
     ]
-    # One scan of the read model counts both groupings: GROUPING() tells the rows of the
-    # category set (department not grouped, 1) from those of the department set (2).
+    # One scan of the read model counts both groupings. GROUPING() returns 1 for the rows
+    # of the category set (department not grouped) and 2 for those of the department set.
     rows = conn.execute(
         f"""
         SELECT GROUPING(category, department), category, department,

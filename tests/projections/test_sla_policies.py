@@ -124,7 +124,7 @@ def test_reassessment_moves_open_deadlines() -> None:
     state = fold_one(log, incident)
 
     assert state.policy_id == "standard"
-    # Answered within 30 minutes under the urgent policy: that target stays met.
+    # Acknowledged within 30 minutes under the urgent policy, so that target stays met.
     assert state.first_response_due_at == MONDAY_3PM + timedelta(minutes=30)
     assert not first_response_breached(state, MONDAY_3PM + 6 * HOUR)
     # The resolution target was still ahead, so the standard one replaces it.

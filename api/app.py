@@ -48,6 +48,7 @@ from projections.sla_queries import (
     SlaCounts,
     consistent_snapshot,
     sla_summary,
+    sla_summary_known_at,
     summarize_states,
 )
 from replay.time_travel import incident_at, replay
@@ -250,12 +251,13 @@ class SlaSummaryOut(BaseModel):
     as_of: datetime = Field(description="Valid time the incidents were judged at.")
     known_at: datetime | None = Field(
         default=None,
-        description="Transaction time: only events recorded by then were counted. Set, the "
-        "figures are folded from the log rather than read from the read model.",
+        description="Transaction time: only events recorded by then were counted, as a fold "
+        "of those events from the log would count them.",
     )
     snapshot_id: int | None = Field(
         default=None,
-        description="Snapshot the replay started from, when known_at is set and one fits.",
+        description="Snapshot the fold started from, when known_at is set and the tenant was "
+        "folded from the log from a snapshot; null when the read model answered.",
     )
     caught_up: bool = Field(
         description="False while the projector is still applying events: the figures are "
@@ -803,8 +805,10 @@ def create_app(
     ) -> SlaSummaryOut:
         """Count incidents and breaches of their resolution targets, by type and department.
 
-        Without `known_at` the figures come from the SLA read model; with it they are folded
-        from the events recorded by then, and judged at `as_of`, or else at `known_at`."""
+        Without `known_at` the figures come from the SLA read model. With it they are those
+        of the events recorded by then, judged at `as_of`, or else at `known_at`: the read
+        model's rows that were known by then, and the other incidents folded again from the
+        log (the whole tenant, from a snapshot, when a configuration change prevents this)."""
         tenant = require_tenant(store, tenant_id)
         known = parse_time("known_at", known_at, tenant.time_zone)
         moment = parse_time("as_of", as_of, tenant.time_zone)
@@ -815,11 +819,16 @@ def create_app(
                 moment = moment or datetime.now(UTC)
                 summary = sla_summary(conn, tenant_id, moment)
             else:
-                replayed = replay(conn, sla_projection(), tenant_id, as_of=moment, known_at=known)
+                known_summary = sla_summary_known_at(conn, tenant_id, known, moment)
+                if known_summary is None:
+                    replayed = replay(
+                        conn, sla_projection(), tenant_id, as_of=moment, known_at=known
+                    )
+                    states: list[SlaState] = list(replayed.states.values())
+                    known_summary = summarize_states(states, moment or known)
+                    snapshot_id = replayed.snapshot_id
+                summary = known_summary
                 moment = moment or known
-                states: list[SlaState] = list(replayed.states.values())
-                summary = summarize_states(states, moment)
-                snapshot_id = replayed.snapshot_id
         totals = SlaCounts()
         for counts in summary["category"].values():
             totals += counts

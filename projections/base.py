@@ -501,18 +501,20 @@ def qualified(schema: str | None, table: str) -> sql.Identifier:
 def copy_config_versions(
     conn: psycopg.Connection[Any], target: sql.Composable, rows: dict[tuple[str, int], Any]
 ) -> None:
-    """COPY configuration versions, {(tenant, version): (tx_id, position, payloads)}, into
-    `target`, a table with the columns of sla_configs."""
+    """COPY configuration versions, {(tenant, version): (tx_id, position, payloads,
+    known_since)}, into `target`, a table with the columns of sla_configs."""
     with (
         conn.cursor() as cur,
         cur.copy(
-            sql.SQL("COPY {} (tenant_id, version, tx_id, position, payloads) FROM STDIN").format(
-                target
-            )
+            sql.SQL(
+                "COPY {} (tenant_id, version, tx_id, position, payloads, known_since) FROM STDIN"
+            ).format(target)
         ) as copy_,
     ):
-        for (tenant_id, version), (tx_id, position, payloads) in rows.items():
-            copy_.write_row((tenant_id, version, str(tx_id), position, Jsonb(payloads)))
+        for (tenant_id, version), (tx_id, position, payloads, known_since) in rows.items():
+            copy_.write_row(
+                (tenant_id, version, str(tx_id), position, Jsonb(payloads), known_since)
+            )
 
 
 def _encode(value: Any) -> Any:

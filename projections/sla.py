@@ -131,6 +131,11 @@ class SlaState:
     pauses: list[list[str]] = field(default_factory=list)
     # Escalations recorded for this incident, as "kind:target:clock" keys.
     escalations: list[str] = field(default_factory=list)
+    # Transaction time: the first recorded_at of the incident's events, and the latest of
+    # everything the row was folded from (its events, the configuration versions it
+    # consulted). As known at T, the row equals the fold's result when known_since <= T.
+    earliest_recorded_at: datetime | None = None
+    known_since: datetime | None = None
 
 
 AnySlaState = TypeVar("AnySlaState", bound=SlaState)
@@ -167,6 +172,8 @@ class _Version:
     position: int
     version: int
     payloads: dict[str, dict[str, Any]]
+    # The latest recorded_at of the configuration events folded into this version.
+    known_since: datetime
 
 
 class ConfigHistory:
@@ -188,12 +195,13 @@ class ConfigHistory:
 
     def add(self, event: RecordedEvent) -> _Version:
         """Fold a configuration event into a new version; events must come in log order."""
-        previous = self._versions[-1].payloads if self._versions else {}
+        last = self._versions[-1] if self._versions else None
         version = _Version(
             event.tx_id,
             event.position,
             event.stream_version,
-            {**previous, event.event_type: event.payload, **self.proposed},
+            {**(last.payloads if last else {}), event.event_type: event.payload, **self.proposed},
+            max(last.known_since, event.recorded_at) if last else event.recorded_at,
         )
         self._versions.append(version)
         self._keys.append((event.tx_id, event.position))
@@ -203,6 +211,23 @@ class ConfigHistory:
         """Return the version written before `event` in log order, if any."""
         index = bisect.bisect_left(self._keys, (event.tx_id, event.position))
         return self._config(self._versions[index - 1]) if index else None
+
+    def positions(self) -> list[int]:
+        """Return the log positions of the configuration events, one per version."""
+        return [item.position for item in self._versions]
+
+    def known_since(self, event: RecordedEvent) -> datetime | None:
+        """Return when the ledger knew every event of the version in force for `event`."""
+        index = bisect.bisect_left(self._keys, (event.tx_id, event.position))
+        return self._versions[index - 1].known_since if index else None
+
+    def known_by(self, moment: datetime) -> ConfigHistory:
+        """Return the versions whose events were all recorded by `moment`, a prefix."""
+        return ConfigHistory(
+            self.tenant_id,
+            [item for item in self._versions if item.known_since <= moment],
+            self.proposed,
+        )
 
     def at_version(self, version: int) -> SlaConfig | None:
         for item in self._versions:
@@ -230,13 +255,14 @@ def load_histories(
 ) -> dict[str, ConfigHistory]:
     """Read the stored configuration versions of `tenants` from `table`."""
     rows: dict[str, list[_Version]] = defaultdict(list)
-    for tenant_id, version, tx_id, position, payloads in conn.execute(
+    for tenant_id, version, tx_id, position, payloads, known_since in conn.execute(
         sql.SQL(
-            "SELECT tenant_id, version, tx_id, position, payloads FROM {} WHERE tenant_id = ANY(%s)"
+            "SELECT tenant_id, version, tx_id, position, payloads, known_since FROM {} "
+            "WHERE tenant_id = ANY(%s)"
         ).format(table),
         (list(tenants),),
     ):
-        rows[tenant_id].append(_Version(tx_id, position, version, payloads))
+        rows[tenant_id].append(_Version(tx_id, position, version, payloads, known_since))
     return {tenant_id: ConfigHistory(tenant_id, versions) for tenant_id, versions in rows.items()}
 
 
@@ -316,11 +342,22 @@ def submitted_state(
     history: ConfigHistory | None,
     state_type: type[AnySlaState],
     extra: dict[str, Any],
+    previous: SlaState | None = None,
 ) -> AnySlaState:
     """Return the state a submission starts: SLA facts, and `extra` for the fields that
-    `state_type`, SlaState or a subclass, adds."""
+    `state_type`, SlaState or a subclass, adds. A repeated submission starts the facts
+    again from `previous`, the incident's state, but keeps its transaction times."""
     payload = event.payload
     at = event.occurred_at
+    earliest, latest = at, at
+    earliest_recorded = known_since = event.recorded_at
+    if previous is not None:
+        earliest = min(previous.earliest_occurred_at, at)
+        latest = max(previous.latest_occurred_at, at)
+        if previous.earliest_recorded_at is not None:
+            earliest_recorded = min(previous.earliest_recorded_at, earliest_recorded)
+        if previous.known_since is not None:
+            known_since = max(previous.known_since, known_since)
     category = payload.get("category")
     area = payload.get("area")
     channel = payload.get("source_channel") or event.metadata.get("channel")
@@ -338,14 +375,16 @@ def submitted_state(
         closed_at=None,
         paused_since=None,
         paused_seconds=0.0,
-        earliest_occurred_at=at,
-        latest_occurred_at=at,
+        earliest_occurred_at=earliest,
+        latest_occurred_at=latest,
         severity=payload.get("severity"),
         channel=channel,
         area=area,
         category_source=FROM_REPORT if category else None,
         department_source=FROM_REPORT if payload.get("department") else None,
         clock_started_at=at,
+        earliest_recorded_at=earliest_recorded,
+        known_since=known_since,
         **extra,
     )
     config = history.in_force(event) if history is not None else None
@@ -353,6 +392,7 @@ def submitted_state(
         return state
 
     changes: dict[str, Any] = {}
+    _consulted(state, event, history, changes)
     if state.department is None:
         department = config.department_for(category, area)
         if department is not None:
@@ -395,6 +435,7 @@ def _classified(
     config = history.in_force(event) if history is not None else None
     if config is None:
         return
+    _consulted(state, event, history, changes)
     if state.department_source in (None, FROM_CONFIG, FROM_ROUTING):
         department = config.department_for(category, state.area)
         changes.update(department=department, department_source=FROM_CONFIG if department else None)
@@ -417,6 +458,16 @@ def _classified(
             )
 
 
+def _consulted(
+    state: SlaState, event: RecordedEvent, history: ConfigHistory | None, changes: dict[str, Any]
+) -> None:
+    """Add to `changes` that the fold of `event` read the configuration version in force."""
+    version_known = history.known_since(event) if history is not None else None
+    known = changes.get("known_since", state.known_since)
+    if version_known is not None and (known is None or version_known > known):
+        changes["known_since"] = version_known
+
+
 def evolve_sla(
     state: SlaState | None, event: RecordedEvent, history: ConfigHistory | None = None
 ) -> SlaState | None:
@@ -426,7 +477,7 @@ def evolve_sla(
     `event` comes from its position in the log.
     """
     if event.event_type == lc.REPORT_SUBMITTED:
-        return submitted_state(event, history, SlaState, {})
+        return submitted_state(event, history, SlaState, {}, state)
     if state is None:
         return None
     return apply_sla_changes(state, sla_changes(state, event, history), history)
@@ -446,6 +497,11 @@ def sla_changes(
     # Changes are collected and applied with one replace: replace() on a frozen dataclass
     # is the most expensive step of a rebuild.
     changes: dict[str, Any] = {}
+    recorded = event.recorded_at
+    if state.known_since is None or recorded > state.known_since:
+        changes["known_since"] = recorded
+    if state.earliest_recorded_at is None or recorded < state.earliest_recorded_at:
+        changes["earliest_recorded_at"] = recorded
     if at < state.earliest_occurred_at:
         changes["earliest_occurred_at"] = at
     if at > state.latest_occurred_at:
@@ -707,7 +763,12 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
                 item = histories.setdefault(event.tenant_id, ConfigHistory(event.tenant_id)).add(
                     event
                 )
-                rows[(event.tenant_id, item.version)] = (item.tx_id, item.position, item.payloads)
+                rows[(event.tenant_id, item.version)] = (
+                    item.tx_id,
+                    item.position,
+                    item.payloads,
+                    item.known_since,
+                )
         return rows
 
     def apply(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
@@ -741,11 +802,20 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
                     # A version is a function of its event, so a row already stored (by a
                     # rebuild that kept this table) is the same row.
                     sql.SQL(
-                        "INSERT INTO {} (tenant_id, version, tx_id, position, payloads) "
-                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant_id, version) DO NOTHING"
+                        "INSERT INTO {} "
+                        "(tenant_id, version, tx_id, position, payloads, known_since) "
+                        "VALUES (%s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT (tenant_id, version) DO NOTHING"
                     ).format(configs),
                     [
-                        (tenant_id, item.version, item.tx_id, item.position, Jsonb(item.payloads))
+                        (
+                            tenant_id,
+                            item.version,
+                            item.tx_id,
+                            item.position,
+                            Jsonb(item.payloads),
+                            item.known_since,
+                        )
                         for tenant_id, item in new_versions
                     ],
                 )
@@ -772,11 +842,11 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
 
     def read_configs(self, conn: psycopg.Connection[Any]) -> dict[tuple[str, int], Any]:
         return {
-            (tenant_id, version): (tx_id, position, payloads)
-            for tenant_id, version, tx_id, position, payloads in conn.execute(
-                sql.SQL("SELECT tenant_id, version, tx_id, position, payloads FROM {}").format(
-                    sql.Identifier(self.configs_table)
-                )
+            (tenant_id, version): (tx_id, position, payloads, known_since)
+            for tenant_id, version, tx_id, position, payloads, known_since in conn.execute(
+                sql.SQL(
+                    "SELECT tenant_id, version, tx_id, position, payloads, known_since FROM {}"
+                ).format(sql.Identifier(self.configs_table))
             )
         }
 

@@ -112,7 +112,7 @@ def evolve_trend(
         payload = event.payload
         anomalies = _with_flags([], payload.get("anomalies"))
         extra = {"report_area": _area(payload), "anomalies": anomalies, "flagged": bool(anomalies)}
-        return submitted_state(event, history, TrendState, extra)
+        return submitted_state(event, history, TrendState, extra, state)
     if state is None:
         return None
     changes = sla_changes(state, event, history)

@@ -65,7 +65,8 @@ def _straddling_events(
     """Return, by stream, the events up to `as_of` of the incidents of `table` (a read model
     with earliest_occurred_at and latest_occurred_at) that have events on both sides of it.
 
-    Leaves out the events `projection` skips.
+    Leaves out the events `projection` skips. Each stream's events come in log order, the
+    order the projector folded them in, which stream versions need not follow.
     """
     ids = [
         row[0]
@@ -86,7 +87,7 @@ def _straddling_events(
             f"""
             SELECT {EVENT_COLUMNS} FROM events
             WHERE tenant_id = %s AND stream_id = ANY(%s) AND occurred_at <= %s
-            ORDER BY stream_id, stream_version
+            ORDER BY tx_id, position
             """,
             (tenant_id, streams, as_of),
         )

@@ -400,6 +400,8 @@ def _written_state(incident: uuid.UUID, category: Any) -> TrendState:
         earliest_occurred_at=T0,
         latest_occurred_at=T0 + timedelta(hours=2),
         pauses=[[T0.isoformat(), (T0 + timedelta(hours=1)).isoformat()]],
+        earliest_recorded_at=T0,
+        known_since=T0 + timedelta(hours=2),
         anomalies=["odd_status"],
         flagged=True,
         first_response_business_seconds=7200.0,

@@ -29,6 +29,8 @@ from ledger.ids import incident_stream_id
 from ledger.store import Checkpoint, PostgresEventStore, read_after
 from ledger.tenants import configure_categories, create_tenant
 from projections.runtime import project_batch, replayable_projections
+from projections.sla import sla_projection
+from projections.sla_queries import sla_summary_known_at, summarize_states
 from replay.rebuild import rebuild
 from replay.snapshots import take_snapshot
 from replay.time_travel import replay
@@ -237,8 +239,11 @@ def test_streaming_rebuild_and_replay_agree(
         for projection in replayable_projections():
             take_snapshot(conn, projection, tenant)
     _append_history(database, store, tenant, history[split:])
+    # The SLA model has not applied the second part yet.
+    _check_known_summaries(database, tenant)
 
     _stream(database, batch_sizes)
+    _check_known_summaries(database, tenant)
     # A second snapshot, after the whole history: a replay as of a valid time chooses
     # between the two by the time of each one's last event.
     with database.connect_worker() as conn:
@@ -292,6 +297,34 @@ def test_streaming_rebuild_and_replay_agree(
                         )
                     assert slow.states == expected, (as_of, known_at)
                     assert slow.snapshot_id is None
+
+
+def _check_known_summaries(database: Database, tenant: str) -> None:
+    """Check the SLA summary as known at past times against a fold of the events recorded
+    by then, with and without a valid time, while the model lags or is up to date."""
+    with database.connect_worker() as conn:
+        row = conn.execute("SELECT max(tx_id)::text::bigint FROM events").fetchone()
+        conn.commit()
+    assert row is not None and row[0] is not None
+    wait_for_horizon(database, row[0])
+    with database.connect_worker() as conn, conn.transaction():
+        events = [e for e in read_after(conn, Checkpoint(), 1_000_000) if e.tenant_id == tenant]
+    recorded = sorted({e.recorded_at for e in events})
+    valid = sorted({e.occurred_at for e in events})
+    projection = sla_projection()
+    with database.connect() as conn:
+        for known_at in [recorded[0] - timedelta(microseconds=1), *recorded]:
+            for as_of in [None, valid[len(valid) // 2], valid[-1]]:
+                answer = sla_summary_known_at(conn, tenant, known_at, as_of)
+                event(
+                    "known_at summary: from the read model"
+                    if answer is not None
+                    else "known_at summary: left to a fold"
+                )
+                if answer is None:
+                    continue
+                states = projection.fold(_valid(events, as_of, known_at)).values()
+                assert answer == summarize_states(states, as_of or known_at), (known_at, as_of)
 
 
 def _valid(

@@ -82,7 +82,7 @@ SLA_COLUMNS = """
     CASE WHEN resolved_at IS NULL THEN 'open' ELSE 'closed' END, submitted_at,
     submitted_at + interval '24 hours', submitted_at + interval '1 hour',
     submitted_at + (1 + n %% 3) * interval '72 hours', resolved_at, resolved_at,
-    submitted_at, greatest(submitted_at + interval '1 hour', resolved_at)
+    submitted_at, greatest(submitted_at + interval '1 hour', resolved_at), now(), now()
 """
 
 
@@ -93,7 +93,7 @@ def fill_read_models(database: Database, incidents: int) -> None:
     columns = (
         "tenant_id, incident_id, category, department, status, submitted_at, "
         "first_response_due_at, first_response_at, resolution_due_at, resolved_at, closed_at, "
-        "earliest_occurred_at, latest_occurred_at"
+        "earliest_occurred_at, latest_occurred_at, earliest_recorded_at, known_since"
     )
     batch = 100_000
     with database.connect_owner() as conn:

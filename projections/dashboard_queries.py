@@ -40,7 +40,13 @@ from projections.sla import NOT_JUDGED, RESOLUTION_BREACHED_SQL, resolution_brea
 from projections.sla_queries import SlaCounts, consistent_snapshot, summarize_states
 from projections.trends import TrendState, trends_projection
 from projections.trends_queries import FLAGGED_SQL, period_start, rankings
-from replay.point_in_time import straddling_trend_states
+from replay.point_in_time import (
+    TRENDS_MODEL,
+    KnownAt,
+    known_at_states,
+    known_sql,
+    straddling_trend_states,
+)
 from replay.time_travel import replay
 
 # Public coordinates are rounded to 3 decimal places (about 110 m of latitude), so a map
@@ -79,25 +85,55 @@ class DashboardContext:
     known_at: datetime | None
     fold_pool: ConnectionPool[Any] | None = None
     snapshot_id: int | None = None
+    _known: KnownAt | None = field(default=None, repr=False)
     _folded: list[TrendState] | None = field(default=None, repr=False)
     _pending: Future[list[TrendState]] | None = field(default=None, repr=False)
 
     @property
     def replaying(self) -> bool:
-        return self.known_at is not None
+        """True when every incident is folded from the log and no row is counted in SQL."""
+        return self.known_at is not None and self._known is None
+
+    @property
+    def known(self) -> KnownAt | None:
+        """The split of `split_known`, or None."""
+        return self._known
+
+    def split_known(self) -> None:
+        """With `known_at`, split the trends model into rows counted in SQL and incidents
+        folded again. When the configuration history prevents the split, the whole tenant
+        is folded instead.
+
+        Call it inside the transaction of `conn`, before any widget runs.
+        """
+        if self.known_at is not None and self._known is None:
+            self._known = known_at_states(
+                self.conn, TRENDS_MODEL, self.tenant_id, self.known_at, self.as_of
+            )
+
+    def settled(self, alias: str = "") -> str:
+        """Return the condition on the rows that widgets count in SQL; `alias` is the
+        table's alias and a dot, if any."""
+        condition = f"{alias}latest_occurred_at <= %(now)s"
+        if self._known is not None:
+            condition += f" AND {known_sql(alias)}"
+        return condition
 
     def folded(self) -> list[TrendState]:
         """Return the states that the widgets count in Python, folded once per request.
 
-        With `known_at`: every incident's state, replayed as of `as_of` and as known at
+        With `known_at`: the incidents `known_at_states` folds again, or, when it could not
+        split the model, every incident's state, replayed as of `as_of` and as known at
         `known_at`. Without it: only the incidents with events on both sides of `as_of`,
-        whose read-model rows are ahead of `as_of`. SQL counts the other rows, which are
-        settled by `as_of` (latest_occurred_at <= as_of).
+        whose read-model rows are ahead of `as_of`. SQL counts the other rows, which
+        `settled` selects.
         """
         if self._folded is None and self._pending is not None:
             self._folded = self._pending.result()
         if self._folded is None:
-            if self.replaying:
+            if self._known is not None:
+                states: Iterable[Any] = self._known.folded
+            elif self.replaying:
                 replayed = replay(
                     self.conn,
                     trends_projection(),
@@ -106,7 +142,7 @@ class DashboardContext:
                     known_at=self.known_at,
                 )
                 self.snapshot_id = replayed.snapshot_id
-                states: Iterable[Any] = replayed.states.values()
+                states = replayed.states.values()
             else:
                 states = straddling_trend_states(self.conn, self.tenant_id, self.as_of)
             self._folded = [state for state in states if isinstance(state, TrendState)]
@@ -118,7 +154,7 @@ class DashboardContext:
         Call it inside the transaction of `conn`, which must stay open until `folded`
         returns: the thread's connection imports that transaction's snapshot.
         """
-        if self.fold_pool is None or self.replaying or self._folded is not None:
+        if self.fold_pool is None or self.known_at is not None or self._folded is not None:
             return
         row = self.conn.execute("SELECT pg_export_snapshot()").fetchone()
         assert row is not None
@@ -131,7 +167,8 @@ class DashboardContext:
         return moment.date()
 
     def params(self, **extra: Any) -> dict[str, Any]:
-        return {"tenant": self.tenant_id, "now": self.as_of, **extra}
+        known = self._known.params() if self._known is not None else {}
+        return {"tenant": self.tenant_id, "now": self.as_of, **known, **extra}
 
 
 def _fold_in_snapshot(
@@ -143,9 +180,6 @@ def _fold_in_snapshot(
         set_tenant(conn, context.tenant_id)
         return straddling_trend_states(conn, context.tenant_id, context.as_of)
 
-
-# Read-model rows whose events all happened by as_of; the rest are folded (see `folded`).
-SETTLED_SQL = "latest_occurred_at <= %(now)s"
 
 # Each widget is a generator that runs its SQL over the settled rows, yields once, then
 # counts the folded states and returns its table. All widgets run their SQL before any
@@ -165,6 +199,7 @@ def widget_tables(context: DashboardContext, widgets: Sequence[Widget]) -> list[
     }
     with consistent_snapshot(context.conn):
         set_tenant(context.conn, context.tenant_id)
+        context.split_known()
         context.start_fold()
         steps = [handlers[type(widget)](context, widget) for widget in widgets]
         for step in steps:
@@ -216,7 +251,7 @@ def _on_time_rate(context: DashboardContext, widget: OnTimeRateWidget) -> Widget
                    count(*) FILTER (WHERE resolved_at IS NULL),
                    count(*) FILTER (WHERE {RESOLUTION_BREACHED_SQL})
             FROM incident_trends
-            WHERE tenant_id = %(tenant)s AND {SETTLED_SQL}
+            WHERE tenant_id = %(tenant)s AND {context.settled()}
               AND status <> ALL(%(not_judged)s)
             GROUP BY {column}
             """,
@@ -278,7 +313,7 @@ def _add_backlog_marks_sql(
                    CASE WHEN resolved_at IS NOT NULL THEN greatest(submitted_at, resolved_at) END
                    AS left_at
             FROM incident_trends
-            WHERE tenant_id = %(tenant)s AND submitted_at <= %(now)s AND {SETTLED_SQL}
+            WHERE tenant_id = %(tenant)s AND submitted_at <= %(now)s AND {context.settled()}
         )
         SELECT NULL::date, count(*) FILTER (WHERE submitted_at < %(begin)s),
                count(*) FILTER (WHERE resolved_at < %(begin)s),
@@ -356,7 +391,7 @@ def _time_to_close(context: DashboardContext, widget: TimeToCloseWidget) -> Widg
             SELECT extract(epoch FROM resolved_at - submitted_at)::float8
             FROM incident_trends
             WHERE tenant_id = %(tenant)s AND resolved_at > %(since)s AND resolved_at <= %(now)s
-              AND status <> ALL(%(not_judged)s) AND NOT {FLAGGED_SQL} AND {SETTLED_SQL}
+              AND status <> ALL(%(not_judged)s) AND NOT {FLAGGED_SQL} AND {context.settled()}
             """,
             context.params(since=since, not_judged=list(NOT_JUDGED)),
         )
@@ -400,6 +435,7 @@ def _ranking(context: DashboardContext, widget: RankingWidget) -> WidgetSteps:
             now=context.as_of,
             time_zone=context.time_zone,
             settled_by=context.as_of,
+            known=context.known,
         ):
             groups[row.key][0] += row.cases
             groups[row.key][1] += row.on_time
@@ -456,7 +492,7 @@ def _open_map(context: DashboardContext, widget: OpenMapWidget) -> WidgetSteps:
         found = context.conn.execute(
             f"""
             SELECT t.submitted_at, t.incident_id, t.category, g.latitude, g.longitude, g.group_id
-            {_SETTLED_OPEN_SQL}
+            {_settled_open_sql(context)}
             ORDER BY t.submitted_at DESC, t.incident_id DESC
             LIMIT %(limit)s
             """,
@@ -505,20 +541,23 @@ def _open_map(context: DashboardContext, widget: OpenMapWidget) -> WidgetSteps:
     return WidgetTable(MAP_COLUMNS, rows)
 
 
-# Settled rows of incidents open at as_of that have a location.
-_SETTLED_OPEN_SQL = f"""
-    FROM incident_trends AS t
-    JOIN grouping_reports AS g USING (tenant_id, incident_id)
-    WHERE t.tenant_id = %(tenant)s AND t.submitted_at <= %(now)s
-      AND (t.resolved_at IS NULL OR t.resolved_at > %(now)s)
-      AND t.status <> ALL(%(not_judged)s) AND t.{SETTLED_SQL}
-      AND g.latitude IS NOT NULL AND g.longitude IS NOT NULL
-"""
+def _settled_open_sql(context: DashboardContext) -> str:
+    """Return the FROM and WHERE clauses of the settled rows of incidents open at as_of
+    that have a location."""
+    return f"""
+        FROM incident_trends AS t
+        JOIN grouping_reports AS g USING (tenant_id, incident_id)
+        WHERE t.tenant_id = %(tenant)s AND t.submitted_at <= %(now)s
+          AND (t.resolved_at IS NULL OR t.resolved_at > %(now)s)
+          AND t.status <> ALL(%(not_judged)s) AND {context.settled("t.")}
+          AND g.latitude IS NOT NULL AND g.longitude IS NOT NULL
+    """
 
 
 def _settled_group_sizes(context: DashboardContext, group_ids: set[UUID]) -> dict[UUID, int]:
     rows = context.conn.execute(
-        f"SELECT g.group_id, count(*) {_SETTLED_OPEN_SQL} AND g.group_id = ANY(%(groups)s) "
+        f"SELECT g.group_id, count(*) {_settled_open_sql(context)} "
+        "AND g.group_id = ANY(%(groups)s) "
         "GROUP BY g.group_id",
         context.params(not_judged=list(NOT_JUDGED), groups=list(group_ids)),
     ).fetchall()

@@ -212,9 +212,10 @@ class ConfigHistory:
         index = bisect.bisect_left(self._keys, (event.tx_id, event.position))
         return self._config(self._versions[index - 1]) if index else None
 
-    def positions(self) -> list[int]:
-        """Return the log positions of the configuration events, one per version."""
-        return [item.position for item in self._versions]
+    def places(self) -> list[tuple[int, int]]:
+        """Return the log places (tx_id, position) of the configuration events, one per
+        version."""
+        return list(self._keys)
 
     def known_since(self, event: RecordedEvent) -> datetime | None:
         """Return when the ledger knew every event of the version in force for `event`."""

@@ -14,24 +14,9 @@ from uuid import UUID
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from ledger import lifecycle as lc
 from ledger.database import set_tenant
-from ledger.ids import incident_stream_id
-from ledger.parking import tenant_parked_positions
-from ledger.sla_policy import SLA_CONFIG_EVENT_TYPES
-from ledger.store import EVENT_COLUMNS, row_to_event
-from projections.base import INCIDENT_STREAM_PREFIX
-from projections.sla import (
-    NOT_JUDGED,
-    RESOLUTION_BREACHED_SQL,
-    TENANT_STREAM_PREFIX,
-    ConfigHistory,
-    SlaState,
-    evolve_sla,
-    load_histories,
-    resolution_breached,
-)
-from replay.point_in_time import straddling_sla_states
+from projections.sla import NOT_JUDGED, RESOLUTION_BREACHED_SQL, SlaState, resolution_breached
+from replay.point_in_time import SLA_MODEL, known_at_states, known_sql, straddling_sla_states
 
 GROUPINGS = {"category": "category", "department": "department"}
 
@@ -207,40 +192,10 @@ def _sla_summary_known_at(
     known_at: datetime,
     as_of: datetime | None,
 ) -> dict[str, dict[str | None, SlaCounts]] | None:
-    checkpoint = conn.execute(
-        "SELECT tx_id::text, position FROM projection_checkpoints WHERE projection = 'sla'"
-    ).fetchone()
-    if checkpoint is None:
+    known = known_at_states(conn, SLA_MODEL, tenant_id, known_at, as_of)
+    if known is None:
         return None
-    # Events recorded by known_at that the projector has not applied: their incidents are
-    # folded again, and with a configuration event among them this returns None.
-    lagging: set[str] = set()
-    for stream_id, event_type in conn.execute(
-        """
-        SELECT stream_id, event_type FROM events
-        WHERE tenant_id = %s AND (tx_id, position) > (%s::xid8, %s) AND recorded_at <= %s
-        """,
-        (tenant_id, checkpoint[0], checkpoint[1], known_at),
-    ):
-        if stream_id.startswith(TENANT_STREAM_PREFIX) and event_type in SLA_CONFIG_EVENT_TYPES:
-            return None
-        if stream_id.startswith(INCIDENT_STREAM_PREFIX):
-            lagging.add(stream_id)
-
-    history = load_histories(conn, [tenant_id]).get(tenant_id) or ConfigHistory(tenant_id)
-    known_history = history.known_by(known_at)
-    if not _config_fits(conn, tenant_id, history, known_history, known_at, as_of):
-        return None
-
     judged_at = as_of or known_at
-    params = {
-        "tenant": tenant_id,
-        "known": known_at,
-        "as_of": as_of,
-        "now": judged_at,
-        "not_judged": list(NOT_JUDGED),
-        "lagging": [UUID(stream.removeprefix(INCIDENT_STREAM_PREFIX)) for stream in lagging],
-    }
     rows = conn.execute(
         f"""
         SELECT GROUPING(category, department), category, department,
@@ -249,96 +204,21 @@ def _sla_summary_known_at(
                count(*) FILTER (WHERE resolved_at IS NULL),
                count(*) FILTER (WHERE {RESOLUTION_BREACHED_SQL})
         FROM incident_sla
-        WHERE tenant_id = %(tenant)s AND known_since <= %(known)s
+        WHERE tenant_id = %(tenant)s AND {known_sql()}
           AND (%(as_of)s::timestamptz IS NULL OR latest_occurred_at <= %(as_of)s)
           AND status <> ALL(%(not_judged)s)
-          AND incident_id <> ALL(%(lagging)s)
         GROUP BY GROUPING SETS ((category), (department))
         """,
-        params,
+        {
+            "tenant": tenant_id,
+            "as_of": as_of,
+            "now": judged_at,
+            "not_judged": list(NOT_JUDGED),
+            **known.params(),
+        },
     ).fetchall()
-    refold = lagging | {
-        incident_stream_id(row[0])
-        for row in conn.execute(
-            """
-            SELECT incident_id FROM incident_sla
-            WHERE tenant_id = %(tenant)s AND earliest_recorded_at <= %(known)s
-              AND (known_since > %(known)s
-                   OR (%(as_of)s::timestamptz IS NOT NULL
-                       AND earliest_occurred_at <= %(as_of)s AND latest_occurred_at > %(as_of)s))
-            """,
-            params,
-        )
-    }
-    folded = [
-        state
-        for state in _refolded(conn, tenant_id, refold, known_history, known_at, as_of)
-        if state.status not in NOT_JUDGED
-    ]
+    folded = [state for state in known.folded if state.status not in NOT_JUDGED]
     return _grouped(rows, folded, judged_at)
-
-
-def _config_fits(
-    conn: psycopg.Connection[Any],
-    tenant_id: str,
-    history: ConfigHistory,
-    known_history: ConfigHistory,
-    known_at: datetime,
-    as_of: datetime | None,
-) -> bool:
-    """Return whether the configuration versions the rows consulted are those a fold of the
-    events recorded by `known_at` (and happened by `as_of`) builds."""
-    positions = history.positions()
-    if not positions:
-        return True
-    times = {
-        position: (recorded_at, occurred_at)
-        for position, recorded_at, occurred_at in conn.execute(
-            "SELECT position, recorded_at, occurred_at FROM events "
-            "WHERE tenant_id = %s AND position = ANY(%s)",
-            (tenant_id, positions),
-        )
-    }
-    recorded = {position for position, (at, _) in times.items() if at <= known_at}
-    if recorded != set(known_history.positions()):
-        return False
-    return as_of is None or all(times[position][1] <= as_of for position in recorded)
-
-
-def _refolded(
-    conn: psycopg.Connection[Any],
-    tenant_id: str,
-    streams: set[str],
-    history: ConfigHistory,
-    known_at: datetime,
-    as_of: datetime | None,
-) -> list[SlaState]:
-    """Fold `streams` from their events recorded by `known_at` (and happened by `as_of`).
-
-    In log order, as the projector folds them: a transaction that took its id first but
-    committed last puts a stream's later version before an earlier one.
-    """
-    if not streams:
-        return []
-    parked = tenant_parked_positions(conn, "sla", tenant_id)
-    states: dict[str, SlaState | None] = {}
-    with conn.cursor() as cur:
-        cur.execute(
-            f"""
-            SELECT {EVENT_COLUMNS} FROM events
-            WHERE tenant_id = %(tenant)s AND stream_id = ANY(%(streams)s)
-              AND recorded_at <= %(known)s
-              AND (%(as_of)s::timestamptz IS NULL OR occurred_at <= %(as_of)s)
-            ORDER BY tx_id, position
-            """,
-            {"tenant": tenant_id, "streams": list(streams), "known": known_at, "as_of": as_of},
-        )
-        for row in cur:
-            event = row_to_event(row)
-            if event.position in parked or event.event_type not in lc.INCIDENT_EVENT_TYPES:
-                continue
-            states[event.stream_id] = evolve_sla(states.get(event.stream_id), event, history)
-    return [state for state in states.values() if state is not None]
 
 
 def _grouped(
@@ -346,20 +226,32 @@ def _grouped(
 ) -> dict[str, dict[str | None, SlaCounts]]:
     """Add the per-group counts of a GROUPING SETS query and of folded states."""
     set_of = {1: "category", 2: "department"}
-    result: dict[str, dict[str | None, SlaCounts]] = {}
-    for grouping, column in GROUPINGS.items():
-        groups: dict[str | None, SlaCounts] = defaultdict(SlaCounts)
-        for grouped, category, department, total, with_target, still_open, breached in rows:
-            if set_of[grouped] != grouping:
-                continue
-            key = category if grouping == "category" else department
-            groups[key] += SlaCounts(total, with_target, still_open, breached)
-        for state in folded:
-            groups[getattr(state, column)] += SlaCounts(
-                1,
-                int(state.resolution_due_at is not None),
-                int(state.resolved_at is None),
-                int(resolution_breached(state, judged_at)),
-            )
-        result[grouping] = dict(groups)
-    return result
+    # [total, with target, open, breached] by grouping and key: ints, because building a
+    # SlaCounts per state and grouping costs more than the query for thousands of states.
+    counts: dict[str, dict[str | None, list[int]]] = {name: {} for name in GROUPINGS}
+    for grouped, category, department, total, with_target, still_open, breached in rows:
+        grouping = set_of[grouped]
+        key = category if grouping == "category" else department
+        _add(counts[grouping], key, (total, with_target, still_open, breached))
+    for state in folded:
+        figures = (
+            1,
+            int(state.resolution_due_at is not None),
+            int(state.resolved_at is None),
+            int(resolution_breached(state, judged_at)),
+        )
+        _add(counts["category"], state.category, figures)
+        _add(counts["department"], state.department, figures)
+    return {
+        grouping: {key: SlaCounts(*figures) for key, figures in groups.items()}
+        for grouping, groups in counts.items()
+    }
+
+
+def _add(groups: dict[str | None, list[int]], key: str | None, figures: tuple[int, ...]) -> None:
+    group = groups.get(key)
+    if group is None:
+        groups[key] = list(figures)
+    else:
+        for index, value in enumerate(figures):
+            group[index] += value

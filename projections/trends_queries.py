@@ -23,6 +23,7 @@ from ledger.database import set_tenant
 from ledger.errors import InvalidRequest
 from projections.sla import NOT_JUDGED, RESOLUTION_BREACHED_SQL
 from projections.sla_queries import consistent_snapshot
+from replay.point_in_time import KnownAt, known_sql
 
 PERIODS = ("day", "week", "month")
 # Dimension name -> column of incident_trends.
@@ -274,6 +275,7 @@ def rankings(
     now: datetime,
     time_zone: str,
     settled_by: datetime | None = None,
+    known: KnownAt | None = None,
 ) -> list[RankRow]:
     """Rank departments or areas by on-time rate, best first.
 
@@ -281,7 +283,7 @@ def rankings(
     resolved, or it is still open and already late. Groups with fewer than `min_cases`
     cases are left out, so one fast fix cannot top the table. Ties go to the group with
     more cases, then to the name that sorts first. With `settled_by`, only incidents whose
-    events all happened by then count.
+    events all happened by then count. With `known`, only the rows it leaves to SQL count.
     """
     check_dimension(by, RANKED_DIMENSIONS)
     if min_cases < 1:
@@ -304,6 +306,7 @@ def rankings(
               AND (%(begin)s::timestamptz IS NULL OR submitted_at >= %(begin)s)
               AND (%(end)s::timestamptz IS NULL OR submitted_at < %(end)s)
               AND (%(settled)s::timestamptz IS NULL OR latest_occurred_at <= %(settled)s)
+              {"AND " + known_sql() if known is not None else ""}
         ) AS judged
         WHERE resolved_at IS NOT NULL OR breached
         GROUP BY key
@@ -319,6 +322,7 @@ def rankings(
         "end": _instant(until + timedelta(days=1), zone) if until is not None else None,
         "min_cases": min_cases,
         "settled": settled_by,
+        **(known.params() if known is not None else {}),
     }
     with consistent_snapshot(conn):
         set_tenant(conn, tenant_id)

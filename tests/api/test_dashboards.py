@@ -24,6 +24,7 @@ from ledger.keys import Role, issue_key
 from ledger.seals import seal_all
 from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant
+from projections import dashboard_queries
 from projections.incident_queries import IncidentFilter, export_incidents
 from projections.trends import trends_projection
 from replay.snapshots import take_snapshot
@@ -469,21 +470,33 @@ def test_dashboards_before_any_event_are_empty(city: City) -> None:
     assert widgets["map"]["rows"] == []
 
 
-def test_known_at_replay_starts_from_a_snapshot(city: City, fresh_database: Database) -> None:
+def test_known_at_rows_and_replay_agree(
+    city: City, fresh_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     url = f"/tenants/{city.tenant_id}/dashboards/overview"
     officer = city.clients[Role.OFFICER]
     with fresh_database.connect_worker() as conn:
         snapshot = take_snapshot(conn, trends_projection(), city.tenant_id)
     assert snapshot is not None
+    times = [datetime.now(UTC).isoformat(), city.before_last.isoformat()]
 
     live = _widgets(officer.get(url).json())
-    replayed = officer.get(url, params={"known_at": datetime.now(UTC).isoformat()})
+    from_rows = [officer.get(url, params={"known_at": moment}) for moment in times]
+    # As when the configuration history prevents the split: the whole tenant is folded.
+    monkeypatch.setattr(dashboard_queries, "known_at_states", lambda *args: None)
+    replayed = [officer.get(url, params={"known_at": moment}) for moment in times]
 
-    assert replayed.status_code == 200, replayed.text
-    assert replayed.json()["snapshot_id"] == snapshot.snapshot_id
-    widgets = _widgets(replayed.json())
+    for response in [*from_rows, *replayed]:
+        assert response.status_code == 200, response.text
+    assert [response.json()["snapshot_id"] for response in from_rows] == [None, None]
+    assert replayed[0].json()["snapshot_id"] == snapshot.snapshot_id
     for name in ("on-time", "backlog", "closing", "ranking", "map", "seals"):
-        assert widgets[name]["rows"] == live[name]["rows"], name
+        assert _widgets(from_rows[0].json())[name]["rows"] == live[name]["rows"], name
+        assert _widgets(replayed[0].json())[name]["rows"] == live[name]["rows"], name
+        assert (
+            _widgets(from_rows[1].json())[name]["rows"]
+            == _widgets(replayed[1].json())[name]["rows"]
+        ), name
 
 
 @pytest.mark.parametrize("moment", ["now", "before_last"])

@@ -3,7 +3,6 @@ and as known at a transaction time."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,9 +112,20 @@ def _sla_summary(
         for state in straddling_sla_states(conn, tenant_id, as_of)
         if state.status not in NOT_JUDGED
     ]
-    # One scan of the read model counts both groupings. GROUPING() returns 1 for the rows
-    # of the category set (department not grouped) and 2 for those of the department set.
-    rows = conn.execute(
+    rows = _counted_rows(conn, "latest_occurred_at <= %(now)s", {"tenant": tenant_id, "now": as_of})
+    return _grouped(rows, straddling, as_of)
+
+
+def _counted_rows(
+    conn: psycopg.Connection[Any], condition: str, params: dict[str, Any]
+) -> list[Any]:
+    """Count the judged rows of incident_sla that match `condition`, by category and by
+    department, judged at the `now` parameter.
+
+    One scan of the read model counts both groupings. GROUPING() returns 1 for the rows of
+    the category set (department not grouped) and 2 for those of the department set.
+    """
+    return conn.execute(
         f"""
         SELECT GROUPING(category, department), category, department,
                count(*),
@@ -123,13 +133,12 @@ def _sla_summary(
                count(*) FILTER (WHERE resolved_at IS NULL),
                count(*) FILTER (WHERE {RESOLUTION_BREACHED_SQL})
         FROM incident_sla
-        WHERE tenant_id = %(tenant)s AND latest_occurred_at <= %(now)s
+        WHERE tenant_id = %(tenant)s AND {condition}
           AND status <> ALL(%(not_judged)s)
         GROUP BY GROUPING SETS ((category), (department))
         """,
-        {"tenant": tenant_id, "now": as_of, "not_judged": list(NOT_JUDGED)},
+        {**params, "not_judged": list(NOT_JUDGED)},
     ).fetchall()
-    return _grouped(rows, straddling, as_of)
 
 
 def summarize_states(
@@ -140,18 +149,7 @@ def summarize_states(
     Time travel folds states from the log; this gives them the same figures.
     """
     judged = [state for state in states if state.status not in NOT_JUDGED]
-    result: dict[str, dict[str | None, SlaCounts]] = {}
-    for grouping, column in GROUPINGS.items():
-        groups: dict[str | None, SlaCounts] = defaultdict(SlaCounts)
-        for state in judged:
-            groups[getattr(state, column)] += SlaCounts(
-                1,
-                int(state.resolution_due_at is not None),
-                int(state.resolved_at is None),
-                int(resolution_breached(state, judged_at)),
-            )
-        result[grouping] = dict(groups)
-    return result
+    return _grouped([], judged, judged_at)
 
 
 def verdicts_of_states(states: Iterable[SlaState], judged_at: datetime) -> dict[UUID, bool]:
@@ -176,10 +174,9 @@ def sla_summary_known_at(
     `known_since` is at or before `known_at` is that fold's state already and is counted in
     SQL. Only the incidents with events recorded on both sides of `known_at` (or, with
     `as_of`, occurring on both sides of it), and those with events the projector has not
-    applied yet, are folded again. Returns None when the configuration history does not
-    allow this, and the caller folds the whole tenant instead: a configuration event
-    recorded by `known_at` follows one recorded after it in the log, one the projector has
-    not applied, or, with `as_of`, one that happened after `as_of`.
+    applied yet, are folded again. Returns None when the configuration history prevents
+    this split, and the caller then folds the whole tenant. `known_at_states` lists the
+    cases.
     """
     with consistent_snapshot(conn):
         set_tenant(conn, tenant_id)
@@ -196,27 +193,11 @@ def _sla_summary_known_at(
     if known is None:
         return None
     judged_at = as_of or known_at
-    rows = conn.execute(
-        f"""
-        SELECT GROUPING(category, department), category, department,
-               count(*),
-               count(*) FILTER (WHERE resolution_due_at IS NOT NULL),
-               count(*) FILTER (WHERE resolved_at IS NULL),
-               count(*) FILTER (WHERE {RESOLUTION_BREACHED_SQL})
-        FROM incident_sla
-        WHERE tenant_id = %(tenant)s AND {known_sql()}
-          AND (%(as_of)s::timestamptz IS NULL OR latest_occurred_at <= %(as_of)s)
-          AND status <> ALL(%(not_judged)s)
-        GROUP BY GROUPING SETS ((category), (department))
-        """,
-        {
-            "tenant": tenant_id,
-            "as_of": as_of,
-            "now": judged_at,
-            "not_judged": list(NOT_JUDGED),
-            **known.params(),
-        },
-    ).fetchall()
+    condition = (
+        f"{known_sql()} AND (%(as_of)s::timestamptz IS NULL OR latest_occurred_at <= %(as_of)s)"
+    )
+    params = {"tenant": tenant_id, "as_of": as_of, "now": judged_at, **known.params()}
+    rows = _counted_rows(conn, condition, params)
     folded = [state for state in known.folded if state.status not in NOT_JUDGED]
     return _grouped(rows, folded, judged_at)
 

@@ -451,7 +451,7 @@ def test_sla_summary_known_at(client: TestClient, database: Database, seeded: st
     assert everything.status_code == 200, everything.text
     assert everything.json()["totals"] == stored.json()["totals"]
     assert everything.json()["by_department"] == stored.json()["by_department"]
-    # The read model answers: the tenant's configuration was recorded before both times.
+    # The read model's rows give the figures: the configuration was recorded before both.
     assert everything.json()["snapshot_id"] is None
     assert earlier.status_code == 200, earlier.text
     assert earlier.json()["known_at"] is not None

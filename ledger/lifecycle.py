@@ -7,13 +7,14 @@ command that does not fit the current state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from ledger.errors import CommandInvalid, CommandRejected
 from ledger.events import JsonObject, RecordedEvent
+from ledger.values import replaced
 
 REPORT_SUBMITTED = "ReportSubmitted"
 INCIDENT_ACKNOWLEDGED = "IncidentAcknowledged"
@@ -109,9 +110,13 @@ CATEGORY_FROM_CLASSIFIER = "classifier"
 CATEGORY_FROM_STAFF = "staff"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IncidentState:
-    """The current state of one incident, folded from its stream."""
+    """The current state of one incident, folded from its stream.
+
+    A state is a value: folds build a new one and never change a field in place
+    (ledger/values.py says why the class is not frozen).
+    """
 
     incident_id: UUID
     version: int
@@ -186,8 +191,7 @@ def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState |
         )
     if state is None:
         return None
-    # One replace per event: replace() on a frozen dataclass is the most expensive step of a
-    # rebuild.
+    # One new state per event: building the state is the most expensive step of a rebuild.
     changes: dict[str, Any] = {"version": event.stream_version}
     if at > state.updated_at:
         changes["updated_at"] = at
@@ -236,7 +240,7 @@ def evolve(state: IncidentState | None, event: RecordedEvent) -> IncidentState |
         )
     elif kind in (REPORT_CLASSIFIED, CLASSIFICATION_FAILED, CLASSIFICATION_CORRECTED):
         changes.update(_classification_changes(state, kind, payload))
-    return replace(state, **changes)
+    return replaced(state, changes)
 
 
 def _classification_changes(state: IncidentState, kind: str, payload: JsonObject) -> dict[str, Any]:

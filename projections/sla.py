@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import dataclasses
-import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from ledger.sla_policy import (
     sla_config_from_payloads,
 )
 from ledger.tenants import TENANT_CREATED
+from ledger.values import replaced
 from projections.base import (
     Folded,
     IncidentRowProjection,
@@ -90,9 +89,12 @@ _PAUSE_ENDS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SlaState:
     """SLA facts of one incident. Times are valid times (when things happened).
+
+    A state is a value: folds build a new one and never change a field in place
+    (ledger/values.py says why the class is not frozen).
 
     `policy_id` is None when the incident keeps the targets its report carried (an
     imported city's own target) or has none. Due and warning times include the pauses so
@@ -139,31 +141,6 @@ class SlaState:
 
 
 AnySlaState = TypeVar("AnySlaState", bound=SlaState)
-
-# The attribute getter and the field indexes of SlaState and of each subclass folded here,
-# so one state of a subclass (the trends model's) is built once per event with its own fields.
-_LAYOUTS: dict[type, tuple[Callable[[Any], tuple[Any, ...]], dict[str, int]]] = {}
-
-
-def _layout(state_type: type) -> tuple[Callable[[Any], tuple[Any, ...]], dict[str, int]]:
-    names = [item.name for item in dataclasses.fields(state_type)]
-    layout = (operator.attrgetter(*names), {name: index for index, name in enumerate(names)})
-    _LAYOUTS[state_type] = layout
-    return layout
-
-
-def _replace(state: AnySlaState, changes: dict[str, Any]) -> AnySlaState:
-    """Return `state` with `changes`: dataclasses.replace, at half its cost or less.
-
-    replace() looks up each field's init flag on every call, and a rebuild calls it for
-    most events. The result has the type of `state`, a subclass's fields included.
-    """
-    state_type = type(state)
-    values_of, indexes = _LAYOUTS.get(state_type) or _layout(state_type)
-    values = list(values_of(state))
-    for name, value in changes.items():
-        values[indexes[name]] = value
-    return state_type(*values)
 
 
 @dataclass(slots=True)
@@ -406,9 +383,9 @@ def submitted_state(
     if not own_target:
         policy = config.policy_for(category, state.severity, channel)
         changes.update(policy_id=policy.id, policy_version=config.version)
-        state = _replace(state, changes)
-        return _replace(state, _due_times(state, policy))
-    return _replace(state, changes) if changes else state
+        state = replaced(state, changes)
+        return replaced(state, _due_times(state, policy))
+    return replaced(state, changes) if changes else state
 
 
 def _classified(
@@ -580,12 +557,12 @@ def apply_sla_changes(
     if not changes:
         return state
     before = state
-    state = _replace(state, changes)
+    state = replaced(state, changes)
     if recompute:
         due_times = _due_times(state, _pinned_policy(state, history))
         if decided_by is not None:
             due_times = _keeping_decided_targets(before, due_times, decided_by)
-        state = _replace(state, due_times)
+        state = replaced(state, due_times)
     return state
 
 

@@ -39,7 +39,7 @@ CLOSED_BEFORE_OPENED = "closed_before_opened"
 RESPONDED_BEFORE_OPENED = "responded_before_opened"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TrendState(SlaState):
     """An incident's SLA facts plus its area, anomalies and business-time durations.
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -241,12 +242,106 @@ def failing_event(
     return None
 
 
-def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_size: int) -> int:
+class ReadAhead:
+    """Reads the batch after the one being applied, on a connection and thread of its own.
+
+    While a projection works through a backlog, its worker spends about a third of each
+    batch waiting on the server: for the log read, and for the read-model writes. Reading
+    the next batch meanwhile lets the two overlap. The read is the one `project_batch` would
+    make: events are never changed, and no event can appear below the horizon a read used,
+    so a batch read earlier after the same checkpoint is a prefix of what a read now would
+    return. `project_batch` uses it only when the checkpoint it loads is the one the batch
+    was read after, and reads for itself otherwise.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        name: str,
+        batch_size: int,
+        payload_types: Collection[str] | None = None,
+    ) -> None:
+        """Read batches of `batch_size` events for the reader `name` (a projection's name),
+        with the payloads of `payload_types` only, as `read_after` takes them."""
+        self.database = database
+        self.name = name
+        self.batch_size = batch_size
+        self.payload_types = payload_types
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"read-ahead-{name}")
+        self._conn: psycopg.Connection[Any] | None = None
+        self._pending: tuple[Checkpoint, Future[list[RecordedEvent]]] | None = None
+
+    def request(self, after: Checkpoint) -> None:
+        """Start reading the batch after `after`, dropping a read started earlier."""
+        self._drop()
+        self._pending = (after, self._executor.submit(self._read, after))
+
+    def take(self, after: Checkpoint) -> list[RecordedEvent] | None:
+        """Return the batch read after `after`, or None when there is none to use: no read
+        was started after that checkpoint, or the read found no events (a read now may).
+
+        Raises what the read raised, such as a lost connection.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        started_after, future = pending
+        if started_after != after:
+            future.cancel()
+            return None
+        return future.result() or None
+
+    def close(self) -> None:
+        self._drop()
+        self._executor.submit(self._close_connection).result()
+        self._executor.shutdown()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _drop(self) -> None:
+        if self._pending is not None:
+            self._pending[1].cancel()
+            self._pending = None
+
+    def _read(self, after: Checkpoint) -> list[RecordedEvent]:
+        # Runs on the executor's one thread, the only user of this connection.
+        if self._conn is None or self._conn.closed:
+            self._conn = self.database.connect_worker(
+                autocommit=True, application_name=f"civicpulse-read-ahead-{self.name}"
+            )
+        try:
+            return read_after(self._conn, after, self.batch_size, self.payload_types)
+        except psycopg.OperationalError:
+            self._close_connection()
+            raise
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def read_ahead_for(database: Database, projection: Projection, batch_size: int) -> ReadAhead:
+    return ReadAhead(database, projection.name, batch_size, projection.payload_types)
+
+
+def project_batch(
+    conn: psycopg.Connection[Any],
+    projection: Projection,
+    batch_size: int,
+    read_ahead: ReadAhead | None = None,
+) -> int:
     """Apply the next batch of events to `projection`; return how many were applied.
 
     Runs in one transaction on `conn`. The checkpoint update names the checkpoint the batch
     started from, so two processes that both believe they own the projection cannot apply
-    the same events twice: the second commit fails and rolls back.
+    the same events twice: the second commit fails and rolls back. With `read_ahead`, the
+    batch comes from it when it was read after this checkpoint, and a full batch starts the
+    read of the next one.
     """
     failure: BaseException | None = None
     with conn.transaction():
@@ -257,11 +352,16 @@ def project_batch(conn: psycopg.Connection[Any], projection: Projection, batch_s
         conn.execute("SET LOCAL synchronous_commit = off")
         lock_for_apply(conn, projection.name)
         start = load_checkpoint(conn, projection.name)
-        read = read_after(conn, start, batch_size, projection.payload_types)
+        read = read_ahead.take(start) if read_ahead is not None else None
+        if read is None:
+            read = read_after(conn, start, batch_size, projection.payload_types)
         if not read:
             return 0
         # The checkpoint moves past the parked events too.
         last = read[-1]
+        if read_ahead is not None and len(read) == batch_size:
+            # A full batch: more events are likely waiting.
+            read_ahead.request(Checkpoint(last.tx_id, last.position))
         events = read
         if projection.parkable:
             parked = parked_positions(conn, projection.name, read[0].position, last.position)
@@ -318,8 +418,9 @@ def catch_up(
                 )
                 skipped.append(projection.name)
                 continue
-            while applied := project_batch(conn, projection, batch_size):
-                total += applied
+            with read_ahead_for(database, projection, batch_size) as read_ahead:
+                while applied := project_batch(conn, projection, batch_size, read_ahead):
+                    total += applied
     return total, skipped
 
 
@@ -436,14 +537,18 @@ class ProjectionWorker(threading.Thread):
                 self.database.connect_worker(autocommit=True, application_name=name) as listen_conn,
             ):
                 listen_conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                self._loop(work_conn, listen_conn)
+                with read_ahead_for(self.database, self.projection, self.batch_size) as read_ahead:
+                    self._loop(work_conn, listen_conn, read_ahead)
 
     def _loop(
-        self, work_conn: psycopg.Connection[Any], listen_conn: psycopg.Connection[Any]
+        self,
+        work_conn: psycopg.Connection[Any],
+        listen_conn: psycopg.Connection[Any],
+        read_ahead: ReadAhead,
     ) -> None:
         while not self.stop_event.is_set():
             try:
-                applied = project_batch(work_conn, self.projection, self.batch_size)
+                applied = project_batch(work_conn, self.projection, self.batch_size, read_ahead)
             except CheckpointMoved:
                 logger.warning(
                     "projection %s checkpoint moved under this worker; re-reading",

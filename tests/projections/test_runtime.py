@@ -21,7 +21,14 @@ from ledger.ids import incident_stream_id
 from ledger.lifecycle import REPORT_SUBMITTED
 from ledger.store import Checkpoint, PostgresEventStore, read_after
 from projections.base import Projection
-from projections.runtime import catch_up, default_projections, load_checkpoint, project_batch
+from projections.runtime import (
+    Projector,
+    ReadAhead,
+    catch_up,
+    default_projections,
+    load_checkpoint,
+    project_batch,
+)
 from tests.conftest import project_everything
 
 T0 = datetime(2026, 2, 1, 9, 0, tzinfo=UTC)
@@ -331,3 +338,136 @@ def test_catch_up_skips_owned_projection(
 
     assert applied == 1
     assert skipped == ["sla"]
+
+
+def _checkpoint_of(event: RecordedEvent) -> Checkpoint:
+    return Checkpoint(event.tx_id, event.position)
+
+
+def test_read_ahead_dropped_when_checkpoint_moves(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    for minutes in range(6):
+        incident = uuid.uuid4()
+        fresh_store.append(
+            "acme", incident_stream_id(incident), [submitted(incident, minutes)], expected_version=0
+        )
+    with fresh_database.connect_worker() as conn:
+        log = read_after(conn, Checkpoint(), 100)
+    recording = RecordingProjection()
+
+    with (
+        fresh_database.connect_worker() as conn,
+        ReadAhead(fresh_database, recording.name, 2) as read_ahead,
+    ):
+        # The first batch is full, so the batch after it is read ahead.
+        assert project_batch(conn, recording, 2, read_ahead) == 2
+        # Another process (a rebuild's swap, say) moves the checkpoint past events 3 and 4.
+        conn.execute(
+            "UPDATE projection_checkpoints SET tx_id = %s::text::xid8, position = %s "
+            "WHERE projection = %s",
+            (str(log[3].tx_id), log[3].position, recording.name),
+        )
+        conn.commit()
+        applied = project_batch(conn, recording, 2, read_ahead)
+        applied_last = project_batch(conn, recording, 2, read_ahead)
+
+    assert applied == 2
+    assert applied_last == 0
+    assert [event.position for event in recording.seen] == [
+        event.position for event in log[:2] + log[4:]
+    ]
+
+
+def test_read_ahead_applies_each_event_once_in_order(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    """Writers append while a reader with read-ahead projects, some of them in transactions
+    that took their ids early and commit late; every event is applied once, in log order."""
+    errors: list[BaseException] = []
+
+    def write(seed: int) -> None:
+        try:
+            for round_number in range(15):
+                incident = uuid.uuid4()
+                new = [submitted(incident, round_number)]
+                if round_number % 4 == seed % 4:
+                    # Take a transaction id, let others commit, then commit late.
+                    with fresh_database.connect_worker() as held:
+                        held.execute("SELECT pg_current_xact_id()")
+                        time.sleep(0.05)
+                        fresh_store.append(
+                            "acme", incident_stream_id(incident), new, expected_version=0, conn=held
+                        )
+                        held.commit()
+                else:
+                    fresh_store.append(
+                        "acme", incident_stream_id(incident), new, expected_version=0
+                    )
+        except BaseException as error:  # reported by the assertion below
+            errors.append(error)
+
+    writers = [threading.Thread(target=write, args=(seed,)) for seed in range(4)]
+    recording = RecordingProjection()
+    with (
+        fresh_database.connect_worker() as conn,
+        ReadAhead(fresh_database, recording.name, 3) as read_ahead,
+    ):
+        for writer in writers:
+            writer.start()
+        while any(writer.is_alive() for writer in writers):
+            project_batch(conn, recording, 3, read_ahead)
+        # Other databases' transactions on the server can hold the horizon back for a while.
+        deadline = time.monotonic() + 30
+        while len(recording.seen) < 60 and time.monotonic() < deadline:
+            if not project_batch(conn, recording, 3, read_ahead):
+                time.sleep(0.05)
+        log = read_after(conn, Checkpoint(), 1000)
+
+    assert errors == []
+    assert len(log) == 60
+    assert [event.event_id for event in recording.seen] == [event.event_id for event in log]
+
+
+def test_read_ahead_connection_lost_catches_up(
+    fresh_database: Database, fresh_store: PostgresEventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=60, seed=5, end=T0)
+    incidents = default_projections()[0]
+    projector = Projector(fresh_database, [incidents], batch_size=10, poll_seconds=0.2)
+
+    def read_ahead_backends() -> list[int]:
+        with fresh_database.connect_owner() as conn:
+            return [
+                row[0]
+                for row in conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name = 'civicpulse-read-ahead-incidents'"
+                )
+            ]
+
+    def caught_up_with(events: list[RecordedEvent]) -> bool:
+        with fresh_database.connect_worker() as conn, conn.transaction():
+            return load_checkpoint(conn, "incidents") == _checkpoint_of(events[-1])
+
+    projector.start()
+    try:
+        _wait_for(read_ahead_backends, 30, "the worker never read ahead")
+        with fresh_database.connect_owner() as conn:
+            for pid in read_ahead_backends():
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # More events than a batch: the worker reads ahead again, on the lost connection.
+        seed_demo(fresh_store, "demo-2", incidents=60, seed=6, end=T0)
+        with fresh_database.connect_worker() as conn:
+            events = read_after(conn, Checkpoint(), 1_000_000)
+        _wait_for(
+            lambda: caught_up_with(events),
+            60,
+            "the worker did not catch up after losing its read-ahead connection",
+        )
+    finally:
+        projector.stop()
+
+    assert "projection worker incidents lost its database connection" in caplog.text
+    with fresh_database.connect_worker() as conn:
+        assert incidents.read_all(conn) == incidents.fold(events)  # type: ignore[attr-defined]

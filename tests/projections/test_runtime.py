@@ -471,3 +471,23 @@ def test_read_ahead_connection_lost_catches_up(
     assert "projection worker incidents lost its database connection" in caplog.text
     with fresh_database.connect_worker() as conn:
         assert incidents.read_all(conn) == incidents.fold(events)  # type: ignore[attr-defined]
+
+
+def test_collector_threshold_raised_never_lowered(fresh_database: Database) -> None:
+    import gc
+
+    from projections.runtime import COLLECTOR_THRESHOLD
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        catch_up(fresh_database, [RecordingProjection()])
+        raised = gc.get_threshold()
+        gc.set_threshold(COLLECTOR_THRESHOLD * 2, 5, 5)
+        catch_up(fresh_database, [RecordingProjection()])
+        kept = gc.get_threshold()
+    finally:
+        gc.set_threshold(*saved)
+
+    assert raised == (COLLECTOR_THRESHOLD, 10, 10)
+    assert kept == (COLLECTOR_THRESHOLD * 2, 5, 5)

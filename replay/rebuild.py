@@ -47,7 +47,7 @@ from ledger.events import RecordedEvent
 from ledger.parking import parked_positions, tenant_parked_positions, without_parked
 from ledger.store import EVENT_COLUMNS, Checkpoint, row_to_event
 from projections.base import Projection
-from projections.runtime import load_checkpoint, lock_for_apply
+from projections.runtime import collect_less_often, load_checkpoint, lock_for_apply
 
 logger = logging.getLogger(__name__)
 
@@ -461,6 +461,9 @@ def fold_partition(
     spent. The connection's application name carries the worker's process id, so an
     operator can tell the workers apart.
     """
+    # A partition's events stay in memory for the whole fold, so each full pass of the
+    # collector would walk them all.
+    collect_less_often()
     cpu_started = time.process_time()
     name = f"civicpulse-rebuild-{rebuild_id}-{os.getpid()}"
     with psycopg.connect(conninfo, application_name=name) as conn:

@@ -31,7 +31,7 @@ from api.what_if import add_what_if_routes
 from ledger.audit import parse_time
 from ledger.commands import IncidentCommands
 from ledger.database import Database, checked_pool, set_tenant
-from ledger.errors import ContactNotGiven, IncidentNotFound, InvalidRequest
+from ledger.errors import ContactNotGiven, Forbidden, IncidentNotFound, InvalidRequest
 from ledger.group_commit import GroupCommitter
 from ledger.ids import incident_stream_id
 from ledger.keys import KeyCache, Principal, Role, issue_key, list_keys, revoke_key
@@ -121,6 +121,23 @@ class ReportIn(BaseModel):
     latitude: float | None = Field(default=None, ge=-90, le=90, allow_inf_nan=False)
     longitude: float | None = Field(default=None, ge=-180, le=180, allow_inf_nan=False)
     source_channel: str = Field(default="api", max_length=50)
+    area: str | None = Field(
+        default=None,
+        max_length=200,
+        description="The neighbourhood, ward or district, as the tenant's routing rules and "
+        "the trends by area name it.",
+    )
+    severity: Literal["low", "medium", "high", "critical"] | None = Field(
+        default=None,
+        description="Staff only: the severity that SLA policies match on. Without it, the "
+        "classifier sets one.",
+    )
+    department: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Staff only: the responsible department, which routing rules then "
+        "leave as it is.",
+    )
     reporter: ReporterIn | None = Field(
         default=None,
         description="Contact details of the reporter, encrypted at rest; shown to staff, to "
@@ -639,6 +656,16 @@ def create_app(
         idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     ) -> AppendOut:
         """Submit a report. Send an Idempotency-Key to make retries safe."""
+        if principal.role == Reporter:
+            # What the SLA judges a report by, and who answers for it, is staff's decision.
+            staff_fields = [name for name in ("severity", "department") if getattr(report, name)]
+            if staff_fields:
+                raise Forbidden(
+                    principal.role.value,
+                    [Staff.value],
+                    f"set {' or '.join(staff_fields)} on a report; leave "
+                    f"{'them' if len(staff_fields) > 1 else 'it'} out",
+                )
         result = service.submit(
             tenant_id,
             report.model_dump(exclude_none=True, exclude={"reporter"}),

@@ -163,6 +163,8 @@ def parse_window(text: str) -> tuple[int, int]:
 def read_ics_holidays(data: bytes, source: str) -> list[date]:
     """Return the dates of all-day events in an iCalendar file, each day of each event.
 
+    Events with a time of day are left out.
+
     Raises ValueError naming `source` when the data is not iCalendar.
     """
     import icalendar  # imported here: only configuration changes read ICS files
@@ -174,7 +176,9 @@ def read_ics_holidays(data: bytes, source: str) -> list[date]:
     days: set[date] = set()
     for event in calendar.walk("VEVENT"):
         start = event.decoded("DTSTART", None)
-        if start is None:
+        # An event with a time of day (a meeting, a closure of some hours) is not a holiday,
+        # which is a whole day.
+        if start is None or isinstance(start, datetime):
             continue
         day = _as_date(start)
         end = event.decoded("DTEND", None)

@@ -374,3 +374,36 @@ def test_admin_issues_and_revokes_keys_through_the_api(
         ).fetchall()
     admin_key_id = str(uuid.UUID(hex=tenant.tokens[Role.ADMIN].split("_")[1]))
     assert actors == [("admin key", admin_key_id), ("admin key", admin_key_id)]
+
+
+def test_report_severity_and_department_staff_only(
+    client: TestClient, tenants: tuple[Tenant, Tenant]
+) -> None:
+    tenant, _ = tenants
+    url = f"/tenants/{tenant.tenant_id}/incidents"
+    reporter = {"Authorization": f"Bearer {tenant.tokens[Role.REPORTER]}"}
+    staff = {"Authorization": f"Bearer {tenant.tokens[Role.STAFF]}"}
+    report = {"description": "Deep pothole", "category": "Pothole", "area": "North"}
+    decided = {**report, "severity": "high", "department": "Roads"}
+
+    with_area = client.post(url, json=report, headers=reporter)
+    with_severity = client.post(url, json={**report, "severity": "critical"}, headers=reporter)
+    with_both = client.post(url, json=decided, headers=reporter)
+    by_staff = client.post(url, json=decided, headers=staff)
+    unknown_severity = client.post(url, json={**report, "severity": "urgent"}, headers=staff)
+    history = client.get(f"{url}/{by_staff.json()['incident_id']}/events", headers=staff)
+
+    assert with_area.status_code == 201
+    assert with_severity.status_code == 403
+    assert "may not set severity on a report; leave it out" in with_severity.json()["detail"]
+    assert with_both.status_code == 403
+    assert "set severity or department on a report; leave them out" in with_both.json()["detail"]
+    assert by_staff.status_code == 201
+    assert unknown_severity.status_code == 422
+    assert "urgent" in unknown_severity.text
+    payload = history.json()[0]["payload"]
+    assert (payload["area"], payload["severity"], payload["department"]) == (
+        "North",
+        "high",
+        "Roads",
+    )

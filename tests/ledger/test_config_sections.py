@@ -296,6 +296,19 @@ def test_ics_holidays_expand_multi_day_events() -> None:
     assert days == [date(2026, 12, 24), date(2026, 12, 25), date(2026, 12, 26), date(2027, 1, 1)]
 
 
+def test_ics_timed_events_left_out() -> None:
+    timed = ICS.replace(
+        b"END:VCALENDAR",
+        b"BEGIN:VEVENT\nUID:3@test\nDTSTAMP:20260101T000000Z\nSUMMARY:Staff meeting\n"
+        b"DTSTART:20261210T100000Z\nDTEND:20261210T110000Z\nEND:VEVENT\nEND:VCALENDAR",
+    )
+
+    days = read_ics_holidays(timed, "test.ics")
+
+    assert date(2026, 12, 10) not in days
+    assert days == [date(2026, 12, 24), date(2026, 12, 25), date(2026, 12, 26), date(2027, 1, 1)]
+
+
 def test_ics_garbage_rejected() -> None:
     with pytest.raises(ValueError, match="not a valid iCalendar file"):
         read_ics_holidays(b"hello", "bad.ics")

@@ -27,7 +27,12 @@ from ledger.lifecycle import (
 )
 from ledger.store import Checkpoint, PostgresEventStore, read_after
 from projections.base import IncidentRowProjection
-from projections.runtime import default_projections, load_checkpoint, projection_named
+from projections.runtime import (
+    APPLY_LOCK_CLASS,
+    default_projections,
+    load_checkpoint,
+    projection_named,
+)
 from replay.rebuild import (
     REBUILD_LOCK_CLASS,
     SHADOW_SCHEMA,
@@ -424,6 +429,15 @@ def test_rebuild_many_rejects_names(database: Database, names: list[str], messag
         rebuild_many(database, [projection_named(name) for name in names])
 
 
+def _waiting_for_lock(conn: psycopg.Connection[Any]) -> bool:
+    """Return True when a session of this database waits for an advisory lock."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+        "WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()"
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def _rebuild_workers(database: Database) -> list[tuple[int, str]]:
     with database.connect_worker() as conn:
         rows = conn.execute(
@@ -486,23 +500,27 @@ def test_interrupted_rebuild_command_changes_nothing(
     env["CIVICPULSE_LOG_LEVEL"] = "WARNING"
 
     # Its own process group, as a shell gives a job: Ctrl-C reaches every process in it.
-    command = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "rebuild", "sla", "--workers", "2"],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not _rebuild_workers(fresh_database) and time.monotonic() < deadline:
-            assert command.poll() is None, command.communicate()[1]
-            time.sleep(0.005)
-        os.killpg(command.pid, signal.SIGINT)
-        _, stderr = command.communicate(timeout=60)
-    finally:
-        if command.poll() is None:
-            os.killpg(command.pid, signal.SIGKILL)
+    # The test holds the lock that the swap takes, so the rebuild stops before its swap,
+    # with the shadow model complete, until Ctrl-C reaches it.
+    with fresh_database.connect_owner(autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, hashtext('sla'))", (APPLY_LOCK_CLASS,))
+        command = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "rebuild", "sla", "--workers", "2"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _waiting_for_lock(holder) and time.monotonic() < deadline:
+                assert command.poll() is None, command.communicate()[1]
+                time.sleep(0.01)
+            os.killpg(command.pid, signal.SIGINT)
+            _, stderr = command.communicate(timeout=60)
+        finally:
+            if command.poll() is None:
+                os.killpg(command.pid, signal.SIGKILL)
 
     assert command.returncode == 130, stderr
     assert "the live model and its checkpoint are unchanged" in stderr

@@ -7,6 +7,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID, uuid4
@@ -31,7 +32,13 @@ from api.what_if import add_what_if_routes
 from ledger.audit import parse_time
 from ledger.commands import IncidentCommands
 from ledger.database import Database, checked_pool, set_tenant
-from ledger.errors import ContactNotGiven, Forbidden, IncidentNotFound, InvalidRequest
+from ledger.errors import (
+    ContactNotGiven,
+    Forbidden,
+    IncidentNotFound,
+    InvalidRequest,
+    NotProjectedYet,
+)
 from ledger.group_commit import GroupCommitter
 from ledger.ids import incident_stream_id
 from ledger.keys import KeyCache, Principal, Role, issue_key, list_keys, revoke_key
@@ -43,7 +50,12 @@ from ledger.store import PostgresEventStore
 from ledger.tenants import cache_tenant_configs, require_tenant
 from ledger.verification import verify_on
 from projections.runtime import projection_progress, projection_status
-from projections.sla import SlaState, sla_projection
+from projections.sla import (
+    SlaState,
+    first_response_breached,
+    resolution_breached,
+    sla_projection,
+)
 from projections.sla_queries import (
     SlaCounts,
     consistent_snapshot,
@@ -657,7 +669,7 @@ def create_app(
     ) -> AppendOut:
         """Submit a report. Send an Idempotency-Key to make retries safe."""
         if principal.role == Reporter:
-            # What the SLA judges a report by, and who answers for it, is staff's decision.
+            # Staff decide the severity the SLA judges a report by and the department responsible.
             staff_fields = [name for name in ("severity", "department") if getattr(report, name)]
             if staff_fields:
                 raise Forbidden(
@@ -817,6 +829,42 @@ def create_app(
             }
             for event in events
         ]
+
+    @app.get(
+        TENANT + "/incidents/{incident_id}/sla",
+        responses={
+            **PROBLEM_RESPONSES,
+            503: _problem_response("The projector has not applied the report yet"),
+        },
+        tags=["queries"],
+    )
+    def get_incident_sla(
+        tenant_id: TenantPath,
+        incident_id: UUID,
+        service: Commands,
+        _: Annotated[Principal, allow(Staff, Officer, action="read SLA records")],
+    ) -> dict[str, Any]:
+        """Return the incident's row of the SLA model: the policy and configuration version
+        that judge it, due and warning times, pauses and escalations, and whether it is
+        breached now."""
+        service.load(tenant_id, incident_id)  # raises IncidentNotFound
+        projection = sla_projection()
+        with pool.connection() as conn, conn.transaction():
+            set_tenant(conn, tenant_id)
+            progress = projection_progress(conn).get("sla")
+            found = projection.load(conn, {(tenant_id, incident_stream_id(incident_id))})
+        if not found:
+            raise NotProjectedYet("SLA", f"incident {incident_id}")
+        (state,) = found.values()
+        now = datetime.now(UTC)
+        return {
+            "tenant_id": tenant_id,
+            **asdict(state),
+            "judged_at": now,
+            "resolution_breached": resolution_breached(state, now),
+            "first_response_breached": first_response_breached(state, now),
+            "caught_up": progress.caught_up if progress else False,
+        }
 
     @app.get(
         TENANT + "/sla/summary",

@@ -44,6 +44,7 @@ _LEDGER_ERRORS: list[tuple[type[errors.LedgerError], int, str, str]] = [
     (errors.IncidentNotFound, 404, "incident-not-found", "Incident not found"),
     (errors.DashboardNotFound, 404, "dashboard-not-found", "Dashboard not found"),
     (errors.TenantExists, 409, "tenant-exists", "Tenant exists"),
+    (errors.NotProjectedYet, 503, "not-projected-yet", "Not projected yet"),
     (errors.AuthenticationFailed, 401, "unauthenticated", "API key missing or not valid"),
     (errors.Forbidden, 403, "forbidden", "Role not allowed"),
     (errors.KeyNotFound, 404, "key-not-found", "API key not found"),
@@ -164,7 +165,10 @@ def install_problem_handlers(app: FastAPI) -> None:
                 response = problem(request, status, slug, title, str(error), **_extra_fields(error))
                 if status == 401:
                     response.headers["WWW-Authenticate"] = 'Bearer realm="civicpulse"'
-                if status >= 500:
+                if status == 503:
+                    # The projector is behind, which is expected for a moment after a write.
+                    response.headers["Retry-After"] = "1"
+                elif status >= 500:
                     logger.error("%s on %s %s: %s", title, request.method, request.url.path, error)
                 return response
         return problem(request, 400, "bad-request", "Bad request", str(error))

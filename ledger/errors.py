@@ -69,6 +69,16 @@ class IncidentNotFound(LedgerError):
         super().__init__(f"incident {incident_id} not found in tenant {tenant_id!r}")
 
 
+class NotProjectedYet(LedgerError):
+    """A read model has not applied the events a request needs yet."""
+
+    def __init__(self, projection: str, subject: str) -> None:
+        super().__init__(
+            f"the {projection} model has no row for {subject} yet, because the projector has "
+            "not applied its events; retry in a few seconds"
+        )
+
+
 class CommandRejected(LedgerError):
     """A lifecycle command does not fit the incident's current state."""
 

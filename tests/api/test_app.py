@@ -198,6 +198,30 @@ def test_sla_summary_as_of(client: TestClient, tenant_id: str, database: Databas
     assert before["totals"]["total"] == 0
 
 
+def test_incident_sla_row(client: TestClient, tenant_id: str, database: Database) -> None:
+    incident = submit(client, tenant_id).json()["incident_id"]
+    url = f"/tenants/{tenant_id}/incidents/{incident}/sla"
+    before_projection = client.get(url)
+    client.post(f"/tenants/{tenant_id}/incidents/{incident}/acknowledge", json={})
+    project_everything(database)
+
+    row = client.get(url)
+    unknown = client.get(f"/tenants/{tenant_id}/incidents/{uuid.uuid4()}/sla")
+
+    assert_problem(before_projection, 503, incident, "projector has not applied")
+    assert before_projection.headers["Retry-After"] == "1"
+    assert row.status_code == 200, row.text
+    body = row.json()
+    assert body["incident_id"] == incident
+    assert body["category"] == "Water leak"
+    assert body["status"] == "open"
+    assert body["first_response_at"] is not None
+    assert body["resolution_due_at"] is not None
+    assert body["resolution_breached"] is False
+    assert body["caught_up"] is True
+    assert_problem(unknown, 404, "not found")
+
+
 def test_invalid_as_of_is_422(client: TestClient, tenant_id: str) -> None:
     response = client.get(f"/tenants/{tenant_id}/sla/summary", params={"as_of": "last week"})
     assert_problem(response, 422, "'last week'")

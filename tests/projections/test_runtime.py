@@ -382,8 +382,8 @@ def test_read_ahead_dropped_when_checkpoint_moves(
 def test_read_ahead_applies_each_event_once_in_order(
     fresh_database: Database, fresh_store: PostgresEventStore
 ) -> None:
-    """Writers append while a reader with read-ahead projects, some of them in transactions
-    that took their ids early and commit late; every event is applied once, in log order."""
+    """Writers append while a reader with read-ahead projects. Some of them commit
+    transactions that took their ids early, so the log order is not the commit order."""
     errors: list[BaseException] = []
 
     def write(seed: int) -> None:

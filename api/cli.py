@@ -266,6 +266,8 @@ def config_apply(
             f"tenant {tenant} configuration is now version {result.version}; changed: "
             + ", ".join(result.changed)
         )
+        for warning in result.warnings:
+            console.print(f"warning: {warning}", markup=False)
     else:
         console.print(f"tenant {tenant} configuration unchanged at version {result.version}")
 

@@ -40,6 +40,11 @@ class ConfigOut(BaseModel):
 class AppliedOut(BaseModel):
     version: int
     changed: list[str] = Field(description="Sections that got a new version; empty if none")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Rules that name a category the categories section lacks: they match "
+        "only reports of exactly that category",
+    )
 
 
 class VersionOut(BaseModel):
@@ -94,7 +99,7 @@ def add_config_routes(
         result = apply_config(
             store, tenant_id, document, occurred_at=datetime.now(UTC), actor=principal.name
         )
-        return AppliedOut(version=result.version, changed=result.changed)
+        return AppliedOut(version=result.version, changed=result.changed, warnings=result.warnings)
 
     @app.post(
         CONFIG + "/calendars/{calendar_name}/holidays",

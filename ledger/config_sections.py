@@ -9,6 +9,7 @@ unchanged section is recognized by comparing payloads. Another section plugs in 
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -555,6 +556,48 @@ class ApplyResult:
 
     version: int
     changed: list[str]
+    # Rules that name a category the categories section lacks (`category_warnings`).
+    warnings: list[str] = field(default_factory=list)
+
+
+# The sections whose rules name categories, with the categories section itself.
+_CATEGORY_SECTIONS = ("categories", "sla_policies", "routing", "grouping")
+
+
+def category_warnings(payloads: dict[str, dict[str, Any]]) -> list[str]:
+    """Return a warning for each category that a rule names and the categories section lacks.
+
+    Such a rule matches only reports whose category is exactly that name. That is right
+    for an imported city's case types and wrong for a typo, so it is a warning and not an
+    error. Without a categories section there is nothing to compare with.
+    """
+    configured = [item["name"] for item in payloads.get("categories", {}).get("categories", [])]
+    if not configured:
+        return []
+    named: list[tuple[str, str]] = []
+    for policy in payloads.get("sla_policies", {}).get("policies", []):
+        for category in (policy.get("match") or {}).get("categories") or []:
+            named.append((f"SLA policy {policy['id']!r}", category))
+    for number, route in enumerate(payloads.get("routing", {}).get("routes", []), start=1):
+        for category in route.get("categories") or []:
+            named.append((f"routing rule {number}", category))
+    grouping = payloads.get("grouping", {})
+    for related in grouping.get("related_categories") or []:
+        for category in related:
+            named.append(("grouping related_categories", category))
+    for category in grouping.get("ungrouped_categories") or []:
+        named.append(("grouping ungrouped_categories", category))
+    warnings = []
+    for where, category in named:
+        if category in configured:
+            continue
+        warning = (
+            f"{where} names category {category!r}, which the categories section lacks, so "
+            "it matches only reports of exactly that category"
+        )
+        close = difflib.get_close_matches(category, configured, n=1)
+        warnings.append(f"{warning}; did you mean {close[0]!r}?" if close else warning)
+    return list(dict.fromkeys(warnings))
 
 
 def current_payloads(config: TenantConfig) -> dict[str, dict[str, Any]]:
@@ -605,7 +648,10 @@ def apply_config(
     result = store.append(
         tenant_id, tenant_stream_id(tenant_id), events, expected_version=config.version
     )
-    return ApplyResult(result.stream_version, changed)
+    warnings = []
+    if set(changed) & set(_CATEGORY_SECTIONS):
+        warnings = category_warnings({**current, **payloads})
+    return ApplyResult(result.stream_version, changed, warnings)
 
 
 def import_holidays(

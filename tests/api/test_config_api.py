@@ -41,7 +41,8 @@ def test_post_config_then_read_it(admin: TestClient, tenant_id: str) -> None:
 
     assert applied.status_code == 200, applied.text
     assert applied.json()["changed"] == ["categories", "calendars", "sla_policies", "routing"]
-    assert again.json() == {"version": applied.json()["version"], "changed": []}
+    assert applied.json()["warnings"] == []
+    assert again.json() == {"version": applied.json()["version"], "changed": [], "warnings": []}
     assert current.json()["version"] == applied.json()["version"]
     assert current.json()["sections"]["sla_policies"]["policies"][0]["id"] == "standard"
     assert [item["section"] for item in versions.json()][-4:] == [
@@ -51,6 +52,24 @@ def test_post_config_then_read_it(admin: TestClient, tenant_id: str) -> None:
         "routing",
     ]
     assert versions.json()[-1]["actor"] == "test admin"
+
+
+def test_unknown_rule_category_warned(admin: TestClient, tenant_id: str) -> None:
+    document = {
+        **DOCUMENT,
+        "routing": [{"categories": ["Potholes"], "department": "Roads"}],
+        "grouping": {"related_categories": [["Pothole", "Graffiti"]]},
+    }
+
+    applied = admin.post(f"/tenants/{tenant_id}/config", json=document)
+
+    assert applied.status_code == 200, applied.text
+    assert applied.json()["warnings"] == [
+        "routing rule 1 names category 'Potholes', which the categories section lacks, so it "
+        "matches only reports of exactly that category; did you mean 'Pothole'?",
+        "grouping related_categories names category 'Graffiti', which the categories section "
+        "lacks, so it matches only reports of exactly that category",
+    ]
 
 
 def test_unknown_section_is_problem(admin: TestClient, tenant_id: str) -> None:
@@ -119,6 +138,11 @@ sla_policies:
     first = civicpulse("config", "apply", str(path), env=env)
     second = civicpulse("config", "apply", str(path), env=env)
     shown = civicpulse("config", "show", "--tenant", tenant_id, env=env)
+    path.write_text(
+        "categories: [{name: Pothole}]\nrouting: [{categories: [Potholes], department: Roads}]\n",
+        encoding="utf-8",
+    )
+    warned = civicpulse("config", "apply", str(path), "--tenant", tenant_id, env=env)
     path.write_text("sla_policies: [{id: x, resolution: '2 business days'}]\n", encoding="utf-8")
     bad = civicpulse("config", "apply", str(path), "--tenant", tenant_id, env=env)
     no_tenant = civicpulse("config", "apply", str(path), env=env)
@@ -128,6 +152,9 @@ sla_policies:
     assert second.returncode == 0
     assert "unchanged" in second.stderr
     assert '"2026-12-24"' in shown.stdout
+    assert warned.returncode == 0, warned.stderr
+    assert "warning: routing rule 1 names category 'Potholes'" in warned.stderr
+    assert "did you mean 'Pothole'?" in warned.stderr
     assert bad.returncode == 2
     assert "names no calendar" in bad.stderr
     assert no_tenant.returncode == 2

@@ -646,6 +646,8 @@ def create_app(
                     "lag_seconds": item.lag_seconds,
                     "last_error": item.last_error,
                     "last_error_at": item.last_error_at,
+                    # None: no running projector owns it, so nothing applies its events.
+                    "owner": item.owner,
                 }
                 for item in progress
             ],

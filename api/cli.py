@@ -298,7 +298,7 @@ def projections_status() -> None:
     with database.connect_any() as conn:
         rows = projection_status(conn)
     table = Table(title="projections")
-    for column in ("projection", "checkpoint", "events behind", "lag (s)", "last error"):
+    for column in ("projection", "owner", "checkpoint", "events behind", "lag (s)", "last error"):
         table.add_column(column)
     for item in rows:
         error = "-"
@@ -306,6 +306,7 @@ def projections_status() -> None:
             error = f"{item.last_error_at.isoformat(timespec='seconds')}: {item.last_error}"
         table.add_row(
             item.name,
+            item.owner or "none: no projector is running it",
             f"tx {item.checkpoint.tx_id}, position {item.checkpoint.position}",
             str(item.events_behind),
             f"{item.lag_seconds:.1f}",

@@ -156,10 +156,34 @@ class ProjectionStatus:
     lag_seconds: float
     last_error: str | None
     last_error_at: datetime | None
+    # The session that owns the projection, as "application name, pid N" (the server's
+    # process id), or None when no projector of this database owns it.
+    owner: str | None = None
+
+
+def projection_owners(conn: psycopg.Connection[Any], names: list[str]) -> dict[str, str]:
+    """Return the session that holds the ownership lock of each of `names` that is owned.
+
+    The lock's second key is hashtext(name), which pg_locks shows as an unsigned objid.
+    """
+    rows = conn.execute(
+        """
+        SELECT p.name, a.application_name, a.pid
+        FROM unnest(%s::text[]) AS p(name)
+        JOIN pg_locks l
+          ON l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objsubid = 2
+         AND l.objid::bigint = hashtext(p.name)::bigint & 4294967295
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        JOIN pg_stat_activity a ON a.pid = l.pid
+        """,
+        (names, ADVISORY_LOCK_CLASS),
+    ).fetchall()
+    return {name: f"{application or 'a session'}, pid {pid}" for name, application, pid in rows}
 
 
 def projection_status(conn: psycopg.Connection[Any]) -> list[ProjectionStatus]:
-    """Return the status of each projection that has a checkpoint, by name."""
+    """Return the status of each projection that has a checkpoint, by name, with the session
+    that owns it."""
     rows = conn.execute(
         """
         SELECT projection, tx_id::text::bigint, position, updated_at, events_behind,
@@ -168,6 +192,7 @@ def projection_status(conn: psycopg.Connection[Any]) -> list[ProjectionStatus]:
         FROM projection_status()
         """
     ).fetchall()
+    owners = projection_owners(conn, [row[0] for row in rows])
     return [
         ProjectionStatus(
             name,
@@ -177,6 +202,7 @@ def projection_status(conn: psycopg.Connection[Any]) -> list[ProjectionStatus]:
             max(0.0, float(lag)),
             last_error,
             last_error_at,
+            owners.get(name),
         )
         for name, tx_id, position, updated_at, behind, lag, last_error, last_error_at in rows
     ]

@@ -491,3 +491,30 @@ def test_collector_threshold_raised_never_lowered(fresh_database: Database) -> N
 
     assert raised == (COLLECTOR_THRESHOLD, 10, 10)
     assert kept == (COLLECTOR_THRESHOLD * 2, 5, 5)
+
+
+def test_status_names_each_projection_owner(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    from projections.runtime import projection_status
+
+    seed_demo(fresh_store, "demo", incidents=5, seed=3, end=T0)
+    incidents, sla = default_projections()[:2]
+    catch_up(fresh_database, [sla])
+    projector = Projector(fresh_database, [incidents], batch_size=100, poll_seconds=0.2)
+
+    def owners() -> dict[str, str | None]:
+        with fresh_database.connect_worker() as conn:
+            return {item.name: item.owner for item in projection_status(conn)}
+
+    projector.start()
+    try:
+        _wait_for(lambda: owners().get("incidents") is not None, 30, "no owner shown")
+        while_running = owners()
+    finally:
+        projector.stop()
+    _wait_for(lambda: owners().get("incidents") is None, 30, "the owner stayed after stop")
+
+    assert while_running["incidents"] is not None
+    assert while_running["incidents"].startswith("civicpulse-projector-incidents, pid ")
+    assert while_running["sla"] is None

@@ -28,6 +28,7 @@ from ledger.lifecycle import IncidentState, fold_incident
 from ledger.parking import tenant_parked_positions, without_parked
 from ledger.store import EVENT_COLUMNS, Checkpoint, row_to_event
 from projections.base import INCIDENT_STREAM_PREFIX, Folded, Projection
+from projections.runtime import collect_less_often
 from projections.sla_queries import consistent_snapshot
 from replay.snapshots import nearest_snapshot
 
@@ -112,6 +113,8 @@ def replay(
     projection built with another rule set for a what-if replay: the live model is never
     written.
     """
+    # The tenant's events or snapshot rows stay in memory for the whole fold.
+    collect_less_often()
     with consistent_snapshot(conn):
         set_tenant(conn, tenant_id)
         loaded = (

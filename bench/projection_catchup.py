@@ -62,16 +62,15 @@ def raw_read(database: Database, batch_size: int, *, ahead: bool) -> tuple[int, 
     ):
         checkpoint = Checkpoint()
         while True:
-            events = read_ahead.take(checkpoint)
-            if events is None:
-                with conn.transaction():
+            with conn.transaction():
+                if ahead:
+                    events = read_ahead.next_batch(conn, checkpoint)
+                else:
                     events = read_after(conn, checkpoint, batch_size)
             if not events:
                 break
             count += len(events)
             checkpoint = Checkpoint(events[-1].tx_id, events[-1].position)
-            if ahead and len(events) == batch_size:
-                read_ahead.request(checkpoint)
     return count, time.perf_counter() - started
 
 

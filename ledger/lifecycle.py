@@ -115,7 +115,7 @@ class IncidentState:
     """The current state of one incident, folded from its stream.
 
     A state is a value: folds build a new one and never change a field in place
-    (ledger/values.py says why the class is not frozen).
+    (ledger/values.py explains why the class is not frozen).
     """
 
     incident_id: UUID

@@ -319,6 +319,17 @@ class ReadAhead:
         self._drop()
         self._pending = (after, self._executor.submit(self._read, after))
 
+    def next_batch(self, conn: psycopg.Connection[Any], after: Checkpoint) -> list[RecordedEvent]:
+        """Return the batch after `after`: the one read ahead when it was read after that
+        checkpoint, or else one read now on `conn`. A full batch starts the read of the next,
+        because more events are likely waiting."""
+        events = self.take(after)
+        if events is None:
+            events = read_after(conn, after, self.batch_size, self.payload_types)
+        if len(events) == self.batch_size:
+            self.request(Checkpoint(events[-1].tx_id, events[-1].position))
+        return events
+
     def take(self, after: Checkpoint) -> list[RecordedEvent] | None:
         """Return the batch read after `after`, or None when there is none to use: no read
         was started after that checkpoint, or the read found no events (a read now may).
@@ -395,16 +406,14 @@ def project_batch(
         conn.execute("SET LOCAL synchronous_commit = off")
         lock_for_apply(conn, projection.name)
         start = load_checkpoint(conn, projection.name)
-        read = read_ahead.take(start) if read_ahead is not None else None
-        if read is None:
+        if read_ahead is not None:
+            read = read_ahead.next_batch(conn, start)
+        else:
             read = read_after(conn, start, batch_size, projection.payload_types)
         if not read:
             return 0
         # The checkpoint moves past the parked events too.
         last = read[-1]
-        if read_ahead is not None and len(read) == batch_size:
-            # A full batch: more events are likely waiting.
-            read_ahead.request(Checkpoint(last.tx_id, last.position))
         events = read
         if projection.parkable:
             parked = parked_positions(conn, projection.name, read[0].position, last.position)

@@ -94,7 +94,7 @@ class SlaState:
     """SLA facts of one incident. Times are valid times (when things happened).
 
     A state is a value: folds build a new one and never change a field in place
-    (ledger/values.py says why the class is not frozen).
+    (ledger/values.py explains why the class is not frozen).
 
     `policy_id` is None when the incident keeps the targets its report carried (an
     imported city's own target) or has none. Due and warning times include the pauses so

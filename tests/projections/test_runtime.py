@@ -485,12 +485,12 @@ def test_collector_threshold_raised_never_lowered(fresh_database: Database) -> N
         raised = gc.get_threshold()
         gc.set_threshold(COLLECTOR_THRESHOLD * 2, 5, 5)
         catch_up(fresh_database, [RecordingProjection()])
-        kept = gc.get_threshold()
+        left_alone = gc.get_threshold()
     finally:
         gc.set_threshold(*saved)
 
     assert raised == (COLLECTOR_THRESHOLD, 10, 10)
-    assert kept == (COLLECTOR_THRESHOLD * 2, 5, 5)
+    assert left_alone == (COLLECTOR_THRESHOLD * 2, 5, 5)
 
 
 def test_status_names_each_projection_owner(

@@ -100,6 +100,16 @@ class Projection:
         """Bulk-write folded states into this projection's tables, which hold none of them."""
         raise NotImplementedError
 
+    def write_folded(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> int:
+        """Fold events from nothing, bulk-write the states and return how many there are.
+
+        A rebuild calls it in its workers. A model that keeps more than its final states,
+        such as row versions, writes those too.
+        """
+        states = self.fold(events)
+        self.write_states(conn, states)
+        return len(states)
+
     def write_log_rows(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
         """Bulk-write the rows that come from the events themselves rather than from the
         folded states, such as stored configuration versions. The default writes none.
@@ -256,13 +266,12 @@ class IncidentRowProjection(Projection, Generic[State]):
         )
         column_list = sql.SQL(", ").join(map(sql.Identifier, columns))
         with conn.cursor() as cur:
-            if not self._copy_binary(conn, staging, column_list, states):
-                with cur.copy(
-                    sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)
-                ) as copy:
-                    for (tenant_id, _), state in states.items():
-                        if state is not None:
-                            copy.write_row((tenant_id, *self._row(state)))
+            rows = [
+                (tenant_id, state, ())
+                for (tenant_id, _), state in states.items()
+                if state is not None
+            ]
+            self.copy_rows(conn, staging, columns, rows)
             updates = sql.SQL(", ").join(
                 sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name))
                 for name in self.columns
@@ -284,63 +293,71 @@ class IncidentRowProjection(Projection, Generic[State]):
                     (tenant_id, stream_id.removeprefix(INCIDENT_STREAM_PREFIX)),
                 )
 
-    def _copy_binary(
+    def copy_rows(
         self,
         conn: psycopg.Connection[Any],
-        staging: sql.Identifier,
-        column_list: sql.Composable,
-        states: dict[tuple[str, str], State | None],
-    ) -> bool:
-        """COPY the states that are not None into `staging` in binary format and return
-        True. Return False, with nothing copied, when the caller must COPY them as text.
+        target: sql.Identifier,
+        columns: list[str],
+        rows: list[tuple[str, State, tuple[Any, ...]]],
+    ) -> None:
+        """COPY rows of (tenant_id, state, extra values) into `columns` of `target`: tenant_id,
+        the state's fields, then a column for each extra value.
 
-        Formatting a datetime is the costliest step of a text row. Over the trends rows
-        of one Boston copy, a binary COPY took 0.6 s of client CPU and a text COPY 1.3 s.
-        Binary is stricter, though. A value of another type than its column (an int in a
-        text column, a naive datetime) raises TypeError where the server would convert
-        its text, so a savepoint undoes the COPY and the batch goes out as text.
+        Binary when the table's column types allow it, else text. Formatting a datetime is
+        the costliest step of a text row. Over the trends rows of one Boston copy, a binary
+        COPY took 0.6 s of client CPU and a text COPY 1.3 s. Binary is stricter, though. A
+        value of another type than its column (an int in a text column, a naive datetime)
+        raises TypeError where the server would convert its text, so a savepoint undoes the
+        COPY and the rows go out as text.
         """
-        types = self._binary_copy_types(conn)
-        if types is None:
-            return False
-        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(staging, column_list)
-        try:
-            with conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy:
-                copy.set_types(types)
-                for (tenant_id, _), state in states.items():
-                    if state is not None:
-                        copy.write_row((tenant_id, *self._binary_row(state)))
-        except (TypeError, ValueError, OverflowError) as error:
-            logger.warning(
-                "binary COPY of %d states into %s failed, copying them as text: %s",
-                len(states),
-                self.table,
-                error,
+        column_list = sql.SQL(", ").join(map(sql.Identifier, columns))
+        types = self._binary_copy_types(conn, target, columns)
+        if types is not None:
+            statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+                target, column_list
             )
-            return False
-        return True
+            try:
+                with conn.transaction(), conn.cursor() as cur, cur.copy(statement) as copy_:
+                    copy_.set_types(types)
+                    for tenant_id, state, extra in rows:
+                        copy_.write_row((tenant_id, *self._binary_row(state), *extra))
+                return
+            except (TypeError, ValueError, OverflowError) as error:
+                logger.warning(
+                    "binary COPY of %d rows into %s failed, copying them as text: %s",
+                    len(rows),
+                    target.as_string(conn),
+                    error,
+                )
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(target, column_list)
+        with conn.cursor() as cur, cur.copy(statement) as copy_:
+            for tenant_id, state, extra in rows:
+                copy_.write_row((tenant_id, *self._row(state), *extra))
 
-    def _binary_copy_types(self, conn: psycopg.Connection[Any]) -> list[str] | None:
-        """Return the types to COPY tenant_id and the state columns as, read once per table
-        from the catalog: jsonb columns as bytea, because `_binary_row` encodes them."""
-        target = self._target.as_string(conn)
-        if target not in self._copy_types:
+    def _binary_copy_types(
+        self, conn: psycopg.Connection[Any], target: sql.Identifier, columns: list[str]
+    ) -> list[str] | None:
+        """Return the types to COPY `columns` of `target` as, read once per table from the
+        catalog (jsonb columns as bytea, because `_binary_row` encodes them), or None when
+        a column's type has no binary form here."""
+        name = target.as_string(conn)
+        if name not in self._copy_types:
             found = dict(
                 conn.execute(
                     "SELECT a.attname, t.typname FROM pg_attribute a "
                     "JOIN pg_type t ON t.oid = a.atttypid "
                     "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-                    (target,),
+                    (name,),
                 ).fetchall()
             )
-            column_types = [found.get(name) for name in ["tenant_id", *self.columns]]
-            usable = all(name in BINARY_COPY_TYPES or name == "jsonb" for name in column_types)
-            self._copy_types[target] = (
-                ["bytea" if name == "jsonb" else str(name) for name in column_types]
+            column_types = [found.get(column) for column in columns]
+            usable = all(kind in BINARY_COPY_TYPES or kind == "jsonb" for kind in column_types)
+            self._copy_types[name] = (
+                ["bytea" if kind == "jsonb" else str(kind) for kind in column_types]
                 if usable
                 else None
             )
-        return self._copy_types[target]
+        return self._copy_types[name]
 
     def _binary_row(self, state: State) -> list[Any]:
         """Return the values of `state` for a binary COPY, JSON fields in jsonb's binary form."""

@@ -29,6 +29,7 @@ from psycopg.types.json import Jsonb
 
 from ledger import lifecycle as lc
 from ledger.events import RecordedEvent
+from ledger.parking import tenant_parked_positions
 from ledger.sla_policy import (
     SLA_CONFIG_EVENT_TYPES,
     Pause,
@@ -36,15 +37,18 @@ from ledger.sla_policy import (
     SlaConfig,
     sla_config_from_payloads,
 )
+from ledger.store import EVENT_COLUMNS, row_to_event
 from ledger.tenants import TENANT_CREATED
 from ledger.values import replaced
 from projections.base import (
+    INCIDENT_STREAM_PREFIX,
     Folded,
     IncidentRowProjection,
     StreamKeys,
     copy_config_versions,
     qualified,
 )
+from projections.versions import RowVersion, VersionTracker, stream_versions
 
 OPEN = "open"
 PAUSED = "paused"
@@ -688,19 +692,30 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
         ],
         configs_table: str,
         proposed: dict[str, dict[str, Any]] | None = None,
+        versions_table: str | None = None,
     ) -> None:
         super().__init__(name, table, state_type, _WithoutHistory(fold_event))
         self.fold_event = fold_event
         self.configs_table = configs_table
-        self.tables = (table, configs_table)
+        # Rows as they stood before each incident's last event (projections/versions.py),
+        # or None for a model that keeps only its live rows.
+        self.versions_table = versions_table
+        self.tables = self._all_tables()
         self.proposed = proposed
+
+    def _all_tables(self) -> tuple[str, ...]:
+        if self.versions_table is None:
+            return (self.table, self.configs_table)
+        return (self.table, self.configs_table, self.versions_table)
 
     def retarget(self, schema: str, tables: dict[str, str]) -> Self:
         clone = copy.copy(self)
         clone.schema = schema
         clone.table = tables[self.table]
         clone.configs_table = tables[self.configs_table]
-        clone.tables = (clone.table, clone.configs_table)
+        if self.versions_table is not None:
+            clone.versions_table = tables[self.versions_table]
+        clone.tables = clone._all_tables()
         return clone
 
     def write_log_rows(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> None:
@@ -714,7 +729,15 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
     ) -> dict[tuple[str, UUID], IncidentState]:
         """Fold events onto `initial`; the events must include the tenant's configuration
         stream from its start, which is how replay reads them."""
-        histories: dict[str, ConfigHistory] = {}
+        return self._fold(events, initial, {}, None)
+
+    def _fold(
+        self,
+        events: Iterable[RecordedEvent],
+        initial: Folded | None,
+        histories: dict[str, ConfigHistory],
+        tracker: VersionTracker | None,
+    ) -> dict[tuple[str, UUID], IncidentState]:
         states: dict[tuple[str, Any], IncidentState | None] = dict(initial or {})
         keys = StreamKeys(self)
         for event in events:
@@ -727,10 +750,123 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
                 history.add(event)
             elif event.event_type in lc.INCIDENT_EVENT_TYPES:
                 key = keys.of(event)
-                states[key] = self.fold_event(
-                    states.get(key), event, histories.get(event.tenant_id)
-                )
+                before = states.get(key)
+                after = states[key] = self.fold_event(before, event, histories.get(event.tenant_id))
+                if tracker is not None:
+                    tracker.step(
+                        (event.tenant_id, event.stream_id),
+                        event.tenant_id,
+                        before,
+                        after,
+                        event.occurred_at,
+                    )
         return keys.result(states)
+
+    def write_folded(self, conn: psycopg.Connection[Any], events: list[RecordedEvent]) -> int:
+        if self.versions_table is None:
+            return super().write_folded(conn, events)
+        self._reject_proposed()
+        histories: dict[str, ConfigHistory] = {}
+        tracker = VersionTracker()
+        states = self._fold(events, None, histories, tracker)
+        self.write_states(conn, states)
+        versions = tracker.closed()
+        if tracker.recompute:
+            streams: dict[tuple[str, str], list[RecordedEvent]] = defaultdict(list)
+            for event in events:
+                key = (event.tenant_id, event.stream_id)
+                if key in tracker.recompute and event.event_type in lc.INCIDENT_EVENT_TYPES:
+                    streams[key].append(event)
+            versions += self._stream_versions(streams, histories)
+        self._copy_versions(conn, versions)
+        return len(states)
+
+    def _stream_versions(
+        self,
+        streams: dict[tuple[str, str], list[RecordedEvent]],
+        histories: dict[str, ConfigHistory],
+    ) -> list[RowVersion]:
+        """Compute the versions of whole streams, each with its tenant's history."""
+        versions: list[RowVersion] = []
+        for (tenant_id, _), stream_events in streams.items():
+            history = histories.get(tenant_id)
+
+            def fold(state: Any, event: RecordedEvent, history: Any = history) -> Any:
+                return self.fold_event(state, event, history)
+
+            versions += stream_versions(tenant_id, stream_events, fold)
+        return versions
+
+    def _copy_versions(self, conn: psycopg.Connection[Any], versions: list[RowVersion]) -> None:
+        """COPY `versions` into the versions table. The live table has row-level security,
+        which COPY does not support, so they go through a temporary table there."""
+        if not versions or self.versions_table is None:
+            return
+        target = qualified(self.schema, self.versions_table)
+        columns = ["tenant_id", *self.columns, "valid_from", "valid_to"]
+        rows = [
+            (version.tenant_id, version.state, (version.valid_from, version.valid_to))
+            for version in versions
+        ]
+        if self.schema is not None:
+            self.copy_rows(conn, target, columns, rows)
+            return
+        staging = sql.Identifier(f"{self.versions_table}_batch")
+        conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
+                "ON COMMIT DELETE ROWS"
+            ).format(staging, target)
+        )
+        self.copy_rows(conn, staging, columns, rows)
+        column_list = sql.SQL(", ").join(map(sql.Identifier, columns))
+        conn.execute(
+            sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
+                target, column_list, column_list, staging
+            )
+        )
+        conn.execute(sql.SQL("TRUNCATE {}").format(staging))
+
+    def _replace_versions(
+        self,
+        conn: psycopg.Connection[Any],
+        tracker: VersionTracker,
+        histories: dict[str, ConfigHistory],
+        through: RecordedEvent,
+    ) -> None:
+        """Write the versions a streaming batch closed, and compute again from the log, up
+        to `through`, those of the incidents it listed to recompute."""
+        versions = tracker.closed()
+        by_tenant: dict[str, list[str]] = defaultdict(list)
+        for tenant_id, stream_id in tracker.recompute:
+            by_tenant[tenant_id].append(stream_id)
+        target = qualified(self.schema, self.versions_table or "")
+        for tenant_id, stream_ids in by_tenant.items():
+            incident_ids = [stream.removeprefix(INCIDENT_STREAM_PREFIX) for stream in stream_ids]
+            conn.execute(
+                sql.SQL(
+                    "DELETE FROM {} WHERE tenant_id = %s AND incident_id = ANY(%s::uuid[])"
+                ).format(target),
+                (tenant_id, incident_ids),
+            )
+            parked = tenant_parked_positions(conn, self.name, tenant_id)
+            streams: dict[tuple[str, str], list[RecordedEvent]] = defaultdict(list)
+            with conn.cursor() as cur:
+                cur.execute(
+                    f"""
+                    SELECT {EVENT_COLUMNS} FROM events
+                    WHERE tenant_id = %s AND stream_id = ANY(%s)
+                      AND (tx_id, position) <= (%s::text::xid8, %s)
+                    ORDER BY tx_id, position
+                    """,
+                    (tenant_id, stream_ids, str(through.tx_id), through.position),
+                )
+                for row in cur:
+                    event = row_to_event(row)
+                    if event.position not in parked and event.event_type in lc.INCIDENT_EVENT_TYPES:
+                        streams[(tenant_id, event.stream_id)].append(event)
+            versions += self._stream_versions(streams, histories)
+        self._copy_versions(conn, versions)
 
     def fold_configs(self, events: Iterable[RecordedEvent]) -> dict[tuple[str, int], Any]:
         """Fold the rows the configuration versions table should hold for `events`."""
@@ -765,6 +901,7 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
         }
         states: dict[tuple[str, str], IncidentState | None] = dict(self.load(conn, incident_keys))
         new_versions: list[tuple[str, _Version]] = []
+        tracker = VersionTracker() if self.versions_table is not None else None
         for event in relevant:
             history = histories.get(event.tenant_id)
             if is_config_event(event):
@@ -773,7 +910,10 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
                 new_versions.append((event.tenant_id, history.add(event)))
                 continue
             key = (event.tenant_id, event.stream_id)
-            states[key] = self.fold_event(states.get(key), event, history)
+            before = states.get(key)
+            after = states[key] = self.fold_event(before, event, history)
+            if tracker is not None:
+                tracker.step(key, event.tenant_id, before, after, event.occurred_at)
         if new_versions:
             with conn.cursor() as cur:
                 cur.executemany(
@@ -799,6 +939,8 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
                 )
         if states:
             self.write(conn, states)
+        if tracker is not None:
+            self._replace_versions(conn, tracker, histories, relevant[-1])
 
     def write_states(self, conn: psycopg.Connection[Any], states: Folded) -> None:
         self._reject_proposed()
@@ -818,6 +960,22 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
                 f"a what-if {self.name} projection folds in memory only and never writes"
             )
 
+    def read_versions(
+        self, conn: psycopg.Connection[Any], tenant_id: str | None = None
+    ) -> list[RowVersion]:
+        """Read the versions table back (one tenant's rows with `tenant_id`) in key order,
+        for comparisons with a fresh fold; empty for a model without versions."""
+        if self.versions_table is None:
+            return []
+        query = sql.SQL(
+            "SELECT tenant_id, {}, valid_from, valid_to FROM {} WHERE %(tenant)s::text IS NULL "
+            "OR tenant_id = %(tenant)s ORDER BY tenant_id, incident_id, valid_from"
+        ).format(self._column_list, qualified(self.schema, self.versions_table))
+        return [
+            RowVersion(row[0], self.state_type(*row[1:-2]), row[-2], row[-1])
+            for row in conn.execute(query, {"tenant": tenant_id})
+        ]
+
     def read_configs(self, conn: psycopg.Connection[Any]) -> dict[tuple[str, int], Any]:
         return {
             (tenant_id, version): (tx_id, position, payloads, known_since)
@@ -833,7 +991,15 @@ class SlaProjection(ConfiguredIncidentProjection[SlaState]):
     """The incident_sla table, and the sla_configs table of configuration versions it uses."""
 
     def __init__(self, proposed: dict[str, dict[str, Any]] | None = None) -> None:
-        super().__init__("sla", "incident_sla", SlaState, evolve_sla, "sla_configs", proposed)
+        super().__init__(
+            "sla",
+            "incident_sla",
+            SlaState,
+            evolve_sla,
+            "sla_configs",
+            proposed,
+            versions_table="incident_sla_versions",
+        )
 
 
 def sla_projection() -> SlaProjection:

@@ -3,6 +3,7 @@ and as known at a transaction time."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from psycopg.pq import TransactionStatus
 
 from ledger.database import set_tenant
 from projections.sla import NOT_JUDGED, RESOLUTION_BREACHED_SQL, SlaState, resolution_breached
-from replay.point_in_time import SLA_MODEL, known_at_states, known_sql, straddling_sla_states
+from replay.point_in_time import SLA_MODEL, known_at_states, known_sql
 
 GROUPINGS = {"category": "category", "department": "department"}
 
@@ -73,22 +74,46 @@ def sla_verdicts(
 def _sla_verdicts(
     conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
 ) -> dict[UUID, bool]:
-    verdicts = {
+    return {
         row[0]: row[1]
         for row in conn.execute(
             f"""
             SELECT incident_id, {RESOLUTION_BREACHED_SQL}
-            FROM incident_sla
-            WHERE tenant_id = %(tenant)s AND latest_occurred_at <= %(now)s
-              AND status <> ALL(%(not_judged)s)
+            FROM ({_rows_at("incident_id, status, resolution_due_at, resolved_at, paused_since")})
+              AS at_time
+            WHERE status <> ALL(%(not_judged)s)
             """,
             {"tenant": tenant_id, "now": as_of, "not_judged": list(NOT_JUDGED)},
         )
     }
-    for state in straddling_sla_states(conn, tenant_id, as_of):
-        if state.status not in NOT_JUDGED:
-            verdicts[state.incident_id] = resolution_breached(state, as_of)
-    return verdicts
+
+
+def _rows_at(columns: str) -> str:
+    """Return a query of `columns` of the tenant's incident_sla rows as of the valid time
+    `now`: the live row of each incident whose events all happened by then, and the version
+    of each incident with events on both sides of it (projections/versions.py).
+
+    It takes the parameters `tenant` and `now`.
+    """
+    return f"""
+        SELECT {columns} FROM incident_sla
+        WHERE tenant_id = %(tenant)s AND latest_occurred_at <= %(now)s
+        UNION ALL
+        SELECT {columns} FROM incident_sla_versions
+        WHERE tenant_id = %(tenant)s AND valid_from <= %(now)s AND valid_to > %(now)s
+    """
+
+
+def sla_states_at(
+    conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
+) -> dict[UUID, SlaState]:
+    """Return the tenant's SLA rows as of the valid time `as_of`, by incident: a fold of
+    the events that happened by then, read from the live rows and their versions."""
+    columns = ", ".join(field.name for field in dataclasses.fields(SlaState))
+    with consistent_snapshot(conn):
+        set_tenant(conn, tenant_id)
+        rows = conn.execute(_rows_at(columns), {"tenant": tenant_id, "now": as_of}).fetchall()
+    return {row[0]: SlaState(*row) for row in rows}
 
 
 def sla_summary(
@@ -107,24 +132,28 @@ def sla_summary(
 def _sla_summary(
     conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
 ) -> dict[str, dict[str | None, SlaCounts]]:
-    straddling = [
-        state
-        for state in straddling_sla_states(conn, tenant_id, as_of)
-        if state.status not in NOT_JUDGED
-    ]
-    rows = _counted_rows(conn, "latest_occurred_at <= %(now)s", {"tenant": tenant_id, "now": as_of})
-    return _grouped(rows, straddling, as_of)
+    source = f"({_rows_at(_COUNTED_COLUMNS)}) AS at_time"
+    rows = _counted_rows(conn, "true", {"tenant": tenant_id, "now": as_of}, source)
+    return _grouped(rows, [], as_of)
+
+
+# The columns `_counted_rows` reads.
+_COUNTED_COLUMNS = "category, department, status, resolution_due_at, resolved_at, paused_since"
 
 
 def _counted_rows(
-    conn: psycopg.Connection[Any], condition: str, params: dict[str, Any]
+    conn: psycopg.Connection[Any],
+    condition: str,
+    params: dict[str, Any],
+    source: str = "incident_sla",
 ) -> list[Any]:
-    """Count the judged rows of incident_sla that match `condition`, by category and by
-    department, judged at the `now` parameter.
+    """Count the judged rows of `source` (incident_sla, or a query of its columns) that
+    match `condition`, by category and by department, judged at the `now` parameter.
 
     One scan of the read model counts both groupings. GROUPING() returns 1 for the rows of
     the category set (department not grouped) and 2 for those of the department set.
     """
+    where = "tenant_id = %(tenant)s AND " if source == "incident_sla" else ""
     return conn.execute(
         f"""
         SELECT GROUPING(category, department), category, department,
@@ -132,8 +161,8 @@ def _counted_rows(
                count(*) FILTER (WHERE resolution_due_at IS NOT NULL),
                count(*) FILTER (WHERE resolved_at IS NULL),
                count(*) FILTER (WHERE {RESOLUTION_BREACHED_SQL})
-        FROM incident_sla
-        WHERE tenant_id = %(tenant)s AND {condition}
+        FROM {source}
+        WHERE {where}{condition}
           AND status <> ALL(%(not_judged)s)
         GROUP BY GROUPING SETS ((category), (department))
         """,

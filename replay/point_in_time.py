@@ -1,9 +1,10 @@
 """Incident read models at a past time, from their live rows and a few refolds.
 
 As of a valid time T (`occurred_at`): a row whose events all happened by T is already the
-state at T. Only incidents with events on both sides of T are folded again from the log,
-using just their events that happened by T. Rows whose events all happened after T did not
-exist yet.
+state at T. Rows whose events all happened after T did not exist yet. The SLA model keeps
+versions of its rows by valid time for the incidents with events on both sides of T
+(projections/versions.py, read by projections/sla_queries.py); for the trends model they
+are folded again from the log, using just their events that happened by T.
 
 As known at a transaction time K (`recorded_at`): a row whose `known_since` is at or
 before K (its events and the configuration versions its fold read were all recorded by K)
@@ -33,7 +34,6 @@ from projections.sla import (
     SLA_CONFIGS,
     TENANT_STREAM_PREFIX,
     ConfigHistory,
-    SlaState,
     evolve_sla,
     load_histories,
 )
@@ -196,13 +196,6 @@ def _refolded(
     """
     params = {"tenant": tenant_id, "streams": list(streams), "known": known_at, "as_of": as_of}
     return _folded_streams(conn, model, tenant_id, history, query, params)
-
-
-def straddling_sla_states(
-    conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
-) -> list[SlaState]:
-    """Fold the SLA state at `as_of` of each incident with events before and after it."""
-    return straddling_states(conn, SLA_MODEL, tenant_id, as_of)
 
 
 def straddling_trend_states(

@@ -470,14 +470,13 @@ def fold_partition(
         events = read_partition(conn, partition, horizon)
         parked = tenant_parked_positions(conn, projection.name, partition.tenant_id)
         events = without_parked(events, parked)
-        states = projection.fold(events)
         target = projection.retarget(SHADOW_SCHEMA, shadow)
-        target.write_states(conn, states)
+        states = target.write_folded(conn, events)
         if partition.bucket == 0:
             # Every bucket of a tenant reads its configuration streams, so one writes the
             # rows that come from them.
             target.write_log_rows(conn, events)
-    return len(events), len(states), time.process_time() - cpu_started
+    return len(events), states, time.process_time() - cpu_started
 
 
 def _fold_partitions(

@@ -30,7 +30,14 @@ from ledger.store import Checkpoint, PostgresEventStore, read_after
 from ledger.tenants import configure_categories, create_tenant
 from projections.runtime import project_batch, replayable_projections
 from projections.sla import sla_projection
-from projections.sla_queries import sla_summary_known_at, summarize_states
+from projections.sla_queries import (
+    sla_states_at,
+    sla_summary,
+    sla_summary_known_at,
+    sla_verdicts,
+    summarize_states,
+    verdicts_of_states,
+)
 from replay.rebuild import rebuild
 from replay.snapshots import take_snapshot
 from replay.time_travel import replay
@@ -197,10 +204,15 @@ def _stream(database: Database, batch_sizes: list[int]) -> None:
 
 def _tables(database: Database) -> dict[str, Any]:
     with database.connect_worker() as conn, conn.transaction():
-        return {
+        found: dict[str, Any] = {
             projection.name: projection.read_all(conn)  # type: ignore[attr-defined]
             for projection in replayable_projections()
         }
+        found["sla versions"] = {
+            (version.tenant_id, version.state.incident_id, version.valid_from): version
+            for version in sla_projection().read_versions(conn)
+        }
+        return found
 
 
 def _tenant_rows(tables: dict[str, Any], tenant: str) -> dict[str, Any]:
@@ -250,6 +262,7 @@ def test_streaming_rebuild_and_replay_agree(
         for projection in replayable_projections():
             take_snapshot(conn, projection, tenant)
     streamed = _tables(database)
+    _check_valid_time_rows(database, tenant)
     for projection in replayable_projections():
         rebuild(database, projection, workers=1)
     rebuilt_once = _tables(database)
@@ -297,6 +310,25 @@ def test_streaming_rebuild_and_replay_agree(
                         )
                     assert slow.states == expected, (as_of, known_at)
                     assert slow.snapshot_id is None
+
+
+def _check_valid_time_rows(database: Database, tenant: str) -> None:
+    """Check the SLA rows, verdicts and summary as of past valid times, read from the live
+    rows and their versions, against a fold of the events that happened by then."""
+    with database.connect_worker() as conn, conn.transaction():
+        events = [e for e in read_after(conn, Checkpoint(), 1_000_000) if e.tenant_id == tenant]
+    valid = sorted({e.occurred_at for e in events})
+    probes = {valid[0] - timedelta(seconds=1), valid[-1] + timedelta(seconds=1)}
+    for moment in valid:
+        probes |= {moment - timedelta(microseconds=1), moment, moment + timedelta(seconds=30)}
+    projection = sla_projection()
+    with database.connect() as conn:
+        for as_of in sorted(probes):
+            folded = projection.fold(_valid(events, as_of, None))
+            expected = {incident_id: state for (_, incident_id), state in folded.items()}
+            assert sla_states_at(conn, tenant, as_of) == expected, as_of
+            assert sla_verdicts(conn, tenant, as_of) == verdicts_of_states(expected.values(), as_of)
+            assert sla_summary(conn, tenant, as_of) == summarize_states(expected.values(), as_of)
 
 
 def _check_known_summaries(database: Database, tenant: str) -> None:

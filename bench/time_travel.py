@@ -96,8 +96,10 @@ def snapshot_as_scheduled(
             places = [
                 Checkpoint(int(tx_id), int(position))
                 for tx_id, position in conn.execute(
+                    # ORDER BY events.tx_id: a bare tx_id would name the text column above,
+                    # which puts transaction 999 after transaction 1000.
                     "SELECT tx_id::text, position FROM events WHERE tenant_id = %s "
-                    "ORDER BY tx_id, position",
+                    "ORDER BY events.tx_id, position",
                     (tenant,),
                 )
             ]

@@ -69,8 +69,8 @@ def stream_versions(
     """Return the versions of one incident row, from all its events in log order.
 
     For each moment at which one of its events happened, the row is the fold of the events
-    that happened by then; the last such row, from `latest_occurred_at` on, is the live row
-    and no version. Folds each prefix of the valid-time order again, so it takes time
+    that happened by then. The last such row holds from `latest_occurred_at` on: it is the
+    live row, not a version. Folds each prefix of the valid-time order again, so it takes time
     quadratic in the number of the incident's events; an incident has few.
     """
     final = _fold(events, fold, None)
@@ -82,7 +82,13 @@ def stream_versions(
         if start >= final.latest_occurred_at:
             break
         state = _fold(events, fold, start)
-        if state is not None:
+        if state is None:
+            continue
+        if versions and versions[-1].valid_to == start and versions[-1].state == state:
+            # An event that changed nothing (one the fold skips before the report) splits
+            # no interval, as in `VersionTracker`.
+            versions[-1] = RowVersion(tenant_id, state, versions[-1].valid_from, end)
+        else:
             versions.append(RowVersion(tenant_id, state, start, end))
     return versions
 

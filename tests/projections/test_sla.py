@@ -16,6 +16,7 @@ from ledger.store import PostgresEventStore
 from projections.incidents import incidents_projection
 from projections.sla import (
     RESOLUTION_BREACHED_SQL,
+    SLA_PAYLOAD_TYPES,
     SlaState,
     evolve_sla,
     resolution_breached,
@@ -300,3 +301,31 @@ def test_as_of_equals_fold_of_events_valid_then(
     assert verdicts == expected
     assert {key: value.total for key, value in summary["category"].items()} == counts
     assert sum(value.breached for value in summary["department"].values()) == sum(expected.values())
+
+
+class _Unread(dict[str, Any]):
+    """A payload that fails the test when anything reads it."""
+
+    def _read(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(
+            "the SLA fold read the payload or metadata of an event type "
+            "missing from SLA_PAYLOAD_TYPES"
+        )
+
+    get = __getitem__ = __contains__ = __iter__ = __len__ = keys = items = values = _read
+
+
+def test_the_fold_reads_no_payload_outside_its_payload_types() -> None:
+    """A streaming batch gives the events outside SLA_PAYLOAD_TYPES empty payloads, so the
+    fold must never look at them."""
+    unread = sorted(lc.INCIDENT_EVENT_TYPES - SLA_PAYLOAD_TYPES)
+    assert lc.INCIDENT_CLOSED in unread
+    for event_type in unread:
+        for before in (
+            fold(),
+            fold((lc.INFORMATION_REQUESTED, 1)),
+            fold((lc.INCIDENT_RESOLVED, 2)),
+            fold((lc.INCIDENT_CLOSED, 3)),
+        ):
+            event = replace(recorded(event_type, 5, 9), payload=_Unread(), metadata=_Unread())
+            evolve_sla(before, event)

@@ -73,6 +73,17 @@ def _row_at(live: Any, versions: list[RowVersion], moment: datetime) -> Any:
     return holding[0] if holding else None
 
 
+def _tracked(events: list[RecordedEvent]) -> tuple[VersionTracker, Any]:
+    """Fold `events` as a streaming batch does, with a tracker of the versions they close."""
+    tracker = VersionTracker()
+    state = None
+    for event in events:
+        after = evolve_sla(state, event)
+        tracker.step("key", "acme", state, after, event.occurred_at)
+        state = after
+    return tracker, state
+
+
 histories = st.lists(
     st.tuples(st.sampled_from(KINDS), st.integers(0, 30)), min_size=1, max_size=8
 ).map(lambda steps: [_event(number, kind, hours) for number, (kind, hours) in enumerate(steps)])
@@ -94,12 +105,7 @@ def test_versions_and_live_row_give_the_fold_at_every_moment(events: list[Record
 def test_tracker_closes_the_versions_of_events_in_valid_time_order(
     events: list[RecordedEvent],
 ) -> None:
-    tracker = VersionTracker()
-    state = None
-    for event in events:
-        after = evolve_sla(state, event)
-        tracker.step("key", "acme", state, after, event.occurred_at)
-        state = after
+    tracker, state = _tracked(events)
     in_order = all(
         later.occurred_at >= earlier.occurred_at
         for earlier, later in zip(events, events[1:], strict=False)
@@ -119,12 +125,7 @@ def test_an_event_out_of_valid_time_order_changes_the_earlier_versions() -> None
         _event(2, lc.INCIDENT_CLOSED, 10),
         _event(3, lc.INCIDENT_ACKNOWLEDGED, 4),
     ]
-    tracker = VersionTracker()
-    state = None
-    for event in events:
-        after = evolve_sla(state, event)
-        tracker.step("key", "acme", state, after, event.occurred_at)
-        state = after
+    tracker, state = _tracked(events)
     assert tracker.recompute == {"key"}
 
     versions = stream_versions("acme", events, evolve_sla)

@@ -849,24 +849,36 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
                 ).format(target),
                 (tenant_id, incident_ids),
             )
-            parked = tenant_parked_positions(conn, self.name, tenant_id)
-            streams: dict[tuple[str, str], list[RecordedEvent]] = defaultdict(list)
-            with conn.cursor() as cur:
-                cur.execute(
-                    f"""
-                    SELECT {EVENT_COLUMNS} FROM events
-                    WHERE tenant_id = %s AND stream_id = ANY(%s)
-                      AND (tx_id, position) <= (%s::text::xid8, %s)
-                    ORDER BY tx_id, position
-                    """,
-                    (tenant_id, stream_ids, str(through.tx_id), through.position),
-                )
-                for row in cur:
-                    event = row_to_event(row)
-                    if event.position not in parked and event.event_type in lc.INCIDENT_EVENT_TYPES:
-                        streams[(tenant_id, event.stream_id)].append(event)
+            streams = self._read_streams(conn, tenant_id, stream_ids, through)
             versions += self._stream_versions(streams, histories)
         self._copy_versions(conn, versions)
+
+    def _read_streams(
+        self,
+        conn: psycopg.Connection[Any],
+        tenant_id: str,
+        stream_ids: list[str],
+        through: RecordedEvent,
+    ) -> dict[tuple[str, str], list[RecordedEvent]]:
+        """Read the incident events of `stream_ids` up to `through` in log order, less the
+        ones parked for this projection, by (tenant, stream id)."""
+        parked = tenant_parked_positions(conn, self.name, tenant_id)
+        streams: dict[tuple[str, str], list[RecordedEvent]] = defaultdict(list)
+        with conn.cursor() as cur:
+            cur.execute(
+                f"""
+                SELECT {EVENT_COLUMNS} FROM events
+                WHERE tenant_id = %s AND stream_id = ANY(%s)
+                  AND (tx_id, position) <= (%s::text::xid8, %s)
+                ORDER BY tx_id, position
+                """,
+                (tenant_id, stream_ids, str(through.tx_id), through.position),
+            )
+            for row in cur:
+                event = row_to_event(row)
+                if event.position not in parked and event.event_type in lc.INCIDENT_EVENT_TYPES:
+                    streams[(tenant_id, event.stream_id)].append(event)
+        return streams
 
     def fold_configs(self, events: Iterable[RecordedEvent]) -> dict[tuple[str, int], Any]:
         """Fold the rows the configuration versions table should hold for `events`."""

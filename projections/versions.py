@@ -4,7 +4,7 @@ A fold of an incident's events that happened by T (kept in log order) gives its 
 T. The live row is that fold for every T from the row's `latest_occurred_at` on. For the
 moments before, a model can keep versions: the row as it stood from `valid_from` up to,
 not including, `valid_to`. With them, a query as of any T reads, for each incident, the live
-row when `latest_occurred_at <= T` or else the version whose interval holds T, and folds
+row when `latest_occurred_at <= T` or else the version whose interval contains T, and folds
 nothing.
 
 While an incident's events arrive in valid-time order, each event closes the previous row
@@ -69,15 +69,15 @@ def stream_versions(
     """Return the versions of one incident row, from all its events in log order.
 
     For each moment at which one of its events happened, the row is the fold of the events
-    that happened by then. The last such row holds from `latest_occurred_at` on: it is the
-    live row, not a version. Folds each prefix of the valid-time order again, so it takes time
+    that happened by then. From `latest_occurred_at` on, the last such row is the live row,
+    not a version. Folds each prefix of the valid-time order again, so it takes time
     quadratic in the number of the incident's events; an incident has few.
     """
     final = _fold(events, fold, None)
     if final is None:
         return []
     moments = sorted({event.occurred_at for event in events})
-    versions = []
+    versions: list[RowVersion] = []
     for start, end in zip(moments, moments[1:], strict=False):
         if start >= final.latest_occurred_at:
             break

@@ -63,7 +63,7 @@ def _fold(events: list[RecordedEvent], by: datetime | None = None) -> Any:
 
 def _row_at(live: Any, versions: list[RowVersion], moment: datetime) -> Any:
     """Read the row as of `moment` as the SLA summary does: the live row once its events all
-    happened, else the one version whose interval holds the moment, else none."""
+    happened, else the one version whose interval contains the moment, else none."""
     holding = [v.state for v in versions if v.valid_from <= moment < v.valid_to]
     if live is not None and live.latest_occurred_at <= moment:
         # The summary counts both tables with UNION ALL: a version here would count twice.
@@ -90,7 +90,7 @@ histories = st.lists(
 
 
 @given(events=histories)
-def test_versions_and_live_row_give_the_fold_at_every_moment(events: list[RecordedEvent]) -> None:
+def test_versions_equal_fold_at_any_moment(events: list[RecordedEvent]) -> None:
     live = _fold(events)
     versions = stream_versions("acme", events, evolve_sla)
     moments = sorted({event.occurred_at for event in events})
@@ -102,7 +102,7 @@ def test_versions_and_live_row_give_the_fold_at_every_moment(events: list[Record
 
 
 @given(events=histories)
-def test_tracker_closes_the_versions_of_events_in_valid_time_order(
+def test_tracker_matches_recomputed_versions(
     events: list[RecordedEvent],
 ) -> None:
     tracker, state = _tracked(events)
@@ -111,14 +111,14 @@ def test_tracker_closes_the_versions_of_events_in_valid_time_order(
         for earlier, later in zip(events, events[1:], strict=False)
     )
     if "key" in tracker.recompute:
-        # Only an event out of valid-time order asks for the versions to be computed again.
+        # Only an event out of valid-time order makes the versions be computed again.
         assert not in_order or state is None
         assert tracker.closed() == []
     else:
         assert tracker.closed() == stream_versions("acme", events, evolve_sla)
 
 
-def test_an_event_out_of_valid_time_order_changes_the_earlier_versions() -> None:
+def test_versions_late_event_changes_earlier() -> None:
     # Submitted at 0, closed at 10, then an acknowledgement entered late that happened at 4.
     events = [
         _event(1, lc.REPORT_SUBMITTED, 0),

@@ -255,36 +255,25 @@ class IncidentRowProjection(Projection, Generic[State]):
         self, conn: psycopg.Connection[Any], states: dict[tuple[str, str], State | None]
     ) -> None:
         """Upsert the given states and delete the rows whose state is None."""
-        columns = ["tenant_id", *self.columns]
-        staging = sql.Identifier(f"{self.table}_batch")
         target = self._target
-        conn.execute(
-            sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
-                "ON COMMIT DELETE ROWS"
-            ).format(staging, target)
+        rows = [
+            (tenant_id, state, ()) for (tenant_id, _), state in states.items() if state is not None
+        ]
+        updates = sql.SQL(", ").join(
+            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name))
+            for name in self.columns
+            if name != "incident_id"
         )
-        column_list = sql.SQL(", ").join(map(sql.Identifier, columns))
+        self.insert_staged(
+            conn,
+            target,
+            f"{self.table}_batch",
+            ["tenant_id", *self.columns],
+            rows,
+            sql.SQL("ON CONFLICT (tenant_id, incident_id) DO UPDATE SET {}").format(updates),
+        )
+        removed = [key for key, state in states.items() if state is None]
         with conn.cursor() as cur:
-            rows = [
-                (tenant_id, state, ())
-                for (tenant_id, _), state in states.items()
-                if state is not None
-            ]
-            self.copy_rows(conn, staging, columns, rows)
-            updates = sql.SQL(", ").join(
-                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name))
-                for name in self.columns
-                if name != "incident_id"
-            )
-            cur.execute(
-                sql.SQL(
-                    "INSERT INTO {target} ({columns}) SELECT {columns} FROM {staging} "
-                    "ON CONFLICT (tenant_id, incident_id) DO UPDATE SET {updates}"
-                ).format(target=target, columns=column_list, staging=staging, updates=updates)
-            )
-            cur.execute(sql.SQL("TRUNCATE {}").format(staging))
-            removed = [key for key, state in states.items() if state is None]
             for tenant_id, stream_id in removed:
                 cur.execute(
                     sql.SQL("DELETE FROM {} WHERE tenant_id = %s AND incident_id = %s").format(
@@ -292,6 +281,38 @@ class IncidentRowProjection(Projection, Generic[State]):
                     ),
                     (tenant_id, stream_id.removeprefix(INCIDENT_STREAM_PREFIX)),
                 )
+
+    def insert_staged(
+        self,
+        conn: psycopg.Connection[Any],
+        target: sql.Identifier,
+        staging_name: str,
+        columns: list[str],
+        rows: list[tuple[str, State, tuple[Any, ...]]],
+        on_conflict: sql.Composable | None = None,
+    ) -> None:
+        """Insert rows, as `copy_rows` takes them, into `target` through the temporary table
+        `staging_name`: one COPY, then one INSERT with `on_conflict`.
+
+        The live tables have row-level security, which COPY does not support. The staging
+        table is emptied after the INSERT, because one transaction may write several batches.
+        """
+        staging = sql.Identifier(staging_name)
+        conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
+                "ON COMMIT DELETE ROWS"
+            ).format(staging, target)
+        )
+        self.copy_rows(conn, staging, columns, rows)
+        column_list = sql.SQL(", ").join(map(sql.Identifier, columns))
+        insert = sql.SQL("INSERT INTO {target} ({columns}) SELECT {columns} FROM {staging}").format(
+            target=target, columns=column_list, staging=staging
+        )
+        if on_conflict is not None:
+            insert = sql.SQL(" ").join([insert, on_conflict])
+        conn.execute(insert)
+        conn.execute(sql.SQL("TRUNCATE {}").format(staging))
 
     def copy_rows(
         self,

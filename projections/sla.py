@@ -697,7 +697,7 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
         super().__init__(name, table, state_type, _WithoutHistory(fold_event))
         self.fold_event = fold_event
         self.configs_table = configs_table
-        # Rows as they stood before each incident's last event (projections/versions.py),
+        # Rows as they were before each incident's last event (projections/versions.py),
         # or None for a model that keeps only its live rows.
         self.versions_table = versions_table
         self.tables = self._all_tables()
@@ -798,8 +798,8 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
         return versions
 
     def _copy_versions(self, conn: psycopg.Connection[Any], versions: list[RowVersion]) -> None:
-        """COPY `versions` into the versions table. The live table has row-level security,
-        which COPY does not support, so they go through a temporary table there."""
+        """Write `versions` into the versions table: with COPY into a rebuild's shadow table,
+        through a temporary table into the live one, which has row-level security."""
         if not versions or self.versions_table is None:
             return
         target = qualified(self.schema, self.versions_table)
@@ -810,22 +810,8 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
         ]
         if self.schema is not None:
             self.copy_rows(conn, target, columns, rows)
-            return
-        staging = sql.Identifier(f"{self.versions_table}_batch")
-        conn.execute(
-            sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
-                "ON COMMIT DELETE ROWS"
-            ).format(staging, target)
-        )
-        self.copy_rows(conn, staging, columns, rows)
-        column_list = sql.SQL(", ").join(map(sql.Identifier, columns))
-        conn.execute(
-            sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
-                target, column_list, column_list, staging
-            )
-        )
-        conn.execute(sql.SQL("TRUNCATE {}").format(staging))
+        else:
+            self.insert_staged(conn, target, f"{self.versions_table}_batch", columns, rows)
 
     def _replace_versions(
         self,
@@ -976,7 +962,7 @@ class ConfiguredIncidentProjection(IncidentRowProjection[IncidentState]):
         self, conn: psycopg.Connection[Any], tenant_id: str | None = None
     ) -> list[RowVersion]:
         """Read the versions table back (one tenant's rows with `tenant_id`) in key order,
-        for comparisons with a fresh fold; empty for a model without versions."""
+        for comparisons with a fresh fold. A model without versions returns none."""
         if self.versions_table is None:
             return []
         query = sql.SQL(

@@ -132,8 +132,7 @@ def sla_summary(
 def _sla_summary(
     conn: psycopg.Connection[Any], tenant_id: str, as_of: datetime
 ) -> dict[str, dict[str | None, SlaCounts]]:
-    source = f"({_rows_at(_COUNTED_COLUMNS)}) AS at_time"
-    rows = _counted_rows(conn, "true", {"tenant": tenant_id, "now": as_of}, source)
+    rows = _counted_rows(conn, _rows_at(_COUNTED_COLUMNS), {"tenant": tenant_id, "now": as_of})
     return _grouped(rows, [], as_of)
 
 
@@ -141,19 +140,13 @@ def _sla_summary(
 _COUNTED_COLUMNS = "category, department, status, resolution_due_at, resolved_at, paused_since"
 
 
-def _counted_rows(
-    conn: psycopg.Connection[Any],
-    condition: str,
-    params: dict[str, Any],
-    source: str = "incident_sla",
-) -> list[Any]:
-    """Count the judged rows of `source` (incident_sla, or a query of its columns) that
-    match `condition`, by category and by department, judged at the `now` parameter.
+def _counted_rows(conn: psycopg.Connection[Any], rows: str, params: dict[str, Any]) -> list[Any]:
+    """Count the judged rows that the query `rows` returns, by category and by department,
+    judged at the `now` parameter. `rows` selects the `_COUNTED_COLUMNS` of SLA rows.
 
     One scan of the read model counts both groupings. GROUPING() returns 1 for the rows of
     the category set (department not grouped) and 2 for those of the department set.
     """
-    where = "tenant_id = %(tenant)s AND " if source == "incident_sla" else ""
     return conn.execute(
         f"""
         SELECT GROUPING(category, department), category, department,
@@ -161,9 +154,8 @@ def _counted_rows(
                count(*) FILTER (WHERE resolution_due_at IS NOT NULL),
                count(*) FILTER (WHERE resolved_at IS NULL),
                count(*) FILTER (WHERE {RESOLUTION_BREACHED_SQL})
-        FROM {source}
-        WHERE {where}{condition}
-          AND status <> ALL(%(not_judged)s)
+        FROM ({rows}) AS counted
+        WHERE status <> ALL(%(not_judged)s)
         GROUP BY GROUPING SETS ((category), (department))
         """,
         {**params, "not_judged": list(NOT_JUDGED)},
@@ -222,11 +214,13 @@ def _sla_summary_known_at(
     if known is None:
         return None
     judged_at = as_of or known_at
-    condition = (
-        f"{known_sql()} AND (%(as_of)s::timestamptz IS NULL OR latest_occurred_at <= %(as_of)s)"
-    )
+    known_rows = f"""
+        SELECT {_COUNTED_COLUMNS} FROM incident_sla
+        WHERE tenant_id = %(tenant)s AND {known_sql()}
+          AND (%(as_of)s::timestamptz IS NULL OR latest_occurred_at <= %(as_of)s)
+    """
     params = {"tenant": tenant_id, "as_of": as_of, "now": judged_at, **known.params()}
-    rows = _counted_rows(conn, condition, params)
+    rows = _counted_rows(conn, known_rows, params)
     folded = [state for state in known.folded if state.status not in NOT_JUDGED]
     return _grouped(rows, folded, judged_at)
 

@@ -26,7 +26,7 @@ from ledger.events import RecordedEvent
 
 @dataclass(frozen=True, slots=True)
 class RowVersion:
-    """An incident row as it stood from `valid_from` up to, not including, `valid_to`."""
+    """An incident row as it was from `valid_from` up to, not including, `valid_to`."""
 
     tenant_id: str
     state: Any
@@ -35,12 +35,11 @@ class RowVersion:
 
 
 class VersionTracker:
-    """Collects the versions that a fold, event by event, closes.
+    """A collector of the versions that a fold closes, event by event.
 
     `step` is called with each incident event and the row before and after it, rows that
-    have a `latest_occurred_at`. Incidents
-    whose events came out of valid-time order, or whose row was removed, are listed in
-    `recompute`; their versions from `step` are dropped by `closed`.
+    have a `latest_occurred_at`. Incidents whose events came out of valid-time order, or
+    whose row was removed, are listed in `recompute`, and `closed` drops their versions.
     """
 
     def __init__(self) -> None:

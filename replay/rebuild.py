@@ -471,12 +471,12 @@ def fold_partition(
         parked = tenant_parked_positions(conn, projection.name, partition.tenant_id)
         events = without_parked(events, parked)
         target = projection.retarget(SHADOW_SCHEMA, shadow)
-        states = target.write_folded(conn, events)
+        written = target.write_folded(conn, events)
         if partition.bucket == 0:
             # Every bucket of a tenant reads its configuration streams, so one writes the
             # rows that come from them.
             target.write_log_rows(conn, events)
-    return len(events), states, time.process_time() - cpu_started
+    return len(events), written, time.process_time() - cpu_started
 
 
 def _fold_partitions(

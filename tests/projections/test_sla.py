@@ -306,16 +306,16 @@ def test_as_of_equals_fold_of_events_valid_then(
 class _Unread(dict[str, Any]):
     """A payload that fails the test when anything reads it."""
 
-    def _read(self, *args: Any, **kwargs: Any) -> Any:
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
         raise AssertionError(
             "the SLA fold read the payload or metadata of an event type "
             "missing from SLA_PAYLOAD_TYPES"
         )
 
-    get = __getitem__ = __contains__ = __iter__ = __len__ = keys = items = values = _read
+    get = __getitem__ = __contains__ = __iter__ = __len__ = keys = items = values = _fail
 
 
-def test_the_fold_reads_no_payload_outside_its_payload_types() -> None:
+def test_sla_fold_ignores_unlisted_payloads() -> None:
     """A streaming batch gives the events outside SLA_PAYLOAD_TYPES empty payloads, so the
     fold must never look at them."""
     unread = sorted(lc.INCIDENT_EVENT_TYPES - SLA_PAYLOAD_TYPES)

@@ -4,7 +4,7 @@ versions give the fold of the events that happened by then."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from hypothesis import given
@@ -14,8 +14,8 @@ from ledger import lifecycle as lc
 from ledger.events import RecordedEvent
 from projections.sla import evolve_sla
 from projections.versions import RowVersion, VersionTracker, stream_versions
+from tests.projections.test_sla import T0, recorded
 
-T0 = datetime(2026, 2, 2, 8, 0, tzinfo=UTC)
 INCIDENT = uuid.UUID("5b0c52a4-4a55-4f0f-9d0e-0a4a1c3c7f10")
 KINDS = [
     lc.REPORT_SUBMITTED,
@@ -36,21 +36,7 @@ def _event(number: int, kind: str, hours: int) -> RecordedEvent:
             "category": "Streetlight",
             "resolution_due_at": (T0 + timedelta(hours=20)).isoformat(),
         }
-    return RecordedEvent(
-        position=number,
-        tx_id=number,
-        tenant_id="acme",
-        stream_id=f"incident-{INCIDENT}",
-        stream_version=number,
-        event_type=kind,
-        schema_version=1,
-        payload=payload,
-        metadata={},
-        occurred_at=T0 + timedelta(hours=hours),
-        recorded_at=T0,
-        event_id=uuid.uuid4(),
-        hash=bytes(32),
-    )
+    return recorded(kind, hours, number, **payload)
 
 
 def _fold(events: list[RecordedEvent], by: datetime | None = None) -> Any:
@@ -111,7 +97,7 @@ def test_tracker_matches_recomputed_versions(
         for earlier, later in zip(events, events[1:], strict=False)
     )
     if "key" in tracker.recompute:
-        # Only an event out of valid-time order makes the versions be computed again.
+        # Only an event out of valid-time order requires the versions to be computed again.
         assert not in_order or state is None
         assert tracker.closed() == []
     else:

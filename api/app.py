@@ -313,7 +313,7 @@ def _counts_out(key: str | None, counts: SlaCounts) -> SlaCountsOut:
     )
 
 
-def get_commands(request: Request) -> IncidentCommands:
+async def get_commands(request: Request) -> IncidentCommands:
     commands: IncidentCommands = request.app.state.commands
     return commands
 
@@ -660,7 +660,7 @@ def create_app(
         responses=COMMAND_RESPONSES,
         tags=["commands"],
     )
-    def submit_report(
+    async def submit_report(
         tenant_id: TenantPath,
         report: ReportIn,
         request: Request,
@@ -680,7 +680,7 @@ def create_app(
                     f"set {' or '.join(staff_fields)} on a report; leave "
                     f"{'them' if len(staff_fields) > 1 else 'it'} out",
                 )
-        result = service.submit(
+        result = await service.submit_async(
             tenant_id,
             report.model_dump(exclude_none=True, exclude={"reporter"}),
             reporter=report.reporter.model_dump(exclude_none=True) if report.reporter else None,

@@ -87,9 +87,7 @@ class Open311Allow(Allow):
             if tenant is not None:
                 return None
         try:
-            principal: Principal = await run_in_threadpool(
-                Allow.__call__, self, request, credentials
-            )
+            principal: Principal = await Allow.__call__(self, request, credentials)
         except AuthenticationFailed as error:
             if credentials is None:
                 raise

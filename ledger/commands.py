@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
@@ -32,7 +33,7 @@ from ledger.personal import (
 )
 from ledger.routing import routing_event
 from ledger.store import AppendResult, PostgresEventStore, find_stored, read_stream
-from ledger.tenants import require_tenant
+from ledger.tenants import cached_tenant, require_tenant
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,26 @@ def _metadata(
     return metadata
 
 
+def _checked_report(
+    report: dict[str, Any], reporter: Mapping[str, Any] | None
+) -> ReporterContact | None:
+    """Reject personal fields in a report; return its reporter's checked contact, if any."""
+    personal = sorted(PERSONAL_REPORT_FIELDS & set(report))
+    if personal:
+        raise CommandInvalid(
+            f"report field(s) {', '.join(personal)} would store personal data in plain "
+            "text; pass the reporter's name, email and phone in `reporter` instead"
+        )
+    return validate_reporter(reporter)
+
+
+def _submit_result(tenant_id: str, incident_id: UUID, result: AppendResult) -> CommandResult:
+    if result.replayed:
+        # The stream id derives from the key, so the first incident is this one.
+        logger.info("submit replayed for tenant %s incident %s", tenant_id, incident_id)
+    return CommandResult(incident_id, result)
+
+
 class IncidentCommands:
     """Submits reports and runs lifecycle commands for one store."""
 
@@ -134,14 +155,60 @@ class IncidentCommands:
         `contact` object. The key is created in the same transaction as the append. Raises
         CommandInvalid when `report` has a personal field or a reporter value is invalid.
         """
-        personal = sorted(PERSONAL_REPORT_FIELDS & set(report))
-        if personal:
-            raise CommandInvalid(
-                f"report field(s) {', '.join(personal)} would store personal data in plain "
-                "text; pass the reporter's name, email and phone in `reporter` instead"
-            )
-        contact = validate_reporter(reporter)
+        contact = _checked_report(report, reporter)
         require_tenant(self.store, tenant_id)  # raises TenantNotFound
+        incident_id, stream_id, event = self._submitted(
+            tenant_id, report, contact, actor, idempotency_key, correlation_id
+        )
+        if contact is None:
+            result = self.store.append(tenant_id, stream_id, [event], expected_version=0)
+        else:
+            result = self._append_with_contact(tenant_id, stream_id, event, contact)
+        return _submit_result(tenant_id, incident_id, result)
+
+    async def submit_async(
+        self,
+        tenant_id: str,
+        report: dict[str, Any],
+        *,
+        actor: Actor,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        reporter: Mapping[str, Any] | None = None,
+    ) -> CommandResult:
+        """`submit` for an event loop, with the same results and errors.
+
+        A report without reporter contact, from a tenant whose configuration is cached at
+        the version this request read, is appended without holding a thread. Any other
+        report, which needs reads of its own first, is submitted in a thread.
+        """
+        contact = _checked_report(report, reporter)
+        if contact is not None or cached_tenant(self.store, tenant_id) is None:
+            return await asyncio.to_thread(
+                self.submit,
+                tenant_id,
+                report,
+                actor=actor,
+                idempotency_key=idempotency_key,
+                correlation_id=correlation_id,
+                reporter=reporter,
+            )
+        incident_id, stream_id, event = self._submitted(
+            tenant_id, report, None, actor, idempotency_key, correlation_id
+        )
+        result = await self.store.append_async(tenant_id, stream_id, [event], expected_version=0)
+        return _submit_result(tenant_id, incident_id, result)
+
+    def _submitted(
+        self,
+        tenant_id: str,
+        report: dict[str, Any],
+        contact: ReporterContact | None,
+        actor: Actor,
+        idempotency_key: str | None,
+        correlation_id: str | None,
+    ) -> tuple[UUID, str, NewEvent]:
+        """Return the incident, its stream and the ReportSubmitted event of a checked report."""
         now = self.clock()
         if idempotency_key is not None:
             incident_id = derived_id(tenant_id, "submit", idempotency_key)
@@ -163,15 +230,7 @@ class IncidentCommands:
                 actor, idempotency_key, _hashed_body(report, contact), correlation_id
             ),
         )
-        stream_id = incident_stream_id(incident_id)
-        if contact is None:
-            result = self.store.append(tenant_id, stream_id, [event], expected_version=0)
-        else:
-            result = self._append_with_contact(tenant_id, stream_id, event, contact)
-        if result.replayed:
-            # The stream id derives from the key, so the first incident is this one.
-            logger.info("submit replayed for tenant %s incident %s", tenant_id, incident_id)
-        return CommandResult(incident_id, result)
+        return incident_id, incident_stream_id(incident_id), event
 
     def _append_with_contact(
         self, tenant_id: str, stream_id: str, event: NewEvent, contact: ReporterContact

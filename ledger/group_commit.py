@@ -8,6 +8,7 @@ serves the whole batch.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -108,11 +109,34 @@ class GroupCommitter:
         try:
             result: T = unit.future.result(timeout=self.timeout_seconds)
         except FutureTimeout:
-            raise GroupCommitTimeout(
-                f"{self.name}: the append to {lock_key} was not committed within "
-                f"{self.timeout_seconds} s"
-            ) from None
+            raise self._timed_out(lock_key) from None
         return result
+
+    async def run_async(
+        self, tenant_id: str, work: Work[T], *, lock_key: str, item: Any = None
+    ) -> T:
+        """`run` for an event loop: wait for the batch's COMMIT without holding a thread.
+
+        A caller that is cancelled while it waits leaves its unit in the batch, as a
+        timed-out one does: the unit may still commit.
+        """
+        self._start()
+        unit = _Unit(tenant_id, lock_key, work, item)
+        self._queue.put(unit)
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                # Shielded, so that a cancelled wait never cancels the unit's future, which
+                # the committer thread sets once the batch ends.
+                result: T = await asyncio.shield(asyncio.wrap_future(unit.future))
+        except TimeoutError:
+            raise self._timed_out(lock_key) from None
+        return result
+
+    def _timed_out(self, lock_key: str) -> GroupCommitTimeout:
+        return GroupCommitTimeout(
+            f"{self.name}: the append to {lock_key} was not committed within "
+            f"{self.timeout_seconds} s"
+        )
 
     def stop(self) -> None:
         """Finish the queued units, then stop the worker threads; `run` starts them again."""

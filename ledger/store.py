@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,29 @@ def read_after(
         return cur.fetchall()
 
 
+def _prepare_append(events: Sequence[NewEvent]) -> list[NewEvent]:
+    """Check the events of one append and prepare them for storing."""
+    if not events:
+        raise ValueError("append needs at least one event")
+    ids = [event.event_id for event in events]
+    if len(set(ids)) != len(ids):
+        repeated = next(event_id for event_id in ids if ids.count(event_id) > 1)
+        raise ValueError(
+            f"event id {repeated} appears more than once in one append; give each event its own id"
+        )
+    return [_prepare(event) for event in events]
+
+
+def _counted(result: AppendResult, prepared: list[NewEvent]) -> AppendResult:
+    """Count a finished append in the metrics and return it."""
+    if result.replayed:
+        APPEND_REPLAYS.inc()
+    else:
+        for event in prepared:
+            EVENTS_APPENDED.labels(event.event_type).inc()
+    return result
+
+
 class PostgresEventStore:
     """Appends events with optimistic concurrency and reads them back.
 
@@ -173,27 +197,47 @@ class PostgresEventStore:
         an open transaction, the append runs in a savepoint of it and is durable only when the
         caller commits. A retry that lost a race is then raised as a conflict, not replayed.
         """
-        if not events:
-            raise ValueError("append needs at least one event")
-        ids = [event.event_id for event in events]
-        if len(set(ids)) != len(ids):
-            repeated = next(event_id for event_id in ids if ids.count(event_id) > 1)
-            raise ValueError(
-                f"event id {repeated} appears more than once in one append; "
-                "give each event its own id"
-            )
-        prepared = [_prepare(event) for event in events]
+        prepared = _prepare_append(events)
         try:
             result = self._append(tenant_id, stream_id, prepared, expected_version, conn)
         except ConcurrencyError:
             APPEND_CONFLICTS.inc()
             raise
-        if result.replayed:
-            APPEND_REPLAYS.inc()
-        else:
-            for event in prepared:
-                EVENTS_APPENDED.labels(event.event_type).inc()
-        return result
+        return _counted(result, prepared)
+
+    async def append_async(
+        self,
+        tenant_id: str,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None,
+    ) -> AppendResult:
+        """`append` for an event loop, with the same results and errors.
+
+        With a committer, the append joins the next batch and the caller waits for its
+        COMMIT without holding a thread. Without one, `append` runs in a thread.
+        """
+        if self.committer is None:
+            return await asyncio.to_thread(
+                self.append, tenant_id, stream_id, events, expected_version=expected_version
+            )
+        prepared = _prepare_append(events)
+        try:
+            pending = PendingAppend(tenant_id, stream_id, prepared, expected_version)
+            result = await self.committer.run_async(
+                tenant_id, self._unbatched(pending), lock_key=stream_id, item=pending
+            )
+        except ConcurrencyError:
+            APPEND_CONFLICTS.inc()
+            raise
+        return _counted(result, prepared)
+
+    def _unbatched(self, pending: PendingAppend) -> Work[AppendResult]:
+        """The work that appends `pending` alone, for when the batch handler leaves it out."""
+        return lambda shared: self._append_or_replay(
+            shared, pending.tenant_id, pending.stream_id, pending.events, pending.expected_version
+        )
 
     def _append(
         self,
@@ -208,13 +252,9 @@ class PostgresEventStore:
             with conn.transaction():
                 return self._append_locked(conn, tenant_id, stream_id, prepared, expected_version)
         if self.committer is not None:
+            pending = PendingAppend(tenant_id, stream_id, prepared, expected_version)
             return self.committer.run(
-                tenant_id,
-                lambda shared: self._append_or_replay(
-                    shared, tenant_id, stream_id, prepared, expected_version
-                ),
-                lock_key=stream_id,
-                item=PendingAppend(tenant_id, stream_id, prepared, expected_version),
+                tenant_id, self._unbatched(pending), lock_key=stream_id, item=pending
             )
         try:
             with self.pool.connection() as conn:

@@ -363,6 +363,18 @@ class TenantConfigCache:
                 self._configs[tenant_id] = config
         return config
 
+    def cached(self, tenant_id: str) -> TenantConfig | None:
+        """Return the tenant's configuration when the cached one is at the version the
+        current request recorded, and use that version up as `load` does. Return None, and
+        keep the version, when only `load` can tell."""
+        versions = _request_config_versions.get()
+        version = versions.get(tenant_id) if versions is not None else None
+        cached = self._configs.get(tenant_id)
+        if versions is None or cached is None or version != cached.version:
+            return None
+        del versions[tenant_id]
+        return cached
+
 
 # Stores whose load_tenant calls go through a cache; other stores read the stream each time.
 _config_caches: weakref.WeakKeyDictionary[PostgresEventStore, TenantConfigCache] = (
@@ -387,6 +399,13 @@ def load_tenant(store: PostgresEventStore, tenant_id: str) -> TenantConfig | Non
     if cache is not None:
         return cache.load(store, tenant_id)
     return _fold_stream(store, tenant_id)
+
+
+def cached_tenant(store: PostgresEventStore, tenant_id: str) -> TenantConfig | None:
+    """Return the tenant's configuration without a query when `store`'s cache can tell it
+    is current (TenantConfigCache.cached); otherwise None, and `require_tenant` decides."""
+    cache = _config_caches.get(store)
+    return cache.cached(tenant_id) if cache is not None else None
 
 
 def require_tenant(store: PostgresEventStore, tenant_id: str) -> TenantConfig:

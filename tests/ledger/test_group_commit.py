@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -16,11 +17,22 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from ledger.database import Database
-from ledger.errors import ConcurrencyError, IdempotencyKeyReused, StreamTenantMismatch
+from ledger.errors import (
+    ConcurrencyError,
+    IdempotencyKeyReused,
+    StreamTenantMismatch,
+    TenantNotFound,
+)
 from ledger.events import NewEvent
-from ledger.group_commit import GroupCommitter
+from ledger.group_commit import GroupCommitter, GroupCommitTimeout
 from ledger.store import AppendResult, PostgresEventStore
-from ledger.tenants import create_tenant
+from ledger.tenants import (
+    cache_tenant_configs,
+    config_versions_of_request,
+    create_tenant,
+    record_config_version,
+    tenant_stream_id,
+)
 from ledger.verification import verify
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -411,3 +423,151 @@ def test_batch_creating_stream_waits_without_deadlock(
     assert isinstance(outcomes[0], ConcurrencyError)
     assert isinstance(outcomes[1], ConcurrencyError)
     assert [row[4] for row in stored(database, tenant_id)] == ["0", "1", "2"]
+
+
+def test_async_writers_on_one_loop_lose_nothing(
+    session_pool: ConnectionPool[Any], database: Database
+) -> None:
+    committer = GroupCommitter(session_pool, workers=2, name="test-async-writers")
+    batched = PostgresEventStore(session_pool, committer=committer)
+    tenant_id = new_tenant(batched)
+    shared = [f"incident-{uuid.uuid4()}" for _ in range(4)]
+
+    async def write(n: int) -> tuple[str, AppendResult | ConcurrencyError]:
+        # Every third writer races on a shared stream with the version it read: some lose.
+        stream = shared[n % len(shared)] if n % 3 == 0 else f"incident-{uuid.uuid4()}"
+        version = await asyncio.to_thread(batched.stream_version, tenant_id, stream)
+        try:
+            return stream, await batched.append_async(
+                tenant_id, stream, [noted(n)], expected_version=version
+            )
+        except ConcurrencyError as error:
+            return stream, error
+
+    async def write_all() -> list[tuple[str, AppendResult | ConcurrencyError]]:
+        return await asyncio.gather(*(write(n) for n in range(300)))
+
+    try:
+        outcomes = asyncio.run(write_all())
+    finally:
+        committer.stop()
+
+    appended = [result for _, result in outcomes if isinstance(result, AppendResult)]
+    rows = stored(database, tenant_id)
+    assert any(isinstance(result, ConcurrencyError) for _, result in outcomes)
+    assert sorted(int(row[4]) for row in rows) == [
+        n for n, (_, result) in enumerate(outcomes) if isinstance(result, AppendResult)
+    ]
+    assert len({position for result in appended for position in result.positions}) == len(rows)
+    for stream in shared:
+        versions = [row[1] for row in rows if row[0] == stream]
+        assert versions == list(range(1, len(versions) + 1))
+    assert len(Counter(row[2] for row in rows)) < len(rows), "no batch formed"
+    assert verify(database, tenant_id).ok
+
+
+def test_abandoned_async_wait_still_commits(
+    session_pool: ConnectionPool[Any], database: Database
+) -> None:
+    committer = GroupCommitter(session_pool, workers=1, name="test-async-timeout")
+    batched = PostgresEventStore(session_pool, committer=committer)
+    tenant_id = new_tenant(batched)
+    timed_out, cancelled, later = (f"incident-{uuid.uuid4()}" for _ in range(3))
+
+    async def scenario() -> AppendResult:
+        release, holder = hold_worker(committer)
+        # Short waits from here on; the holding unit waits with the default.
+        committer.timeout_seconds = 0.2
+        with pytest.raises(GroupCommitTimeout, match=timed_out):
+            await batched.append_async(tenant_id, timed_out, [noted(1)], expected_version=0)
+        waiting = asyncio.create_task(
+            batched.append_async(tenant_id, cancelled, [noted(2)], expected_version=0)
+        )
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        release.set()
+        await asyncio.to_thread(holder.join, 30)
+        return await batched.append_async(tenant_id, later, [noted(3)], expected_version=0)
+
+    try:
+        result = asyncio.run(scenario())
+    finally:
+        committer.stop()
+
+    # Both callers stopped waiting, yet their appends were in the queue and committed.
+    assert result.stream_version == 1
+    assert sorted(row[0] for row in stored(database, tenant_id)) == sorted(
+        [timed_out, cancelled, later]
+    )
+
+
+def test_async_submit_of_cached_tenant_on_loop(
+    batched: PostgresEventStore, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ledger.commands import Actor, IncidentCommands
+
+    cache_tenant_configs(batched)
+    tenant_id = new_tenant(batched)
+    commands = IncidentCommands(batched)
+    actor = Actor("resident app", "reporter")
+    report = {"description": "Broken bench", "category": "Parks"}
+    threads: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counted_to_thread(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        threads.append(getattr(function, "__name__", "?"))
+        return await to_thread(function, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted_to_thread)
+
+    async def submit(key: str, body: dict[str, Any], **kwargs: Any) -> Any:
+        # As an API request does: authentication records the configuration's version.
+        with config_versions_of_request():
+            version = await to_thread(
+                batched.stream_version, tenant_id, tenant_stream_id(tenant_id)
+            )
+            record_config_version(tenant_id, version)
+            return await commands.submit_async(
+                tenant_id, body, actor=actor, idempotency_key=key, **kwargs
+            )
+
+    async def scenario() -> list[Any]:
+        # The first submit folds the configuration in a thread; it is cached after that.
+        first = await submit("k-1", report)
+        threads.clear()
+        again = await submit("k-1", report)
+        fresh = await submit("k-2", report)
+        on_loop = list(threads)
+        with pytest.raises(IdempotencyKeyReused):
+            await submit("k-1", {**report, "description": "Another bench"})
+        contact = await submit("k-3", report, reporter={"email": "ana@example.org"})
+        with pytest.raises(TenantNotFound):
+            await commands.submit_async("no-such-tenant", report, actor=actor)
+        return [first, again, fresh, on_loop, contact]
+
+    first, again, fresh, on_loop, contact = asyncio.run(scenario())
+
+    assert on_loop == [], "a cached tenant's submit went through a thread"
+    assert threads == ["submit", "submit"], "the contact and the unknown tenant need threads"
+    assert again.incident_id == first.incident_id
+    assert again.append.replayed
+    assert not fresh.append.replayed
+    assert fresh.incident_id != first.incident_id
+    with database.connect_owner() as conn:
+        payloads = dict(
+            conn.execute(
+                "SELECT payload->>'incident_id', payload FROM events "
+                "WHERE tenant_id = %s AND event_type = 'ReportSubmitted'",
+                (tenant_id,),
+            ).fetchall()
+        )
+    assert set(payloads) == {
+        str(first.incident_id),
+        str(fresh.incident_id),
+        str(contact.incident_id),
+    }
+    assert payloads[str(fresh.incident_id)]["description"] == "Broken bench"
+    assert "contact" in payloads[str(contact.incident_id)]
+    assert verify(database, tenant_id).ok

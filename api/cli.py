@@ -1014,6 +1014,7 @@ def serve(
     """Run the HTTP API, in one process or in several uvicorn worker processes."""
 
     from api.app import create_app
+    from api.server import keep_startup_objects
 
     settings, database = _migrated()
     processes = workers or settings.api_workers
@@ -1033,6 +1034,7 @@ def serve(
     # uvicorn raises the signal that stopped it again once it is done. Without a handler of
     # our own, that would end the process with the signal instead of a normal exit.
     _stop_on_signals(threading.Event(), server)
+    keep_startup_objects()
     server.run()
 
 
@@ -1082,6 +1084,7 @@ def run(
     database by default."""
 
     from api.app import create_app
+    from api.server import keep_startup_objects
     from ledger.demo import DEMO_KEY_FILE, ensure_demo_key, seed_demo
     from ledger.scheduler import Scheduler, default_jobs
     from projections.runtime import Projector
@@ -1124,6 +1127,7 @@ def run(
         ),
     )
     scheduler_thread = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)
+    keep_startup_objects()
     projector.start()
     scheduler_thread.start()
     try:

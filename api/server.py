@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from fastapi import FastAPI
 
 from api.app import create_app
@@ -18,9 +20,22 @@ def create_worker_app() -> FastAPI:
     """
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(
+    app = create_app(
         resolve_database(settings),
         max_lag=settings.ready_max_lag_events,
         group_commit=settings.group_commit,
         pool_size=settings.api_pool_size,
     )
+    keep_startup_objects()
+    return app
+
+
+def keep_startup_objects() -> None:
+    """Exempt what the process built so far from garbage collection passes.
+
+    The modules, routes and models of the app are some hundred thousand objects that live
+    as long as the process. Each full pass of the collector walked all of them, and a
+    pass during a request added tens of milliseconds to its latency.
+    """
+    gc.collect()
+    gc.freeze()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -166,3 +167,28 @@ def _utc(*parts: int) -> Any:
     from datetime import UTC, datetime
 
     return datetime(*parts, tzinfo=UTC)
+
+
+def test_worker_app_freezes_startup_objects(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import api.server
+    from ledger.settings import get_settings
+
+    monkeypatch.setenv("DATABASE_URL", database.owner_conninfo)
+    # The logging setup of the other tests stays as it is.
+    monkeypatch.setattr(api.server, "configure_logging", lambda *_: None)
+    get_settings.cache_clear()
+    frozen_before = gc.get_freeze_count()
+    try:
+        app = api.server.create_worker_app()
+        frozen_after = gc.get_freeze_count()
+        with TestClient(app) as client:
+            health = client.get("/health")
+    finally:
+        gc.unfreeze()
+        get_settings.cache_clear()
+
+    assert health.status_code == 200
+    # At least the app's own routes and models, which are far more than a thousand objects.
+    assert frozen_after - frozen_before > 1000

@@ -137,6 +137,35 @@ def set_tenant(conn: psycopg.Connection[Any], tenant_id: str) -> None:
     conn.execute("SELECT set_config('civicpulse.tenant_id', %s, true)", (tenant_id,))
 
 
+def read_as_tenant(
+    conn: psycopg.Connection[Any], tenant_id: str, query: sql.Composable
+) -> list[tuple[Any, ...]] | None:
+    """Run one read-only statement scoped to `tenant_id` in a single round trip.
+
+    Both statements go to the server as one simple query, which PostgreSQL runs in one
+    implicit transaction: the tenant the first sets holds for the second and ends with it.
+    A transaction of our own would cost three more round trips (BEGIN, the setting and the
+    ROLLBACK). `query` takes no parameters: quote values into it with sql.Literal.
+
+    Returns None, running nothing, when the connection is inside a transaction: then use
+    set_tenant and a query of the transaction's own.
+    """
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        return None
+    scoped = sql.SQL("SELECT set_config('civicpulse.tenant_id', {}, true); {}").format(
+        sql.Literal(tenant_id), query
+    )
+    autocommit = conn.autocommit
+    # Outside autocommit mode psycopg would open a transaction first.
+    conn.autocommit = True
+    try:
+        cursor = conn.execute(scoped)
+        cursor.nextset()
+        return cursor.fetchall()
+    finally:
+        conn.autocommit = autocommit
+
+
 class MissingConnection(LedgerError):
     """A command needs a role whose connection string the settings do not give."""
 

@@ -7,9 +7,11 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from ledger.commands import Actor, IncidentCommands
-from ledger.database import Database, set_tenant
+from ledger.database import Database, read_as_tenant, set_tenant
 from ledger.store import PostgresEventStore
 from ledger.tenants import create_tenant
 from tests.conftest import project_everything
@@ -135,3 +137,39 @@ def test_setting_a_tenant_outside_a_transaction_is_an_error(fresh_database: Data
         pytest.raises(RuntimeError, match="needs a transaction"),
     ):
         set_tenant(conn, "acme")
+
+
+def test_read_as_tenant_scopes_one_round_trip(
+    fresh_database: Database, two_tenants: tuple[str, str]
+) -> None:
+    first, _ = two_tenants
+    query = sql.SQL("SELECT DISTINCT tenant_id FROM events")
+    with fresh_database.connect() as conn:
+        rows = read_as_tenant(conn, first, query)
+        status_after = conn.info.transaction_status
+        autocommit_after = conn.autocommit
+        # The setting ended with the statement: a later query sees no tenant's rows.
+        later = conn.execute("SELECT count(*) FROM events").fetchone()
+        with conn.transaction():
+            set_tenant(conn, first)
+            inside = read_as_tenant(conn, first, query)
+
+    assert rows == [(first,)]
+    assert status_after == TransactionStatus.IDLE
+    assert autocommit_after is False
+    assert later == (0,)
+    # Inside a transaction it runs nothing; the caller uses set_tenant instead.
+    assert inside is None
+
+
+def test_read_as_tenant_quotes_the_tenant(
+    fresh_database: Database, two_tenants: tuple[str, str]
+) -> None:
+    with fresh_database.connect(autocommit=True) as conn:
+        rows = read_as_tenant(
+            conn, "x'); SET row_security = off; --", sql.SQL("SELECT count(*) FROM events")
+        )
+        autocommit_after = conn.autocommit
+
+    assert rows == [(0,)]
+    assert autocommit_after is True

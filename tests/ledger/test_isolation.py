@@ -148,7 +148,7 @@ def test_read_as_tenant_scopes_one_round_trip(
         rows = read_as_tenant(conn, first, query)
         status_after = conn.info.transaction_status
         autocommit_after = conn.autocommit
-        # The setting ended with the statement: a later query sees no tenant's rows.
+        # The setting ended with the statement: a later query finds no tenant's rows.
         later = conn.execute("SELECT count(*) FROM events").fetchone()
         with conn.transaction():
             set_tenant(conn, first)

@@ -3,9 +3,10 @@
 All runs happen in one process, one after the other, on the same PostgreSQL server:
 
 - API: `civicpulse serve` (uvicorn, `--server-workers` processes) started by this script on
-  a loopback port, and 32 client threads each posting reports (POST
-  /tenants/bench/incidents with an Idempotency-Key) over keep-alive connections. Run once
-  with group commit and, with `--compare`, once more without it.
+  a loopback port, and 32 clients each posting reports (POST /tenants/bench/incidents with
+  an Idempotency-Key) over a keep-alive connection of its own: aiohttp tasks on one event
+  loop, or with `--client requests` sessions on threads, which cost about five times the
+  CPU per request. Run once with group commit and, with `--compare`, once more without it.
 - raw INSERT: 8 threads, each with its own autocommit connection, inserting the same number
   of rows one INSERT (one transaction) at a time into a bare table with the events table's
   columns and no keys, indexes, defaults or triggers.
@@ -13,11 +14,12 @@ All runs happen in one process, one after the other, on the same PostgreSQL serv
   new aggregates, one event per aggregate, into a database of its own on the same server.
 
 It prints the rate, the median and the 99th percentile latency of each run, the CPU time
-per request of the server processes and of this script's client threads, and the ratios
+per request of the server processes and of this script's clients, and the ratios
 against the targets. The API should reach 0.33 of the raw INSERT rate or better and 3 times
 the `eventsourcing` rate or better, with a 99th percentile under 100 ms.
 
     python bench/api_appends.py [--requests N] [--compare] [--server-workers N]
+                                [--client aiohttp|requests]
 
 DATABASE_URL selects the server; without it an embedded server is started.
 """

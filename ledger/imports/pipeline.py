@@ -366,19 +366,20 @@ def import_file(
     writer_thread = threading.Thread(target=write_all, name="import-writer")
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            parse = _WarmStart(pool, workers)
             writer_thread.start()
             try:
                 if layout.json:
                     for items in _read_json(path, layout, progress):
                         if failure:
                             break
-                        in_flight.put(pool.submit(formats.parse_json_items, *common, items))
+                        in_flight.put(parse(formats.parse_json_items, *common, items))
                 else:
                     for block in _read_blocks(path, layout, progress):
                         if failure:
                             break
                         in_flight.put(
-                            pool.submit(
+                            parse(
                                 formats.parse_csv_block,
                                 *common,
                                 layout.indexes,
@@ -411,6 +412,33 @@ def import_file(
         report.rejected_count,
     )
     return report
+
+
+class _WarmStart:
+    """Hands blocks to the pool once a worker process runs, and parses them in the calling
+    thread until then.
+
+    A spawned worker imports its modules before it parses anything, about half a second
+    in which the writer would have nothing to copy. The first blocks are parsed here in
+    the meantime, so the COPY starts at once. Every worker is started at the outset.
+    """
+
+    def __init__(self, pool: ProcessPoolExecutor, workers: int) -> None:
+        self.pool = pool
+        # One empty task per worker: each submit starts a process, as none is idle yet.
+        self._started = [pool.submit(os.getpid) for _ in range(workers)]
+        self._warm = False
+
+    def __call__(self, function: Callable[..., ParsedChunk], *args: Any) -> Future[ParsedChunk]:
+        if self._warm or any(started.done() for started in self._started):
+            self._warm = True
+            return self.pool.submit(function, *args)
+        parsed: Future[ParsedChunk] = Future()
+        try:
+            parsed.set_result(function(*args))
+        except Exception as error:  # noqa: BLE001 - raised by the writer, as a worker's is
+            parsed.set_exception(error)
+        return parsed
 
 
 def import_boston(

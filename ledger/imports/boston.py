@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 from ledger.events import canonical_json, event_hash_serialized
 from ledger.ids import MAX_ORDERED_NUMBER, NAMESPACE, derived_id_text, ordered_id_with_prefix
-from ledger.imports.copytext import escape
+from ledger.imports.copytext import binary_row, jsonb_field, text_field
 from ledger.lifecycle import INCIDENT_CLOSED, REPORT_SUBMITTED
 
 SOURCE = "boston-311"
@@ -57,7 +57,7 @@ class RowRejected(ValueError):
 
 
 class ParsedCase(NamedTuple):
-    """The span of one case's events in its chunk's COPY text, and its stream head after them.
+    """The span of one case's events in its chunk's COPY rows, and its stream head after them.
 
     A named tuple rather than a dataclass: chunks of these cross process boundaries, and
     tuples pickle several times faster.
@@ -74,14 +74,15 @@ class ParsedCase(NamedTuple):
     updated_at: str | None = None
     # Whether the row lists the request as closed, or None when the format has no status.
     closed: bool | None = None
-    # A COPY line for an IncidentReopened event, without version and hash, that the writer
+    # A COPY row for an IncidentReopened event, without version and hash, that the writer
     # appends only when the stream's latest event closed it.
-    reopen_line: str | None = None
+    reopen_line: bytes | None = None
 
 
 @dataclass
 class ParsedChunk:
-    """A chunk of rows parsed by a worker: COPY text for its events, cases and rejects."""
+    """A chunk of rows parsed by a worker: binary COPY rows for its events (without the
+    signature), COPY text for its stream heads, cases and rejects."""
 
     events_copy: bytes = b""
     streams_copy: bytes = b""
@@ -230,12 +231,16 @@ def case_ids(tenant_id: str, case_id: str) -> tuple[str, str, str]:
 
 
 def case_events(
-    tenant_id: str, times: LocalTimeReader, values: list[str], metadata_json: bytes
-) -> tuple[str, str, int, bytes]:
-    """Turn one row (narrowed to COLUMNS, '' for absent ones) into COPY text for its events.
+    tenant_id: str,
+    times: LocalTimeReader,
+    values: list[str],
+    metadata_json: bytes,
+    fields: tuple[bytes, bytes],
+) -> tuple[str, bytes, int, bytes]:
+    """Turn one row (narrowed to COLUMNS, '' for absent ones) into binary COPY rows for its
+    events. `fields` are the tenant and the metadata as binary COPY fields.
 
-    Returns the stream id, the COPY lines, the stream's version after them and its head hash.
-    This runs once per row of files with millions of rows, so it formats text directly.
+    Returns the stream id, the COPY rows, the stream's version after them and its head hash.
     """
     (
         case_id,
@@ -300,8 +305,8 @@ def case_events(
         }
         specs.append((INCIDENT_CLOSED, closed, closing, closed_id))
 
-    metadata_text = escape(metadata_json.decode())
-    lines = []
+    tenant_field, metadata_field = fields
+    rows = []
     digest: bytes | None = None
     for version, (event_type, occurred_text, payload, event_id) in enumerate(specs, start=1):
         payload_json = canonical_json({k: v for k, v in payload.items() if v is not None})
@@ -317,13 +322,21 @@ def case_events(
             payload_json=payload_json,
             metadata_json=metadata_json,
         )
-        lines.append(
-            f"{tenant_id}\t{stream_id}\t{version}\t{event_type}\t1\t"
-            f"{escape(payload_json.decode())}\t{metadata_text}\t{occurred_text}\t"
-            f"{event_id}\t\\\\x{digest.hex()}\n"
+        rows.append(
+            binary_row(
+                tenant_field,
+                stream_id,
+                version,
+                event_type,
+                payload_json,
+                metadata_field,
+                occurred_text,
+                event_id,
+                digest,
+            )
         )
     assert digest is not None
-    return stream_id, "".join(lines), len(specs), digest
+    return stream_id, b"".join(rows), len(specs), digest
 
 
 def import_metadata(source_file: str) -> bytes:
@@ -340,7 +353,7 @@ def parse_chunk(
     rows: list[tuple[int, list[str]]],
     nul_possible: bool | None = None,
 ) -> ParsedChunk:
-    """Parse a chunk of rows in a worker process into COPY text, cases and rejects."""
+    """Parse a chunk of rows in a worker process into COPY rows, cases and rejects."""
     if nul_possible is None:
         nul_possible = any("\x00" in value for _, values in rows for value in values)
     # The loop allocates many short-lived objects and no reference cycles, so collection
@@ -366,18 +379,18 @@ def _parse_rows(
     heads: list[str] = []
     offset = 0
     metadata_json = import_metadata(source_file)
+    fields = (text_field(tenant_id), jsonb_field(metadata_json))
     for row_number, values in rows:
         if nul_possible and (column := _nul_column(values)) is not None:
             chunk.rejects.append((row_number, f"invalid {column}: contains a NUL character"))
             continue
         try:
-            stream_id, lines, version, head_hash = case_events(
-                tenant_id, times, values, metadata_json
+            stream_id, text, version, head_hash = case_events(
+                tenant_id, times, values, metadata_json, fields
             )
         except RowRejected as error:
             chunk.rejects.append((row_number, str(error)))
             continue
-        text = lines.encode()
         # Positional: keyword arguments make a named tuple several times slower to build.
         chunk.cases.append(
             ParsedCase(stream_id, row_number, offset, offset + len(text), version, head_hash)

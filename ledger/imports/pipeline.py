@@ -31,7 +31,12 @@ from psycopg import errors as pg_errors
 from ledger.events import event_hash_serialized, utc_text
 from ledger.imports import formats
 from ledger.imports.boston import ParsedCase, ParsedChunk
-from ledger.imports.copytext import EVENT_COPY_COLUMNS, EventLine
+from ledger.imports.copytext import (
+    BINARY_SIGNATURE,
+    EVENT_COPY_COLUMNS,
+    EventLine,
+    binary_rows,
+)
 from ledger.imports.formats import FORMATS, ImportFormat, UnknownFormat
 from ledger.lifecycle import (
     INCIDENT_CLOSED,
@@ -562,8 +567,11 @@ class CopyWriter:
         return self._write_slow(chunk, heads)
 
     def _copy(self, events_copy: bytes, streams_copy: bytes) -> int:
+        """COPY binary events rows and text stream heads; return the events appended."""
         with self.conn.cursor() as cur:
-            with cur.copy(f"COPY events ({EVENT_COPY_COLUMNS}) FROM STDIN") as copy:
+            with cur.copy(f"COPY events ({EVENT_COPY_COLUMNS}) FROM STDIN (FORMAT binary)") as copy:
+                # psycopg ends the data with the trailer.
+                copy.write(BINARY_SIGNATURE)
                 copy.write(events_copy)
             appended = cur.rowcount
             with cur.copy(
@@ -605,9 +613,9 @@ class CopyWriter:
         outcome = _Outcome()
         fast_parts: list[bytes] = []
         fast_heads: list[ParsedCase] = []
-        slow_lines: list[str] = []
+        slow_rows: list[bytes] = []
         moved: dict[str, tuple[int, bytes]] = {}
-        # COPY text of streams first created in this chunk, whose event ids are read only
+        # COPY rows of streams first created in this chunk, whose event ids are read only
         # when the same stream comes again.
         created: dict[str, bytes] = {}
         for case in chunk.cases:
@@ -620,7 +628,9 @@ class CopyWriter:
                 states[case.stream_id] = _StreamState(bool(case.closed), case.updated_at)
                 continue
             if (first := created.pop(case.stream_id, None)) is not None:
-                known_ids.update(line.split(b"\t")[8].decode() for line in first.splitlines())
+                known_ids.update(
+                    EventLine.decode_binary(row).event_id for row in binary_rows(first)
+                )
             owner = heads[case.stream_id][0] if case.stream_id in heads else self.tenant_id
             if owner != self.tenant_id:
                 outcome.rejected.append(
@@ -631,12 +641,12 @@ class CopyWriter:
             if case.updated_at and state.updated_at and case.updated_at < state.updated_at:
                 outcome.superseded += 1
                 continue
-            events = [EventLine.decode(line) for line in raw.decode().splitlines()]
+            events = [EventLine.decode_binary(row) for row in binary_rows(raw)]
             reopens = case.closed is False and state.closed and case.reopen_line is not None
             if reopens:
                 assert case.reopen_line is not None
                 # After ReportSubmitted, which the stream has, and before any WorkStarted.
-                events.insert(1, EventLine.decode(case.reopen_line))
+                events.insert(1, EventLine.decode_binary(case.reopen_line))
             version, head_hash = moved.get(case.stream_id) or heads[case.stream_id][1:]
             for event in events:
                 if event.event_id in known_ids:
@@ -656,7 +666,9 @@ class CopyWriter:
                     payload_json=event.payload_json.encode(),
                     metadata_json=event.metadata_json.encode(),
                 )
-                slow_lines.append(replace(event, stream_version=version, hash=head_hash).encode())
+                slow_rows.append(
+                    replace(event, stream_version=version, hash=head_hash).encode_binary()
+                )
             if head_hash is not None:
                 moved[case.stream_id] = (version, head_hash)
             if case.closed:
@@ -672,7 +684,7 @@ class CopyWriter:
             f"\\\\x{moved[case.stream_id][1].hex()}\n"
             for case in fast_heads
         ).encode()
-        events_copy = b"".join(fast_parts) + "".join(slow_lines).encode()
+        events_copy = b"".join(fast_parts) + b"".join(slow_rows)
         outcome.appended = self._copy(events_copy, streams_copy) if events_copy else 0
         updates = [
             (version, head_hash, stream_id)

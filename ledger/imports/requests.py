@@ -36,7 +36,7 @@ from ledger.imports.boston import (
     RowRejected,
     import_metadata,
 )
-from ledger.imports.copytext import escape
+from ledger.imports.copytext import binary_row, jsonb_field, text_field
 from ledger.lifecycle import INCIDENT_CLOSED, INCIDENT_REOPENED, REPORT_SUBMITTED, WORK_STARTED
 
 # Values that exports write for "no value". Compared in upper case.
@@ -310,15 +310,17 @@ def request_events(
     return f"incident-{incident_id}", specs, reopening, state
 
 
-def copy_line(
+def copy_row(
     tenant_id: str,
     stream_id: str,
     version: int,
     spec: EventSpec,
     metadata_json: bytes,
     previous: bytes | None,
-) -> tuple[str, bytes]:
-    """Return one event's COPY line and hash, chained to `previous`."""
+    fields: tuple[bytes, bytes],
+) -> tuple[bytes, bytes]:
+    """Return one event's binary COPY row and hash, chained to `previous`. `fields` are
+    the tenant and the metadata as binary COPY fields."""
     event_type, occurred_at, payload, event_id = spec
     payload_json = canonical_json({k: v for k, v in payload.items() if v is not None})
     digest = event_hash_serialized(
@@ -333,12 +335,19 @@ def copy_line(
         payload_json=payload_json,
         metadata_json=metadata_json,
     )
-    line = (
-        f"{tenant_id}\t{stream_id}\t{version}\t{event_type}\t1\t"
-        f"{escape(payload_json.decode())}\t{escape(metadata_json.decode())}\t{occurred_at}\t"
-        f"{event_id}\t\\\\x{digest.hex()}\n"
+    tenant_field, metadata_field = fields
+    row = binary_row(
+        tenant_field,
+        stream_id,
+        version,
+        event_type,
+        payload_json,
+        metadata_field,
+        occurred_at,
+        event_id,
+        digest,
     )
-    return line, digest
+    return row, digest
 
 
 def parse_requests(
@@ -353,13 +362,14 @@ def parse_requests(
     now_text: str,
     nul_possible: bool = True,
 ) -> ParsedChunk:
-    """Turn rows of one format into a chunk: COPY text, cases and rejects.
+    """Turn rows of one format into a chunk: COPY rows, cases and rejects.
 
     PostgreSQL text cannot hold NUL characters, so with `nul_possible` each row is checked
     for them first.
     """
     times = TimeReader(ZoneInfo(time_zone))
     metadata_json = import_metadata(source_file)
+    fields = (text_field(tenant_id), jsonb_field(metadata_json))
     chunk = ParsedChunk()
     parts: list[bytes] = []
     heads: list[str] = []
@@ -385,14 +395,18 @@ def parse_requests(
             lines = []
             digest: bytes | None = None
             for version, spec in enumerate(specs, start=1):
-                line, digest = copy_line(tenant_id, stream_id, version, spec, metadata_json, digest)
+                line, digest = copy_row(
+                    tenant_id, stream_id, version, spec, metadata_json, digest, fields
+                )
                 lines.append(line)
             assert digest is not None
             reopen_line = None
             if reopening is not None:
                 # Version and hash are set by the writer if it appends this event.
-                reopen_line, _ = copy_line(tenant_id, stream_id, 0, reopening, metadata_json, None)
-            text = "".join(lines).encode()
+                reopen_line, _ = copy_row(
+                    tenant_id, stream_id, 0, reopening, metadata_json, None, fields
+                )
+            text = b"".join(lines)
             chunk.cases.append(
                 ParsedCase(
                     stream_id,

@@ -14,7 +14,7 @@ from ledger.imports.copytext import BINARY_SIGNATURE, EVENT_COPY_COLUMNS, EventL
 
 TEXT = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)))
 JSON = st.dictionaries(
-    st.text(min_size=1, max_size=8), TEXT | st.integers() | st.none(), max_size=4
+    st.text(min_size=1, max_size=8), TEXT | st.integers(-(2**53), 2**53) | st.none(), max_size=4
 )
 TIMES = st.datetimes(
     min_value=datetime(1990, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)

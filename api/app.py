@@ -3,9 +3,11 @@
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at run
 # time, including the body types chosen per command in a loop.
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -70,6 +72,8 @@ logger = logging.getLogger(__name__)
 TENANT = "/tenants/{tenant_id}"
 # Largest request body accepted; larger ones get 413. Reports are a few KiB at most.
 MAX_BODY_BYTES = 64 * 1024
+# Threads of the event loop's executor, as many as FastAPI's own thread pool has.
+EXECUTOR_THREADS = 40
 TenantPath = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
 
 
@@ -539,6 +543,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Key checks and the submits that read first run in the loop's own executor, and a
+        # submit holds its thread until its batch commits. asyncio's default of a few
+        # threads per CPU would let waiting submits hold up every other request's key check.
+        executor = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="api")
+        asyncio.get_running_loop().set_default_executor(executor)
         if owned_pool:
             pool.open(wait=True)
         try:
@@ -548,6 +557,7 @@ def create_app(
                 committer.stop()
             if owned_pool:
                 pool.close()
+            executor.shutdown(wait=False)
 
     app = FastAPI(
         title="CivicPulse",

@@ -173,3 +173,14 @@ def test_read_as_tenant_quotes_the_tenant(
 
     assert rows == [(0,)]
     assert autocommit_after is True
+
+
+def test_read_as_tenant_on_lost_connection(fresh_database: Database) -> None:
+    with fresh_database.connect() as conn:
+        backend = conn.info.backend_pid
+        with fresh_database.connect_owner(autocommit=True) as owner:
+            owner.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        # The lost connection's error, not a complaint about the autocommit setting.
+        with pytest.raises(psycopg.OperationalError):
+            read_as_tenant(conn, "acme", sql.SQL("SELECT 1"))
+        assert conn.broken

@@ -544,7 +544,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Key checks and the submits that read first run in the loop's own executor, and a
-        # submit holds its thread until its batch commits. asyncio's default of a few
+        # submit keeps its thread until its batch commits. asyncio's default of a few
         # threads per CPU would let waiting submits hold up every other request's key check.
         executor = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="api")
         asyncio.get_running_loop().set_default_executor(executor)

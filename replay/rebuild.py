@@ -638,25 +638,65 @@ def _parked_in(
 def _replace_rows(
     conn: psycopg.Connection[Any], shadow: dict[str, str], tenant_id: str | None
 ) -> int:
-    """Replace the live rows (one tenant's with `tenant_id`) by the shadow rows.
+    """Make the live rows (one tenant's with `tenant_id`) equal to the shadow rows; return
+    how many rows the shadow tables hold.
 
-    DELETE rather than TRUNCATE: TRUNCATE would block readers until the commit, and a
-    reader whose snapshot is older than the commit would then find the table empty.
-    NOTE: the time grows with the rows replaced, and streaming batches wait for all of it:
-    about 11 s for the 121,145 Boston rows on a loaded 2-vCPU machine (docs/benchmarks.md).
+    Only the rows that differ are written: a live row that the shadow holds unchanged
+    stays, the others are deleted, and the shadow rows then missing are inserted. A
+    rebuild mostly folds what the live model already holds, and rewriting every row cost
+    most of the time that streaming batches wait for the swap. DELETE rather than
+    TRUNCATE: TRUNCATE would block readers until the commit, and a reader whose snapshot
+    is older than the commit would then find the table empty.
     """
     rows = 0
     for live, table in shadow.items():
-        where = sql.SQL(" WHERE tenant_id = %s") if tenant_id is not None else sql.SQL("")
+        live_table = sql.Identifier(live)
+        shadow_table = sql.Identifier(SHADOW_SCHEMA, table)
         params = (tenant_id,) if tenant_id is not None else ()
-        conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(live)) + where, params)
-        cursor = conn.execute(
-            sql.SQL("INSERT INTO {} SELECT * FROM {}").format(
-                sql.Identifier(live), sql.Identifier(SHADOW_SCHEMA, table)
+        key = _primary_key(conn, live)
+        if not key:
+            where = sql.SQL(" WHERE tenant_id = %s") if tenant_id is not None else sql.SQL("")
+            conn.execute(sql.SQL("DELETE FROM {}").format(live_table) + where, params)
+            conn.execute(
+                sql.SQL("INSERT INTO {} SELECT * FROM {}").format(live_table, shadow_table)
             )
-        )
-        rows += cursor.rowcount
+        else:
+            same_key = sql.SQL(" AND ").join(
+                sql.SQL("s.{column} = l.{column}").format(column=sql.Identifier(column))
+                for column in key
+            )
+            tenant = sql.SQL("l.tenant_id = %s AND ") if tenant_id is not None else sql.SQL("")
+            conn.execute(
+                sql.SQL(
+                    "DELETE FROM {live} AS l WHERE {tenant}NOT EXISTS (SELECT FROM {shadow} AS s "
+                    "WHERE {same_key} AND ROW(s.*) IS NOT DISTINCT FROM ROW(l.*))"
+                ).format(live=live_table, shadow=shadow_table, tenant=tenant, same_key=same_key),
+                params,
+            )
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {live} SELECT s.* FROM {shadow} AS s "
+                    "WHERE NOT EXISTS (SELECT FROM {live} AS l WHERE {same_key})"
+                ).format(live=live_table, shadow=shadow_table, same_key=same_key)
+            )
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(shadow_table)).fetchone()
+        rows += row[0] if row else 0
     return rows
+
+
+def _primary_key(conn: psycopg.Connection[Any], table: str) -> list[str]:
+    """Return the columns of a public table's primary key, or none when it has no key."""
+    rows = conn.execute(
+        """
+        SELECT a.attname FROM pg_index AS i
+        JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, place) ON true
+        JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE i.indrelid = %s::regclass AND i.indisprimary
+        ORDER BY k.place
+        """,
+        (f"public.{table}",),
+    ).fetchall()
+    return [row[0] for row in rows]
 
 
 def _set_checkpoint(conn: psycopg.Connection[Any], name: str, checkpoint: Checkpoint) -> None:

@@ -249,6 +249,43 @@ def test_rebuild_one_tenant(fresh_database: Database, fresh_store: PostgresEvent
     assert {key: state for key, state in rows.items() if key not in stray} == expected
 
 
+def test_rebuild_rewrites_only_differing_rows(
+    fresh_database: Database, fresh_store: PostgresEventStore
+) -> None:
+    seed_demo(fresh_store, "demo", incidents=40, seed=7, end=T0)
+    project_everything(fresh_database)
+    with fresh_database.connect_owner() as conn:
+        ids = [
+            row[0]
+            for row in conn.execute(
+                "SELECT incident_id FROM incidents WHERE tenant_id = 'demo' ORDER BY 1"
+            ).fetchall()
+        ]
+        changed, missing, kept = ids[0], ids[1], ids[2:]
+        conn.execute("UPDATE incidents SET status = 'tampered' WHERE incident_id = %s", (changed,))
+        conn.execute("DELETE FROM incidents WHERE incident_id = %s", (missing,))
+        conn.execute(
+            "INSERT INTO incidents (tenant_id, incident_id, version, status) "
+            "VALUES ('demo', %s, 1, 'stray')",
+            (uuid.uuid4(),),
+        )
+        # Where each untouched row is stored: a rewritten row moves.
+        places = "SELECT incident_id, ctid::text FROM incidents WHERE incident_id = ANY(%s)"
+        kept_before = dict(conn.execute(places, (kept,)).fetchall())
+
+    result = rebuild(fresh_database, projection_named("incidents"), workers=2)
+
+    rows, checkpoint = tables(fresh_database)["incidents"]
+    expected, last = folded(fresh_database, "incidents")
+    with fresh_database.connect_owner() as conn:
+        kept_after = dict(conn.execute(places, (kept,)).fetchall())
+    assert rows == expected
+    assert checkpoint == last
+    assert result.rows == len(expected)
+    assert len(kept_before) == len(kept)
+    assert kept_after == kept_before
+
+
 def incident_ids(name: str, rows: dict[Any, Any]) -> set[uuid.UUID]:
     """Return the incidents with a row in the `name` model's rows."""
     if name == "grouping":

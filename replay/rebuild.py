@@ -641,9 +641,9 @@ def _replace_rows(
     """Make the live rows (one tenant's with `tenant_id`) equal to the shadow rows; return
     how many rows the shadow tables hold.
 
-    Only the rows that differ are written: a live row that the shadow holds unchanged
+    Only the rows that differ are written: a live row that the shadow has unchanged
     stays, the others are deleted, and the shadow rows then missing are inserted. A
-    rebuild mostly folds what the live model already holds, and rewriting every row cost
+    rebuild mostly folds what the live model already has, and rewriting every row cost
     most of the time that streaming batches wait for the swap. DELETE rather than
     TRUNCATE: TRUNCATE would block readers until the commit, and a reader whose snapshot
     is older than the commit would then find the table empty.

@@ -261,7 +261,7 @@ def test_rebuild_rewrites_only_differing_rows(
                 "SELECT incident_id FROM incidents WHERE tenant_id = 'demo' ORDER BY 1"
             ).fetchall()
         ]
-        changed, missing, kept = ids[0], ids[1], ids[2:]
+        changed, missing, untouched = ids[0], ids[1], ids[2:]
         conn.execute("UPDATE incidents SET status = 'tampered' WHERE incident_id = %s", (changed,))
         conn.execute("DELETE FROM incidents WHERE incident_id = %s", (missing,))
         conn.execute(
@@ -271,19 +271,19 @@ def test_rebuild_rewrites_only_differing_rows(
         )
         # Where each untouched row is stored: a rewritten row moves.
         places = "SELECT incident_id, ctid::text FROM incidents WHERE incident_id = ANY(%s)"
-        kept_before = dict(conn.execute(places, (kept,)).fetchall())
+        untouched_before = dict(conn.execute(places, (untouched,)).fetchall())
 
     result = rebuild(fresh_database, projection_named("incidents"), workers=2)
 
     rows, checkpoint = tables(fresh_database)["incidents"]
     expected, last = folded(fresh_database, "incidents")
     with fresh_database.connect_owner() as conn:
-        kept_after = dict(conn.execute(places, (kept,)).fetchall())
+        untouched_after = dict(conn.execute(places, (untouched,)).fetchall())
     assert rows == expected
     assert checkpoint == last
     assert result.rows == len(expected)
-    assert len(kept_before) == len(kept)
-    assert kept_after == kept_before
+    assert len(untouched_before) == len(untouched)
+    assert untouched_after == untouched_before
 
 
 def incident_ids(name: str, rows: dict[Any, Any]) -> set[uuid.UUID]:

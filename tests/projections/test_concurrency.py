@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger.database import Database
-from ledger.events import NewEvent
+from ledger.events import NewEvent, RecordedEvent
 from ledger.ids import incident_stream_id
 from ledger.lifecycle import INCIDENT_ACKNOWLEDGED, REPORT_SUBMITTED
 from ledger.store import Checkpoint, PostgresEventStore, read_after
@@ -150,8 +150,17 @@ def test_two_projectors_and_concurrent_writers(
         for thread in writers:
             thread.join()
 
-        with fresh_database.connect_worker() as conn:
-            events = read_after(conn, Checkpoint(), 100_000)
+        events: list[RecordedEvent] = []
+
+        def all_below_horizon() -> bool:
+            nonlocal events
+            with fresh_database.connect_worker() as conn:
+                events = read_after(conn, Checkpoint(), 100_000)
+            return len(events) == 200
+
+        # A projector batch that took its transaction id before the last appends holds the
+        # horizon below them until it commits; the last event is known only after that.
+        assert _wait_for(all_below_horizon, 30)
         last = (events[-1].tx_id, events[-1].position)
 
         def caught_up() -> bool:

@@ -158,7 +158,7 @@ def test_two_projectors_and_concurrent_writers(
                 events = read_after(conn, Checkpoint(), 100_000)
             return len(events) == 200
 
-        # A projector batch that took its transaction id before the last appends holds the
+        # A projector batch that took its transaction id before the last appends keeps the
         # horizon below them until it commits; the last event is known only after that.
         assert _wait_for(all_below_horizon, 30)
         last = (events[-1].tx_id, events[-1].position)

@@ -159,7 +159,7 @@ def test_two_projectors_and_concurrent_writers(
             return len(events) == 200
 
         # A projector batch that took its transaction id before the last appends keeps the
-        # horizon below them until it commits; the last event is known only after that.
+        # horizon below them until it commits. Only then is the last event readable.
         assert _wait_for(all_below_horizon, 30)
         last = (events[-1].tx_id, events[-1].position)
 

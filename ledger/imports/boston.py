@@ -16,9 +16,9 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
-from ledger.events import canonical_json, event_hash_serialized
+from ledger.events import canonical_json
 from ledger.ids import MAX_ORDERED_NUMBER, NAMESPACE, derived_id_text, ordered_id_with_prefix
-from ledger.imports.copytext import binary_row, jsonb_field, text_field
+from ledger.imports.copytext import EventRows
 from ledger.lifecycle import INCIDENT_CLOSED, REPORT_SUBMITTED
 
 SOURCE = "boston-311"
@@ -231,14 +231,10 @@ def case_ids(tenant_id: str, case_id: str) -> tuple[str, str, str]:
 
 
 def case_events(
-    tenant_id: str,
-    times: LocalTimeReader,
-    values: list[str],
-    metadata_json: bytes,
-    fields: tuple[bytes, bytes],
+    times: LocalTimeReader, values: list[str], events: EventRows
 ) -> tuple[str, bytes, int, bytes]:
     """Turn one row (narrowed to COLUMNS, '' for absent ones) into binary COPY rows for its
-    events. `fields` are the tenant and the metadata as binary COPY fields.
+    events, built by `events`.
 
     Returns the stream id, the COPY rows, the stream's version after them and its head hash.
     """
@@ -273,7 +269,7 @@ def case_events(
     target = times.utc_text(target_dt, "TARGET_DT")
     closed = times.utc_text(closed_dt, "CLOSED_DT")
 
-    incident_id, submitted_id, closed_id = case_ids(tenant_id, case_id)
+    incident_id, submitted_id, closed_id = case_ids(events.tenant_id, case_id)
     stream_id = f"incident-{incident_id}"
     submitted: dict[str, Any] = {
         "incident_id": incident_id,
@@ -305,36 +301,13 @@ def case_events(
         }
         specs.append((INCIDENT_CLOSED, closed, closing, closed_id))
 
-    tenant_field, metadata_field = fields
     rows = []
     digest: bytes | None = None
     for version, (event_type, occurred_text, payload, event_id) in enumerate(specs, start=1):
-        payload_json = canonical_json({k: v for k, v in payload.items() if v is not None})
-        digest = event_hash_serialized(
-            digest,
-            tenant_id=tenant_id,
-            stream_id=stream_id,
-            stream_version=version,
-            event_type=event_type,
-            schema_version=1,
-            event_id=event_id,
-            occurred_at_utc=occurred_text,
-            payload_json=payload_json,
-            metadata_json=metadata_json,
+        row, digest = events.row(
+            stream_id, version, event_type, occurred_text, payload, event_id, digest
         )
-        rows.append(
-            binary_row(
-                tenant_field,
-                stream_id,
-                version,
-                event_type,
-                payload_json,
-                metadata_field,
-                occurred_text,
-                event_id,
-                digest,
-            )
-        )
+        rows.append(row)
     assert digest is not None
     return stream_id, b"".join(rows), len(specs), digest
 
@@ -378,16 +351,13 @@ def _parse_rows(
     parts: list[bytes] = []
     heads: list[str] = []
     offset = 0
-    metadata_json = import_metadata(source_file)
-    fields = (text_field(tenant_id), jsonb_field(metadata_json))
+    events = EventRows(tenant_id, import_metadata(source_file))
     for row_number, values in rows:
         if nul_possible and (column := _nul_column(values)) is not None:
             chunk.rejects.append((row_number, f"invalid {column}: contains a NUL character"))
             continue
         try:
-            stream_id, text, version, head_hash = case_events(
-                tenant_id, times, values, metadata_json, fields
-            )
+            stream_id, text, version, head_hash = case_events(times, values, events)
         except RowRejected as error:
             chunk.rejects.append((row_number, str(error)))
             continue

@@ -17,7 +17,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
+
+from ledger.events import canonical_json, event_hash_serialized
 
 EVENT_COPY_COLUMNS = (
     "tenant_id, stream_id, stream_version, event_type, schema_version, payload, metadata, "
@@ -87,29 +90,80 @@ def binary_row(
     )
 
 
+class EventRows:
+    """A builder of the binary COPY rows of one import's events, which share a tenant and
+    the import's metadata."""
+
+    def __init__(self, tenant_id: str, metadata_json: bytes) -> None:
+        self.tenant_id = tenant_id
+        self.metadata_json = metadata_json
+        self._tenant_field = text_field(tenant_id)
+        self._metadata_field = jsonb_field(metadata_json)
+
+    def row(
+        self,
+        stream_id: str,
+        stream_version: int,
+        event_type: str,
+        occurred_at_utc: str,
+        payload: dict[str, Any],
+        event_id: str,
+        previous: bytes | None,
+    ) -> tuple[bytes, bytes]:
+        """Return an event's binary COPY row and its hash, chained to `previous`. Payload
+        entries whose value is None are left out."""
+        payload_json = canonical_json({k: v for k, v in payload.items() if v is not None})
+        digest = event_hash_serialized(
+            previous,
+            tenant_id=self.tenant_id,
+            stream_id=stream_id,
+            stream_version=stream_version,
+            event_type=event_type,
+            schema_version=1,
+            event_id=event_id,
+            occurred_at_utc=occurred_at_utc,
+            payload_json=payload_json,
+            metadata_json=self.metadata_json,
+        )
+        row = binary_row(
+            self._tenant_field,
+            stream_id,
+            stream_version,
+            event_type,
+            payload_json,
+            self._metadata_field,
+            occurred_at_utc,
+            event_id,
+            digest,
+        )
+        return row, digest
+
+
 def binary_rows(data: bytes) -> list[bytes]:
     """Split binary COPY rows (without the signature) into one bytes object per row."""
     rows = []
     start = 0
     while start < len(data):
-        position = start + 2
-        for _ in range(struct.unpack_from(">h", data, start)[0]):
-            (length,) = _LENGTH.unpack_from(data, position)
-            position += 4 + max(length, 0)
-        rows.append(data[start:position])
-        start = position
+        _, end = _binary_fields(data, start)
+        rows.append(data[start:end])
+        start = end
     return rows
 
 
-def _binary_fields(row: bytes) -> list[bytes]:
-    fields = []
-    position = 2
-    for _ in range(struct.unpack_from(">h", row, 0)[0]):
-        (length,) = _LENGTH.unpack_from(row, position)
+def _binary_fields(data: bytes, start: int = 0) -> tuple[list[bytes | None], int]:
+    """Read the binary COPY row at `start`; return its fields (None for NULL) and where it
+    ends."""
+    fields: list[bytes | None] = []
+    position = start + 2
+    for _ in range(struct.unpack_from(">h", data, start)[0]):
+        (length,) = _LENGTH.unpack_from(data, position)
         position += 4
-        fields.append(row[position : position + length])
+        if length < 0:
+            fields.append(None)
+            continue
+        fields.append(data[position : position + length])
         position += length
-    return fields
+    return fields, position
 
 
 def escape(text: str) -> str:
@@ -189,9 +243,13 @@ class EventLine:
 
     @classmethod
     def decode_binary(cls, row: bytes) -> EventLine:
-        fields = _binary_fields(row)
-        if len(fields) != 10:
-            raise ValueError(f"an events COPY row has 10 fields, this one has {len(fields)}")
+        read, _ = _binary_fields(row)
+        if len(read) != 10 or None in read:
+            raise ValueError(
+                f"an events COPY row has 10 fields and no NULL, this one has {len(read)} "
+                f"fields and {read.count(None)} NULL"
+            )
+        fields = [field for field in read if field is not None]
         return cls(
             tenant_id=fields[0].decode(),
             stream_id=fields[1].decode(),

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from ledger.events import canonical_json, event_hash_serialized, utc_text
+from ledger.events import utc_text
 from ledger.ids import MAX_ORDERED_NUMBER, derived_id_text, ordered_id_text
 from ledger.imports.boston import (
     LocalTimeReader,
@@ -36,7 +36,7 @@ from ledger.imports.boston import (
     RowRejected,
     import_metadata,
 )
-from ledger.imports.copytext import binary_row, jsonb_field, text_field
+from ledger.imports.copytext import EventRows
 from ledger.lifecycle import INCIDENT_CLOSED, INCIDENT_REOPENED, REPORT_SUBMITTED, WORK_STARTED
 
 # Values that exports write for "no value". Compared in upper case.
@@ -310,46 +310,6 @@ def request_events(
     return f"incident-{incident_id}", specs, reopening, state
 
 
-def copy_row(
-    tenant_id: str,
-    stream_id: str,
-    version: int,
-    spec: EventSpec,
-    metadata_json: bytes,
-    previous: bytes | None,
-    fields: tuple[bytes, bytes],
-) -> tuple[bytes, bytes]:
-    """Return one event's binary COPY row and hash, chained to `previous`. `fields` are
-    the tenant and the metadata as binary COPY fields."""
-    event_type, occurred_at, payload, event_id = spec
-    payload_json = canonical_json({k: v for k, v in payload.items() if v is not None})
-    digest = event_hash_serialized(
-        previous,
-        tenant_id=tenant_id,
-        stream_id=stream_id,
-        stream_version=version,
-        event_type=event_type,
-        schema_version=1,
-        event_id=event_id,
-        occurred_at_utc=occurred_at,
-        payload_json=payload_json,
-        metadata_json=metadata_json,
-    )
-    tenant_field, metadata_field = fields
-    row = binary_row(
-        tenant_field,
-        stream_id,
-        version,
-        event_type,
-        payload_json,
-        metadata_field,
-        occurred_at,
-        event_id,
-        digest,
-    )
-    return row, digest
-
-
 def parse_requests(
     tenant_id: str,
     time_zone: str,
@@ -368,8 +328,7 @@ def parse_requests(
     for them first.
     """
     times = TimeReader(ZoneInfo(time_zone))
-    metadata_json = import_metadata(source_file)
-    fields = (text_field(tenant_id), jsonb_field(metadata_json))
+    events = EventRows(tenant_id, import_metadata(source_file))
     chunk = ParsedChunk()
     parts: list[bytes] = []
     heads: list[str] = []
@@ -394,17 +353,18 @@ def parse_requests(
                 continue
             lines = []
             digest: bytes | None = None
-            for version, spec in enumerate(specs, start=1):
-                line, digest = copy_row(
-                    tenant_id, stream_id, version, spec, metadata_json, digest, fields
+            for version, (event_type, occurred_at, payload, event_id) in enumerate(specs, start=1):
+                line, digest = events.row(
+                    stream_id, version, event_type, occurred_at, payload, event_id, digest
                 )
                 lines.append(line)
             assert digest is not None
             reopen_line = None
             if reopening is not None:
                 # Version and hash are set by the writer if it appends this event.
-                reopen_line, _ = copy_row(
-                    tenant_id, stream_id, 0, reopening, metadata_json, None, fields
+                event_type, occurred_at, payload, event_id = reopening
+                reopen_line, _ = events.row(
+                    stream_id, 0, event_type, occurred_at, payload, event_id, None
                 )
             text = b"".join(lines)
             chunk.cases.append(

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 import secrets
 import time
@@ -45,6 +44,7 @@ from ledger.database import Database
 from ledger.errors import LedgerError
 from ledger.events import RecordedEvent
 from ledger.parking import parked_positions, tenant_parked_positions, without_parked
+from ledger.processes import worker_context
 from ledger.store import EVENT_COLUMNS, Checkpoint, row_to_event
 from projections.base import Projection
 from projections.runtime import collect_less_often, load_checkpoint, lock_for_apply
@@ -499,12 +499,7 @@ def _fold_partitions(
         key=lambda task: task[1].events,
         reverse=True,
     )
-    # forkserver: workers start from a clean process, not from a fork of the caller, which
-    # may have threads and open connections.
-    context = multiprocessing.get_context("forkserver")
-    # Imported once by the fork server rather than by every worker it starts.
-    context.set_forkserver_preload(["replay.rebuild"])
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context("replay.rebuild"))
     try:
         futures: dict[Future[tuple[int, int, float]], tuple[_Job, Partition]] = {
             pool.submit(

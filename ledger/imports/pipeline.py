@@ -13,7 +13,6 @@ import csv
 import gzip
 import io
 import logging
-import multiprocessing
 import os
 import queue
 import threading
@@ -46,6 +45,7 @@ from ledger.lifecycle import (
     REPORT_SUBMITTED,
 )
 from ledger.metrics import IMPORT_EVENTS, IMPORT_ROWS
+from ledger.processes import worker_context
 from ledger.tenants import validate_tenant_id
 
 logger = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ def import_file(
     workers = workers or default_workers()
     source_file = path.name
     now_text = utc_text(now or datetime.now(UTC))
-    context = _parser_context()
+    context = worker_context("ledger.imports.formats")
     # Two blocks per worker keep the pool busy while the writer copies; more would only
     # hold rows in memory. The writer runs in its own thread so that reading goes on while
     # a COPY waits on the server.
@@ -417,21 +417,6 @@ def import_file(
         report.rejected_count,
     )
     return report
-
-
-def _parser_context() -> multiprocessing.context.BaseContext:
-    """Return how parser processes start: from a fork server where the platform has one.
-
-    A spawned process imports the program's main module before it runs anything, which
-    for `civicpulse` is the whole command-line tool. A fork server imports it once and
-    then forks every parser from itself, started clean, so no parser inherits the
-    threads or database connections of the importing process.
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", "ledger.imports.formats"])
-    return context
 
 
 class _WarmStart:

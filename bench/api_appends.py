@@ -191,24 +191,31 @@ def run_api(
     client: str = "aiohttp",
 ) -> Run:
     process, base = start_api(database, group_commit=group_commit, workers=workers)
-    if client == "aiohttp":
-        try:
-            label = "API, group commit" if group_commit else "API, one commit per request"
-            label += f", {workers} worker" + ("s" if workers > 1 else "")
-            asyncio.run(_post_reports(base, token, API_CLIENTS * 4, "warm-up"))
-            server_before = cpu_seconds(process.pid)
-            client_before = time.process_time()
-            run = asyncio.run(_post_reports(base, token, count, label))
-            return replace(
-                run,
-                server_cpu_seconds=cpu_seconds(process.pid) - server_before,
-                client_cpu_seconds=time.process_time() - client_before,
-            )
-        finally:
-            process.terminate()
-            process.wait(30)
+    label = "API, group commit" if group_commit else "API, one commit per request"
+    label += f", {workers} worker" + ("s" if workers > 1 else "")
+    post_reports = (
+        _aiohttp_poster(base, token) if client == "aiohttp" else _requests_poster(base, token)
+    )
+    try:
+        # Warm up connections and code paths before the clock starts.
+        post_reports(API_CLIENTS * 4, "warm-up")
+        server_before = cpu_seconds(process.pid)
+        client_before = time.process_time()
+        run = post_reports(count, label)
+        return replace(
+            run,
+            server_cpu_seconds=cpu_seconds(process.pid) - server_before,
+            client_cpu_seconds=time.process_time() - client_before,
+        )
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _requests_poster(base: str, token: str) -> Callable[[int, str], Run]:
+    """Return a function that posts reports from API_CLIENTS threads, each with a requests
+    session of its own, and returns the run."""
     local = threading.local()
-    run_id = uuid.uuid4().hex[:8]
 
     def session() -> requests.Session:
         if not hasattr(local, "session"):
@@ -217,7 +224,7 @@ def run_api(
         http: requests.Session = local.session
         return http
 
-    def post(n: int) -> Callable[[], None]:
+    def post(run_id: str, n: int) -> Callable[[], None]:
         def call() -> None:
             response = session().post(
                 f"{base}/tenants/{TENANT}/incidents",
@@ -230,22 +237,18 @@ def run_api(
 
         return call
 
-    try:
-        # Warm up connections and code paths before the clock starts.
-        timed_calls(API_CLIENTS, [post(-n - 1) for n in range(API_CLIENTS * 4)], "warm-up")
-        label = "API, group commit" if group_commit else "API, one commit per request"
-        label += f", {workers} worker" + ("s" if workers > 1 else "")
-        server_before = cpu_seconds(process.pid)
-        client_before = time.process_time()
-        run = timed_calls(API_CLIENTS, [post(n) for n in range(count)], label)
-        return replace(
-            run,
-            server_cpu_seconds=cpu_seconds(process.pid) - server_before,
-            client_cpu_seconds=time.process_time() - client_before,
-        )
-    finally:
-        process.terminate()
-        process.wait(30)
+    def post_reports(count: int, name: str) -> Run:
+        # A key of its own per run, so that no report replays an earlier run's.
+        run_id = uuid.uuid4().hex[:8]
+        return timed_calls(API_CLIENTS, [post(run_id, n) for n in range(count)], name)
+
+    return post_reports
+
+
+def _aiohttp_poster(base: str, token: str) -> Callable[[int, str], Run]:
+    """Return a function that posts reports from aiohttp tasks on one event loop and
+    returns the run."""
+    return lambda count, name: asyncio.run(_post_reports(base, token, count, name))
 
 
 async def _post_reports(base: str, token: str, count: int, name: str) -> Run:

@@ -181,63 +181,36 @@ def main() -> None:
     copy_binary = b"".join(event.encode_binary() for event in events)
     tuples = row_tuples(events)
 
-    raw_rates, binary_rates, row_rates, import_rates = [], [], [], []
+    # Each run loads into a fresh database and returns what it loaded and its seconds.
+    runs: dict[str, Callable[[Database], tuple[int, float]]] = {
+        "raw COPY": lambda database: raw_copy(database, copy_text),
+        "raw binary COPY": lambda database: raw_binary_copy(database, copy_binary),
+        "raw COPY of Python rows": lambda database: raw_copy_rows(database, tuples),
+        "import": lambda database: pipeline_import(database, args.file, args.workers),
+    }
+    rates: dict[str, list[float]] = {label: [] for label in runs}
     for round_number in range(1, args.rounds + 1):
-        name, database = fresh_database(conninfo)
-        try:
-            rows, seconds = raw_copy(database, copy_text)
-        finally:
-            drop(conninfo, name)
-        raw_rates.append(rows / seconds)
-        print(
-            f"round {round_number} raw COPY: {rows} rows in {seconds:.2f} s, "
-            f"{rows / seconds:,.0f} rows/s"
-        )
+        for label, run in runs.items():
+            name, database = fresh_database(conninfo)
+            try:
+                count, seconds = run(database)
+            finally:
+                drop(conninfo, name)
+            rates[label].append(count / seconds)
+            unit = "events" if label == "import" else "rows"
+            print(
+                f"round {round_number} {label}: {count} {unit} in {seconds:.2f} s, "
+                f"{count / seconds:,.0f} {unit}/s"
+            )
 
-        name, database = fresh_database(conninfo)
-        try:
-            rows, seconds = raw_binary_copy(database, copy_binary)
-        finally:
-            drop(conninfo, name)
-        binary_rates.append(rows / seconds)
-        print(
-            f"round {round_number} raw binary COPY: {rows} rows in {seconds:.2f} s, "
-            f"{rows / seconds:,.0f} rows/s"
-        )
-
-        name, database = fresh_database(conninfo)
-        try:
-            rows, seconds = raw_copy_rows(database, tuples)
-        finally:
-            drop(conninfo, name)
-        row_rates.append(rows / seconds)
-        print(
-            f"round {round_number} raw COPY of Python rows: {rows} rows in {seconds:.2f} s, "
-            f"{rows / seconds:,.0f} rows/s"
-        )
-
-        name, database = fresh_database(conninfo)
-        try:
-            events, seconds = pipeline_import(database, args.file, args.workers)
-        finally:
-            drop(conninfo, name)
-        import_rates.append(events / seconds)
-        print(
-            f"round {round_number} import:   {events} events in {seconds:.2f} s, "
-            f"{events / seconds:,.0f} events/s"
-        )
-
-    raw = statistics.median(raw_rates)
-    binary = statistics.median(binary_rates)
-    from_rows = statistics.median(row_rates)
-    imported = statistics.median(import_rates)
-    print(f"median raw COPY:                 {raw:,.0f} rows/s")
-    print(f"median raw binary COPY:          {binary:,.0f} rows/s")
-    print(f"median raw COPY of Python rows:  {from_rows:,.0f} rows/s")
-    print(f"median import:                   {imported:,.0f} events/s")
-    print(f"ratio import / raw COPY: {imported / raw:.2f}  (the target is 0.5)")
-    print(f"ratio import / raw binary COPY: {imported / binary:.2f}")
-    print(f"ratio import / raw COPY of Python rows: {imported / from_rows:.2f}")
+    medians = {label: statistics.median(values) for label, values in rates.items()}
+    for label, median in medians.items():
+        unit = "events" if label == "import" else "rows"
+        print(f"median {label + ':':<32} {median:,.0f} {unit}/s")
+    imported = medians.pop("import")
+    for label, median in medians.items():
+        target = "  (the target is 0.5)" if label == "raw COPY" else ""
+        print(f"ratio import / {label}: {imported / median:.2f}{target}")
 
 
 if __name__ == "__main__":

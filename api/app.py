@@ -544,8 +544,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Key checks and the submits that read first run in the loop's own executor, and a
-        # submit keeps its thread until its batch commits. asyncio's default of a few
-        # threads per CPU would let waiting submits hold up every other request's key check.
+        # submit keeps its thread until its batch commits. With asyncio's default (the CPU
+        # count plus 4 threads), a dozen waiting submits held up every other key check.
         executor = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="api")
         asyncio.get_running_loop().set_default_executor(executor)
         if owned_pool:

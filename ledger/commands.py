@@ -110,7 +110,8 @@ def _metadata(
 def _checked_report(
     report: dict[str, Any], reporter: Mapping[str, Any] | None
 ) -> ReporterContact | None:
-    """Reject personal fields in a report; return its reporter's checked contact, if any."""
+    """Reject personal fields in a report, and return its reporter's checked contact, if
+    any."""
     personal = sorted(PERSONAL_REPORT_FIELDS & set(report))
     if personal:
         raise CommandInvalid(
@@ -176,7 +177,8 @@ class IncidentCommands:
         correlation_id: str | None = None,
         reporter: Mapping[str, Any] | None = None,
     ) -> CommandResult:
-        """`submit` for an event loop, with the same results and errors.
+        """Submit a report as `submit` does, with the same results and errors, from an
+        event loop.
 
         A report without reporter contact, from a tenant whose configuration is cached at
         the version this request read, is appended without holding a thread. Any other

@@ -143,7 +143,7 @@ def read_as_tenant(
     """Run one read-only statement scoped to `tenant_id` in a single round trip.
 
     Both statements go to the server as one simple query, which PostgreSQL runs in one
-    implicit transaction: the tenant the first sets holds for the second and ends with it.
+    implicit transaction: the tenant the first sets applies to the second and ends with it.
     A transaction of our own would cost three more round trips (BEGIN, the setting and the
     ROLLBACK). `query` takes no parameters: quote values into it with sql.Literal.
 

@@ -115,7 +115,8 @@ class GroupCommitter:
     async def run_async(
         self, tenant_id: str, work: Work[T], *, lock_key: str, item: Any = None
     ) -> T:
-        """`run` for an event loop: wait for the batch's COMMIT without holding a thread.
+        """Run `work` as `run` does, but wait for the batch's COMMIT on the event loop,
+        without holding a thread.
 
         A caller that is cancelled while it waits leaves its unit in the batch, as a
         timed-out one does: the unit may still commit.

@@ -213,7 +213,8 @@ class PostgresEventStore:
         *,
         expected_version: int | None,
     ) -> AppendResult:
-        """`append` for an event loop, with the same results and errors.
+        """Append `events` as `append` does, with the same results and errors, from an
+        event loop.
 
         With a committer, the append joins the next batch and the caller waits for its
         COMMIT without holding a thread. Without one, `append` runs in a thread.
@@ -234,7 +235,8 @@ class PostgresEventStore:
         return _counted(result, prepared)
 
     def _unbatched(self, pending: PendingAppend) -> Work[AppendResult]:
-        """The work that appends `pending` alone, for when the batch handler leaves it out."""
+        """Return the work that appends `pending` alone, for when the batch handler leaves it
+        out."""
         return lambda shared: self._append_or_replay(
             shared, pending.tenant_id, pending.stream_id, pending.events, pending.expected_version
         )

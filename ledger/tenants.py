@@ -403,7 +403,7 @@ def load_tenant(store: PostgresEventStore, tenant_id: str) -> TenantConfig | Non
 
 def cached_tenant(store: PostgresEventStore, tenant_id: str) -> TenantConfig | None:
     """Return the tenant's configuration without a query when `store`'s cache can tell it
-    is current (TenantConfigCache.cached); otherwise None, and `require_tenant` decides."""
+    is current (TenantConfigCache.cached). Otherwise return None: `require_tenant` decides."""
     cache = _config_caches.get(store)
     return cache.cached(tenant_id) if cache is not None else None
 

@@ -633,8 +633,8 @@ def _parked_in(
 def _replace_rows(
     conn: psycopg.Connection[Any], shadow: dict[str, str], tenant_id: str | None
 ) -> int:
-    """Make the live rows (one tenant's with `tenant_id`) equal to the shadow rows; return
-    how many rows the shadow tables hold.
+    """Make the live rows (one tenant's with `tenant_id`) equal to the shadow rows, and
+    return how many rows the shadow tables contain.
 
     Only the rows that differ are written: a live row that the shadow has unchanged
     stays, the others are deleted, and the shadow rows then missing are inserted. A

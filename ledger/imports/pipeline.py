@@ -420,8 +420,8 @@ def import_file(
 
 
 class _WarmStart:
-    """Hands blocks to the pool once a worker process runs, and parses them in the calling
-    thread until then.
+    """A parser of blocks that hands them to the pool once a worker process runs, and parses
+    them in the calling thread until then.
 
     A spawned worker imports its modules before it parses anything, about half a second
     in which the writer would have nothing to copy. The first blocks are parsed here in
@@ -567,7 +567,8 @@ class CopyWriter:
         return self._write_slow(chunk, heads)
 
     def _copy(self, events_copy: bytes, streams_copy: bytes) -> int:
-        """COPY binary events rows and text stream heads; return the events appended."""
+        """Copy binary events rows and text stream heads, and return how many events it
+        appended."""
         with self.conn.cursor() as cur:
             with cur.copy(f"COPY events ({EVENT_COPY_COLUMNS}) FROM STDIN (FORMAT binary)") as copy:
                 # psycopg ends the data with the trailer.

@@ -253,7 +253,7 @@ def _aiohttp_poster(base: str, token: str) -> Callable[[int, str], Run]:
 
 async def _post_reports(base: str, token: str, count: int, name: str) -> Run:
     """Post `count` reports from API_CLIENTS concurrent clients, each on a keep-alive
-    connection of its own; return the wall time and each request's latency."""
+    connection of its own, and return the wall time and each request's latency."""
     import aiohttp
 
     run_id = uuid.uuid4().hex[:8]

@@ -139,7 +139,7 @@ def test_setting_a_tenant_outside_a_transaction_is_an_error(fresh_database: Data
         set_tenant(conn, "acme")
 
 
-def test_read_as_tenant_scopes_one_round_trip(
+def test_read_as_tenant_scopes_tenant(
     fresh_database: Database, two_tenants: tuple[str, str]
 ) -> None:
     first, _ = two_tenants
@@ -158,7 +158,7 @@ def test_read_as_tenant_scopes_one_round_trip(
     assert status_after == TransactionStatus.IDLE
     assert autocommit_after is False
     assert later == (0,)
-    # Inside a transaction it runs nothing; the caller uses set_tenant instead.
+    # Inside a transaction it runs nothing, and the caller uses set_tenant instead.
     assert inside is None
 
 

@@ -332,9 +332,11 @@ def _swap_in(
                 _apply_range(conn, projection, load_checkpoint(conn, projection.name), target)
             position, more = _catch_up_shadow(conn, shadow_projection, position, tenant_id, target)
             caught_up += more
-            rows = _replace_rows(conn, job.shadow, tenant_id)
+            _replace_rows(conn, job.shadow, tenant_id)
             _set_checkpoint(conn, projection.name, target)
         swap_seconds = time.monotonic() - swap_started
+        # Counted after the commit, so that streaming batches do not wait for the scans.
+        rows = _shadow_rows(conn, job.shadow)
     report = RebuildReport(
         projection=projection.name,
         tenant_id=tenant_id,
@@ -632,9 +634,8 @@ def _parked_in(
 
 def _replace_rows(
     conn: psycopg.Connection[Any], shadow: dict[str, str], tenant_id: str | None
-) -> int:
-    """Make the live rows (one tenant's with `tenant_id`) equal to the shadow rows, and
-    return how many rows the shadow tables contain.
+) -> None:
+    """Make the live rows (one tenant's with `tenant_id`) equal to the shadow rows.
 
     Only the rows that differ are written: a live row that the shadow has unchanged
     stays, the others are deleted, and the shadow rows then missing are inserted. A
@@ -643,7 +644,6 @@ def _replace_rows(
     TRUNCATE: TRUNCATE would block readers until the commit, and a reader whose snapshot
     is older than the commit would then find the table empty.
     """
-    rows = 0
     for live, table in shadow.items():
         live_table = sql.Identifier(live)
         shadow_table = sql.Identifier(SHADOW_SCHEMA, table)
@@ -674,7 +674,15 @@ def _replace_rows(
                     "WHERE NOT EXISTS (SELECT FROM {live} AS l WHERE {same_key})"
                 ).format(live=live_table, shadow=shadow_table, same_key=same_key)
             )
-        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(shadow_table)).fetchone()
+
+
+def _shadow_rows(conn: psycopg.Connection[Any], shadow: dict[str, str]) -> int:
+    """Return how many rows the shadow tables contain."""
+    rows = 0
+    for table in shadow.values():
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(SHADOW_SCHEMA, table))
+        ).fetchone()
         rows += row[0] if row else 0
     return rows
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from psycopg import sql
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import ConnectionPool
 from pydantic import SecretStr
@@ -189,15 +190,40 @@ def _with_password(conninfo: str | None, password: SecretStr | None) -> str:
     return make_conninfo(conninfo, password=password.get_secret_value())
 
 
+def quietly_idle(conn: psycopg.Connection[Any]) -> bool:
+    """Tell whether an idle connection looks healthy without a round trip to the server.
+
+    An idle connection has nothing to read: a server that ends it (a restart, a shutdown,
+    pg_terminate_backend) sends an error and closes the socket, which makes it readable.
+    So one poll of the socket with no wait finds those, for a few microseconds instead of
+    a query. It cannot find a peer that vanished without closing (a host lost off the
+    network), and says False where it cannot poll (no `select.poll` on Windows).
+    """
+    pgconn = conn.pgconn
+    if (
+        pgconn.status != ConnStatus.OK
+        or pgconn.transaction_status != TransactionStatus.IDLE
+        or not hasattr(select, "poll")
+    ):
+        return False
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN | select.POLLPRI)
+    return not poller.poll(0)
+
+
 def checked_pool(conninfo: str, *, min_size: int, max_size: int, name: str) -> ConnectionPool[Any]:
     """Create a pool, not yet open, that tests each connection before handing it out.
 
-    A connection that fails the test is replaced instead of failing the request. Each
-    checkout costs one extra round trip, which long-running servers pay to outlive a restart
-    of the database.
+    A connection that fails the test is replaced instead of failing the request, so that
+    long-running servers outlive a restart of the database. The test polls the socket
+    (`quietly_idle`) and sends an empty query only when the socket has something to read:
+    at about 700 API requests per second, a round trip on each checkout cost 0.12 to
+    0.18 ms of the server's CPU per request, and the database's share on top.
     """
 
     def check(conn: psycopg.Connection[Any]) -> None:
+        if quietly_idle(conn):
+            return
         try:
             ConnectionPool.check_connection(conn)
         except psycopg.OperationalError:

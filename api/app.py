@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import psycopg
 from fastapi import Body, Depends, FastAPI, Header, Query, Request, Response
@@ -26,7 +26,7 @@ from api.auth import actor_of, allow, document_roles
 from api.config_routes import add_config_routes
 from api.dashboards import add_dashboard_routes
 from api.grouping import add_grouping_routes
-from api.observability import RequestContext, readiness_checks
+from api.observability import RequestContext, new_request_id, readiness_checks
 from api.open311 import add_open311_routes
 from api.problems import install_problem_handlers
 from api.trends import add_trends_routes
@@ -512,7 +512,7 @@ Admin = Role.ADMIN
 
 def _request_id(request: Request) -> str:
     """Return the id RequestContext gave the request; it becomes the correlation id."""
-    request_id: str = getattr(request.state, "request_id", None) or str(uuid4())
+    request_id: str = getattr(request.state, "request_id", None) or new_request_id()
     return request_id
 
 

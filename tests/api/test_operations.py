@@ -5,15 +5,18 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
+from uuid import UUID
 
 import pytest
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
 from api.app import create_app
+from api.observability import new_request_id
 from ledger.database import Database
 from ledger.keys import Role, issue_key
 from ledger.logs import configure_logging
@@ -140,7 +143,7 @@ def test_request_id_is_echoed_and_logged(
     lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line]
 
     assert given.headers["x-request-id"] == "req-42"
-    assert hostile.headers["x-request-id"] != "bad id"
+    assert UUID(hostile.headers["x-request-id"]).version == 4
     assert events[0]["metadata"]["correlation_id"] == "req-42"
     access = [line for line in lines if line.get("request_id") == "req-42"]
     assert access, lines
@@ -192,3 +195,21 @@ def test_worker_app_freezes_startup_objects(
     assert health.status_code == 200
     # At least the app's own routes and models, which are far more than a thousand objects.
     assert frozen_after - frozen_before > 1000
+
+
+def test_new_request_ids_are_version_4_uuids_and_differ_in_a_fork() -> None:
+    ids = [new_request_id() for _ in range(1000)]
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    from_child = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(child, 0)
+    from_parent = new_request_id()
+
+    assert len(set(ids)) == len(ids)
+    assert all(UUID(text).version == 4 and str(UUID(text)) == text for text in ids)
+    assert from_child != from_parent

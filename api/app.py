@@ -522,6 +522,7 @@ def create_app(
     pool: ConnectionPool[Any] | None = None,
     max_lag: int = 10_000,
     group_commit: bool = True,
+    group_commit_workers: int = 1,
     pool_size: int = 10,
 ) -> FastAPI:
     """Build the API over `database`. The app opens its own pool of `pool_size` connections
@@ -529,12 +530,17 @@ def create_app(
 
     `max_lag` is the number of events a projection may be behind before GET /ready fails.
     With `group_commit`, appends of concurrent requests are committed together in batches
-    (ledger.group_commit), and each request is answered once its own batch committed.
+    (ledger.group_commit) by `group_commit_workers` threads, and each request is answered
+    once its own batch committed.
     """
     owned_pool = pool is None
     # A checked pool replaces the connections a database restart closed.
     pool = pool or checked_pool(database.app_conninfo, min_size=1, max_size=pool_size, name="api")
-    committer = GroupCommitter(pool, name="api-group-commit") if group_commit else None
+    committer = (
+        GroupCommitter(pool, workers=group_commit_workers, name="api-group-commit")
+        if group_commit
+        else None
+    )
     store = PostgresEventStore(pool, committer=committer)
     # Each request still reads the versions of the key's and the tenant's streams, so a
     # revoked key and a configuration change take effect on the next request.

@@ -24,6 +24,7 @@ def create_worker_app() -> FastAPI:
         resolve_database(settings),
         max_lag=settings.ready_max_lag_events,
         group_commit=settings.group_commit,
+        group_commit_workers=settings.group_commit_workers,
         pool_size=settings.api_pool_size,
     )
     keep_startup_objects()

@@ -14,12 +14,15 @@ All runs happen in one process, one after the other, on the same PostgreSQL serv
   new aggregates, one event per aggregate, into a database of its own on the same server.
 
 It prints the rate, the median and the 99th percentile latency of each run, the CPU time
-per request of the server processes and of this script's clients, and the ratios
-against the targets. The API should reach 0.33 of the raw INSERT rate or better and 3 times
-the `eventsourcing` rate or better, with a 99th percentile under 100 ms.
+per request of the server processes, of this script's clients and of the local PostgreSQL
+processes, the machine's busy CPU time per request and the rate that allows with every CPU
+busy, and the ratios against the targets. `--floor` adds a run against FastAPI alone
+(bench/_floor_app.py): the same reports validated and answered 201, with nothing behind.
+The API should reach 0.33 of the raw INSERT rate or better and 3 times the
+`eventsourcing` rate or better, with a 99th percentile under 100 ms.
 
     python bench/api_appends.py [--requests N] [--compare] [--server-workers N]
-                                [--client aiohttp|requests]
+                                [--client aiohttp|requests] [--floor]
 
 DATABASE_URL selects the server; without it an embedded server is started.
 """
@@ -79,6 +82,8 @@ class Run:
     latencies: list[float]
     server_cpu_seconds: float | None = None  # of the API processes, for API runs
     client_cpu_seconds: float | None = None  # of this script, for API runs
+    database_cpu_seconds: float | None = None  # of the local PostgreSQL processes
+    machine_cpu_seconds: float | None = None  # busy time of all CPUs, for API runs
 
     @property
     def rate(self) -> float:
@@ -105,6 +110,19 @@ class Run:
             text += f"  client CPU {per_request:.2f} ms/request"
         return text
 
+    def budget(self) -> str | None:
+        """Return where the machine's CPU went per request, and the rate it allows at most."""
+        if self.machine_cpu_seconds is None:
+            return None
+        machine = self.machine_cpu_seconds / self.count * 1000
+        cpus = os.cpu_count() or 1
+        database = (self.database_cpu_seconds or 0.0) / self.count * 1000
+        return (
+            f"  {self.name}: database CPU {database:.2f} ms/request (0 when the server is "
+            f"not on this machine), all {cpus} CPUs busy {machine:.2f} ms/request, "
+            f"so at most {cpus / machine * 1000:,.0f}/s with every CPU busy"
+        )
+
 
 def cpu_seconds(pid: int) -> float:
     """Return the user and system CPU time of a process and of its live child processes
@@ -115,6 +133,32 @@ def cpu_seconds(pid: int) -> float:
         ticks = int(fields[11]) + int(fields[12])  # utime and stime
         total += ticks / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def database_cpu_times() -> dict[int, float]:
+    """Return the CPU time of each PostgreSQL process on this machine: backends, the WAL
+    writer, the checkpointer. Those of another user may be unreadable and are left out."""
+    times: dict[int, float] = {}
+    for process in psutil.process_iter(["name"]):
+        if (process.info["name"] or "").startswith("postgres"):
+            try:
+                cpu = process.cpu_times()
+            except (psutil.AccessDenied, psutil.NoSuchProcess):
+                continue
+            times[process.pid] = cpu.user + cpu.system
+    return times
+
+
+def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """Return the CPU time the processes alive at the end used since `before`. A process
+    that ended in between is left out, and one that started counts from zero."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+def busy_cpu_seconds() -> float:
+    """Return the time all CPUs of the machine spent on anything but idling and waiting."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def timed_calls(clients: int, calls: list[Callable[[], None]], name: str) -> Run:
@@ -181,6 +225,40 @@ def start_api(
         time.sleep(0.2)
 
 
+def run_floor(count: int) -> Run:
+    """Post the reports to the framework alone (bench/_floor_app.py): FastAPI on uvicorn
+    that validates the body and returns 201, with nothing else behind it."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "_floor_app:app", "--port", str(port)]
+    command += ["--log-level", "warning", "--no-access-log"]
+    process = subprocess.Popen(command, cwd=Path(__file__).parent)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the floor app did not start on port {port}")
+            time.sleep(0.2)
+        post_reports = _aiohttp_poster(base, "unused")
+        post_reports(API_CLIENTS * 4, "warm-up")
+        server_before = cpu_seconds(process.pid)
+        client_before = time.process_time()
+        run = post_reports(count, "FastAPI floor, no key, no database")
+        return replace(
+            run,
+            server_cpu_seconds=cpu_seconds(process.pid) - server_before,
+            client_cpu_seconds=time.process_time() - client_before,
+        )
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 def run_api(
     database: Database,
     token: str,
@@ -201,11 +279,15 @@ def run_api(
         post_reports(API_CLIENTS * 4, "warm-up")
         server_before = cpu_seconds(process.pid)
         client_before = time.process_time()
+        database_before = database_cpu_times()
+        machine_before = busy_cpu_seconds()
         run = post_reports(count, label)
         return replace(
             run,
             server_cpu_seconds=cpu_seconds(process.pid) - server_before,
             client_cpu_seconds=time.process_time() - client_before,
+            database_cpu_seconds=cpu_since(database_before, database_cpu_times()),
+            machine_cpu_seconds=busy_cpu_seconds() - machine_before,
         )
     finally:
         process.terminate()
@@ -381,6 +463,12 @@ def main() -> None:
         help="the API clients: aiohttp tasks on one event loop (the default, about a "
         "fifth of the CPU per request) or requests sessions on threads",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also post the reports to FastAPI alone (bench/_floor_app.py), which shows "
+        "the framework's share of the CPU per report",
+    )
     args = parser.parse_args()
     if args.server_workers < 1:
         parser.error(f"invalid --server-workers {args.server_workers}: use 1 or more")
@@ -416,6 +504,8 @@ def main() -> None:
                     client=args.client,
                 )
             )
+        if args.floor:
+            runs.append(run_floor(args.requests))
         raw = run_raw_insert(database, args.requests)
         library = run_eventsourcing(server_conninfo, args.requests)
     finally:
@@ -424,6 +514,9 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")
     for run in [*runs, raw, library]:
         print(run.line())
+    for run in runs:
+        if (budget := run.budget()) is not None:
+            print(budget)
     api = runs[0]
     print(f"API / raw INSERT:    {api.rate / raw.rate:5.2f}  (target 0.33 or more)")
     print(f"API / eventsourcing: {api.rate / library.rate:5.2f}  (target 3 or more)")

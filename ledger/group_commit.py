@@ -67,7 +67,12 @@ class GroupCommitter:
     handler fails.
 
     The worker threads start with the first unit. `max_batch` bounds the units of one
-    transaction, and `workers` the transactions in flight: while one commits, another runs.
+    transaction, and `workers` the transactions in flight. One is the default: the units
+    that arrive while a batch commits make the next batch. A second worker runs a batch
+    while the first commits, which pays where a WAL flush is slow. Where it is fast, it
+    only makes smaller batches and more thread switches: on the 2-vCPU development
+    machine, the append benchmark took 874 and 913 reports/s with one worker against 659
+    and 742 with two.
     """
 
     def __init__(
@@ -75,7 +80,7 @@ class GroupCommitter:
         pool: ConnectionPool[Any],
         *,
         max_batch: int = 64,
-        workers: int = 2,
+        workers: int = 1,
         timeout_seconds: float = 60.0,
         name: str = "group-commit",
         batch_handler: BatchHandler | None = None,

@@ -6,8 +6,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import platformdirs
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ledger.errors import LedgerError
+
+ENV_PREFIX = "CIVICPULSE_"
 
 
 def _default_data_dir() -> Path:
@@ -21,7 +25,7 @@ class Settings(BaseSettings):
     Without it, an embedded PostgreSQL is started in `CIVICPULSE_DATA_DIR`.
     """
 
-    model_config = SettingsConfigDict(env_prefix="CIVICPULSE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     app_database_url: str | None = Field(
@@ -115,6 +119,14 @@ class Settings(BaseSettings):
         default=True,
         description="Commit the API's concurrent appends together, one transaction per batch.",
     )
+    group_commit_workers: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Threads of each API process that run group commit batches. With one, "
+        "the next batch gathers while the last commits; a second helps only where a "
+        "commit's WAL flush is slow.",
+    )
     api_pool_size: int = Field(default=10, ge=2, le=1000)
 
     log_level: str = "INFO"
@@ -129,7 +141,30 @@ class Settings(BaseSettings):
         return upper
 
 
+class InvalidSettings(LedgerError):
+    """An environment variable has a value the settings cannot take."""
+
+    def __init__(self, error: ValidationError) -> None:
+        problems = []
+        for detail in error.errors():
+            name = str(detail["loc"][0]) if detail["loc"] else "?"
+            variable = name if name.isupper() else ENV_PREFIX + name.upper()
+            # Connection strings and passwords may hold secrets: name them, never echo them.
+            secret = any(part in name.lower() for part in ("url", "password"))
+            value = "" if secret else f"={detail.get('input')!r}"
+            reason = detail["msg"].removeprefix("Value error, ")
+            problems.append(f"{variable}{value}: {reason}")
+        super().__init__(
+            "invalid setting " + "; ".join(problems) + ": change or unset it "
+            "(README.md lists each setting with its default)"
+        )
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Return the process-wide settings, read from the environment on first use."""
-    return Settings()
+    """Return the process-wide settings, read from the environment on first use. Raises
+    InvalidSettings naming each variable whose value the settings cannot take."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise InvalidSettings(error) from None

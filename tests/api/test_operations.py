@@ -197,7 +197,7 @@ def test_worker_app_freezes_startup_objects(
     assert frozen_after - frozen_before > 1000
 
 
-def test_new_request_ids_are_version_4_uuids_and_differ_in_a_fork() -> None:
+def test_new_request_id_is_a_fresh_version_4_uuid_in_each_process() -> None:
     ids = [new_request_id() for _ in range(1000)]
     read, write = os.pipe()
     child = os.fork()

@@ -47,7 +47,7 @@ def wait_until_readable(conn: psycopg.Connection[Any]) -> None:
         time.sleep(0.01)
 
 
-def test_quiet_idle_connections_are_handed_out_without_a_query(
+def test_checkout_hands_out_quiet_idle_connections_without_a_query(
     pool: ConnectionPool[Any], checks: list[int]
 ) -> None:
     pids = {backend_pid(pool) for _ in range(20)}
@@ -56,7 +56,7 @@ def test_quiet_idle_connections_are_handed_out_without_a_query(
     assert checks == []
 
 
-def test_a_terminated_connection_is_replaced_at_checkout(
+def test_checkout_replaces_a_terminated_connection(
     pool: ConnectionPool[Any], database: Database, checks: list[int]
 ) -> None:
     first = backend_pid(pool)
@@ -74,7 +74,7 @@ def test_a_terminated_connection_is_replaced_at_checkout(
     assert checks == [first]
 
 
-def test_a_connection_with_a_message_waiting_gets_the_query(
+def test_checkout_queries_a_connection_with_a_message_waiting(
     pool: ConnectionPool[Any], database: Database, checks: list[int]
 ) -> None:
     conn = pool.getconn()
@@ -93,7 +93,7 @@ def test_a_connection_with_a_message_waiting_gets_the_query(
     assert checks == [pid]
 
 
-def test_a_connection_inside_a_transaction_is_not_quiet(database: Database) -> None:
+def test_quietly_idle_is_false_inside_a_transaction(database: Database) -> None:
     with database.connect_owner() as conn:
         conn.execute("SELECT 1")
 
@@ -105,7 +105,7 @@ def test_a_connection_inside_a_transaction_is_not_quiet(database: Database) -> N
         assert quietly_idle(conn)
 
 
-def test_a_closed_connection_is_not_quiet(database: Database) -> None:
+def test_quietly_idle_is_false_for_a_closed_connection(database: Database) -> None:
     conn = database.connect_owner()
     conn.close()
 

@@ -43,11 +43,14 @@ class Allow:
                 "missing API key: send 'Authorization: Bearer cpk_...' with a key that "
                 "`civicpulse key issue` printed"
             )
-        # In a thread of the event loop's own executor, which costs less per call than the
-        # thread pool FastAPI runs plain functions in. The thread gets a copy of the
-        # request's context, so the configuration version the query reads is recorded for
-        # the request (ledger.tenants.record_config_version).
-        principal = await asyncio.to_thread(_authenticate, request, credentials.credentials)
+        token = credentials.credentials
+        # A cached key is checked on the event loop. Others go to a thread of the loop's
+        # own executor, which gets a copy of the request's context, so the configuration
+        # version the query reads is recorded for the request either way
+        # (ledger.tenants.record_config_version).
+        principal = await _authenticate_cached(request, token)
+        if principal is None:
+            principal = await asyncio.to_thread(_authenticate, request, token)
         path_tenant = request.path_params.get("tenant_id")
         if path_tenant is not None and path_tenant != principal.tenant_id:
             # The same response whether or not the tenant exists, so keys learn nothing.
@@ -58,6 +61,20 @@ class Allow:
             raise Forbidden(principal.role.value, [role.value for role in self.roles], self.action)
         request.state.principal = principal
         return principal
+
+
+async def _authenticate_cached(request: Request, token: str) -> Principal | None:
+    """Check a cached key with the loop's own pool: in a thread, the check's hand-offs of
+    the interpreter lock cost more than the query (see KEY_POOL_SIZE in api.app)."""
+    keys: KeyCache = request.app.state.keys
+    try:
+        async with request.app.state.key_pool.connection() as conn:
+            return await keys.authenticate_cached(conn, token)
+    except AuthenticationFailed as error:
+        logger.warning(
+            "authentication failed on %s %s: %s", request.method, request.url.path, error
+        )
+        raise
 
 
 def _authenticate(request: Request, token: str) -> Principal:

@@ -24,7 +24,7 @@ from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.types.json import set_json_dumps, set_json_loads
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from pydantic import SecretStr
 
 from ledger.errors import LedgerError
@@ -167,6 +167,25 @@ def read_as_tenant(
         conn.autocommit = autocommit
 
 
+async def read_as_tenant_async(
+    conn: psycopg.AsyncConnection[Any], tenant_id: str, query: sql.Composable
+) -> list[tuple[Any, ...]] | None:
+    """`read_as_tenant` on an async connection, for reads on the event loop."""
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        return None
+    scoped = sql.SQL("SELECT set_config('civicpulse.tenant_id', {}, true); {}").format(
+        sql.Literal(tenant_id), query
+    )
+    autocommit = conn.autocommit
+    await conn.set_autocommit(True)
+    try:
+        cursor = await conn.execute(scoped)
+        cursor.nextset()
+        return await cursor.fetchall()
+    finally:
+        await conn.set_autocommit(autocommit)
+
+
 class MissingConnection(LedgerError):
     """A command needs a role whose connection string the settings do not give."""
 
@@ -190,7 +209,7 @@ def _with_password(conninfo: str | None, password: SecretStr | None) -> str:
     return make_conninfo(conninfo, password=password.get_secret_value())
 
 
-def quietly_idle(conn: psycopg.Connection[Any]) -> bool:
+def quietly_idle(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
     """Tell whether an idle connection looks healthy without a round trip to the server.
 
     An idle connection has nothing to read: a server that ends it (a restart, a shutdown,
@@ -237,6 +256,27 @@ def checked_pool(conninfo: str, *, min_size: int, max_size: int, name: str) -> C
             raise
 
     pool: ConnectionPool[Any] = ConnectionPool(
+        conninfo, min_size=min_size, max_size=max_size, open=False, check=check, name=name
+    )
+    return pool
+
+
+def checked_async_pool(
+    conninfo: str, *, min_size: int, max_size: int, name: str
+) -> AsyncConnectionPool[Any]:
+    """`checked_pool` for coroutines on the event loop: the same test at each checkout."""
+
+    async def check(conn: psycopg.AsyncConnection[Any]) -> None:
+        if quietly_idle(conn):
+            return
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except psycopg.OperationalError:
+            logger.warning("pool %s found a dead connection; checking the idle ones", name)
+            await pool.check()
+            raise
+
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         conninfo, min_size=min_size, max_size=max_size, open=False, check=check, name=name
     )
     return pool

@@ -3,14 +3,17 @@ change take effect on the next request, in every process that serves the tenant.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
+from api import auth
 from api.app import create_app
 from ledger.database import Database, set_tenant
 from ledger.errors import AuthenticationFailed
@@ -206,3 +209,82 @@ def test_recorded_version_serves_one_lookup(store: PostgresEventStore, tenant_id
     assert as_of_start.version == first.version
     assert next_lookup.version == first.version + 1
     assert next_lookup.open311_public_reads
+
+
+async def cached_check(
+    database: Database, cache: KeyCache, token: str, now: datetime | None = None
+) -> Any:
+    async with await psycopg.AsyncConnection.connect(database.app_conninfo) as conn:
+        return await cache.authenticate_cached(conn, token, now=now)
+
+
+def test_authenticate_cached_returns_the_holder_until_the_keys_stream_moves(
+    database: Database, session_pool: ConnectionPool[Any], store: PostgresEventStore, tenant_id: str
+) -> None:
+    key, token = issue_key(store, tenant_id, role=Role.STAFF, name="s", issued_by="t")
+    cache = KeyCache()
+    unknown = asyncio.run(cached_check(database, cache, token))
+    with session_pool.connection() as conn:
+        cache.authenticate(conn, token)
+    known = asyncio.run(cached_check(database, cache, token))
+    # Any key event moves the keys stream: the full check has to read the row again.
+    issue_key(store, tenant_id, role=Role.STAFF, name="other", issued_by="t")
+    moved = asyncio.run(cached_check(database, cache, token))
+
+    assert unknown is None
+    assert known is not None
+    assert (known.key_id, known.tenant_id, known.role) == (key.key_id, tenant_id, Role.STAFF)
+    assert moved is None
+
+
+def test_authenticate_cached_leaves_a_wrong_secret_to_the_full_check(
+    database: Database, session_pool: ConnectionPool[Any], store: PostgresEventStore, tenant_id: str
+) -> None:
+    _, token = issue_key(store, tenant_id, role=Role.STAFF, name="s", issued_by="t")
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    cache = KeyCache()
+    with session_pool.connection() as conn:
+        cache.authenticate(conn, token)
+
+    assert asyncio.run(cached_check(database, cache, forged)) is None
+
+
+def test_authenticate_cached_rejects_an_expired_key(
+    database: Database, session_pool: ConnectionPool[Any], store: PostgresEventStore, tenant_id: str
+) -> None:
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    _, token = issue_key(
+        store, tenant_id, role=Role.STAFF, name="s", issued_by="t", expires_at=expires
+    )
+    cache = KeyCache()
+    with session_pool.connection() as conn:
+        cache.authenticate(conn, token)
+
+    with pytest.raises(AuthenticationFailed) as rejected:
+        asyncio.run(cached_check(database, cache, token, expires + timedelta(seconds=1)))
+
+    assert "expired" in str(rejected.value)
+
+
+def test_api_checks_cached_keys_without_a_thread(
+    app_client: TestClient,
+    store: PostgresEventStore,
+    tenant_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, token = issue_key(store, tenant_id, role=Role.STAFF, name="s", issued_by="t")
+    threaded: list[str] = []
+    full_check = auth._authenticate
+
+    def counted(request: Any, token: str) -> Any:
+        threaded.append(request.url.path)
+        return full_check(request, token)
+
+    monkeypatch.setattr(auth, "_authenticate", counted)
+
+    statuses = [post_report(app_client, tenant_id, token).status_code for _ in range(5)]
+
+    assert statuses == [201] * 5
+    # The first request reads the key in a thread and caches it; the others check it on
+    # the loop.
+    assert len(threaded) == 1

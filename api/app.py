@@ -17,7 +17,7 @@ from uuid import UUID
 import psycopg
 from fastapi import Body, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -553,9 +553,10 @@ def create_app(
     cache_tenant_configs(store)
     commands = IncidentCommands(store)
 
-    key_pool = checked_async_pool(
-        database.app_conninfo, min_size=1, max_size=KEY_POOL_SIZE, name="api-keys"
-    )
+    # The pools of key checks, one per event loop that runs the app's lifespan: an async
+    # pool belongs to the loop that opened it. uvicorn runs one loop per process; test
+    # clients may run several, one after the other or at once.
+    key_pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool[Any]] = {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -563,13 +564,19 @@ def create_app(
         # submit keeps its thread until its batch commits. With asyncio's default (the CPU
         # count plus 4 threads), a dozen waiting submits held up every other key check.
         executor = ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="api")
-        asyncio.get_running_loop().set_default_executor(executor)
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(executor)
         if owned_pool:
             pool.open(wait=True)
+        key_pool = checked_async_pool(
+            database.app_conninfo, min_size=1, max_size=KEY_POOL_SIZE, name="api-keys"
+        )
         await key_pool.open(wait=True)
+        key_pools[loop] = key_pool
         try:
             yield
         finally:
+            del key_pools[loop]
             if committer is not None:
                 committer.stop()
             await key_pool.close()
@@ -592,7 +599,7 @@ def create_app(
     app.state.commands = commands
     app.state.pool = pool
     app.state.keys = KeyCache()
-    app.state.key_pool = key_pool
+    app.state.key_pools = key_pools
 
     app.add_middleware(RequestContext, max_body_bytes=MAX_BODY_BYTES)
 

@@ -64,11 +64,16 @@ class Allow:
 
 
 async def _authenticate_cached(request: Request, token: str) -> Principal | None:
-    """Check a cached key with the loop's own pool: in a thread, the check's hand-offs of
-    the interpreter lock cost more than the query (see KEY_POOL_SIZE in api.app)."""
+    """Check a cached key with the pool of the running loop: in a thread, the check's
+    hand-offs of the interpreter lock cost more than the query (see KEY_POOL_SIZE in
+    api.app). Return None, for a thread to decide, when the key is not cached or no pool
+    runs on this loop (an app served without its lifespan)."""
     keys: KeyCache = request.app.state.keys
+    key_pool = request.app.state.key_pools.get(asyncio.get_running_loop())
+    if key_pool is None:
+        return None
     try:
-        async with request.app.state.key_pool.connection() as conn:
+        async with key_pool.connection() as conn:
             return await keys.authenticate_cached(conn, token)
     except AuthenticationFailed as error:
         logger.warning(

@@ -288,3 +288,21 @@ def test_api_checks_cached_keys_without_a_thread(
     # The first request reads the key in a thread and caches it; the others check it on
     # the loop.
     assert len(threaded) == 1
+
+
+def test_api_serves_keys_on_two_loops_at_once_and_without_a_lifespan(
+    database: Database, session_pool: ConnectionPool[Any], store: PostgresEventStore, tenant_id: str
+) -> None:
+    _, token = issue_key(store, tenant_id, role=Role.STAFF, name="s", issued_by="t")
+    app = create_app(database, pool=session_pool)
+    # Each test client runs the app on an event loop of its own; the last has no lifespan.
+    with TestClient(app) as first, TestClient(app) as second:
+        statuses = [
+            post_report(client, tenant_id, token).status_code
+            for client in (first, second, first, second)
+        ]
+    without_lifespan = post_report(TestClient(app), tenant_id, token)
+
+    assert statuses == [201] * 4
+    assert without_lifespan.status_code == 201, without_lifespan.text
+    assert app.state.key_pools == {}

@@ -553,9 +553,9 @@ def create_app(
     cache_tenant_configs(store)
     commands = IncidentCommands(store)
 
-    # The pools of key checks, one per event loop that runs the app's lifespan: an async
-    # pool belongs to the loop that opened it. uvicorn runs one loop per process; test
-    # clients may run several, one after the other or at once.
+    # The pools of key checks, one per event loop that runs the app's lifespan, because an
+    # async pool belongs to the loop that opened it. uvicorn runs one loop per process, but
+    # test clients may run several, one after the other or at once.
     key_pools: dict[asyncio.AbstractEventLoop, AsyncConnectionPool[Any]] = {}
 
     @asynccontextmanager

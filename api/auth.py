@@ -44,13 +44,19 @@ class Allow:
                 "`civicpulse key issue` printed"
             )
         token = credentials.credentials
-        # A cached key is checked on the event loop. Others go to a thread of the loop's
-        # own executor, which gets a copy of the request's context, so the configuration
-        # version the query reads is recorded for the request either way
-        # (ledger.tenants.record_config_version).
-        principal = await _authenticate_cached(request, token)
-        if principal is None:
-            principal = await asyncio.to_thread(_authenticate, request, token)
+        # A cached key is checked on the event loop, and others in a thread of the loop's
+        # executor. The thread gets a copy of the request's context, so either way the
+        # configuration version the query reads is recorded for the request.
+        try:
+            principal = await _authenticate_cached(request, token)
+            if principal is None:
+                principal = await asyncio.to_thread(_authenticate, request, token)
+        except AuthenticationFailed as error:
+            # The message names the key id at most, never the secret.
+            logger.warning(
+                "authentication failed on %s %s: %s", request.method, request.url.path, error
+            )
+            raise
         path_tenant = request.path_params.get("tenant_id")
         if path_tenant is not None and path_tenant != principal.tenant_id:
             # The same response whether or not the tenant exists, so keys learn nothing.
@@ -64,36 +70,25 @@ class Allow:
 
 
 async def _authenticate_cached(request: Request, token: str) -> Principal | None:
-    """Check a cached key with the pool of the running loop: in a thread, the check's
-    hand-offs of the interpreter lock cost more than the query (see KEY_POOL_SIZE in
-    api.app). Return None, for a thread to decide, when the key is not cached or no pool
-    runs on this loop (an app served without its lifespan)."""
+    """Check a cached key over the key pool of the running event loop, which costs less
+    than a thread's hand-offs of the interpreter lock (see KEY_POOL_SIZE in api.app).
+
+    Returns None, for a thread to decide, when the key is not cached or no key pool runs
+    on this loop (an app served without its lifespan).
+    """
     keys: KeyCache = request.app.state.keys
     key_pool = request.app.state.key_pools.get(asyncio.get_running_loop())
     if key_pool is None:
         return None
-    try:
-        async with key_pool.connection() as conn:
-            return await keys.authenticate_cached(conn, token)
-    except AuthenticationFailed as error:
-        logger.warning(
-            "authentication failed on %s %s: %s", request.method, request.url.path, error
-        )
-        raise
+    async with key_pool.connection() as conn:
+        return await keys.authenticate_cached(conn, token)
 
 
 def _authenticate(request: Request, token: str) -> Principal:
     pool = request.app.state.pool
     keys: KeyCache = request.app.state.keys
-    try:
-        with pool.connection() as conn:
-            return keys.authenticate(conn, token)
-    except AuthenticationFailed as error:
-        # The message names the key id at most, never the secret.
-        logger.warning(
-            "authentication failed on %s %s: %s", request.method, request.url.path, error
-        )
-        raise
+    with pool.connection() as conn:
+        return keys.authenticate(conn, token)
 
 
 def allow(*roles: Role, action: str) -> Any:

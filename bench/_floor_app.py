@@ -1,4 +1,4 @@
-"""The least an HTTP endpoint in this stack costs: FastAPI on uvicorn validates the
+"""The minimum cost of an HTTP endpoint in this stack: FastAPI on uvicorn validates the
 report's body and returns 201, with no key check, no database and none of our middleware.
 
 `bench/api_appends.py --floor` serves it with `uvicorn _floor_app:app` and posts the same

@@ -212,17 +212,49 @@ def start_api(
     }
     process = subprocess.Popen([str(ROOT / ".venv" / "bin" / "civicpulse"), "serve"], env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    wait_until_healthy(process, base, "civicpulse serve", 60)
+    return process, base
+
+
+def wait_until_healthy(
+    process: subprocess.Popen[bytes], base: str, name: str, seconds: float
+) -> None:
+    """Wait until GET /health returns 200; kill the process and raise if it exits or
+    `seconds` pass first."""
+    deadline = time.monotonic() + seconds
     while True:
         try:
             if requests.get(f"{base}/health", timeout=1).status_code == 200:
-                return process, base
+                return
         except requests.ConnectionError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"civicpulse serve did not start on port {port}")
+            raise RuntimeError(f"{name} failed to start at {base}; see its output above")
         time.sleep(0.2)
+
+
+def measured_run(
+    process: subprocess.Popen[bytes],
+    post_reports: Callable[[int, str], Run],
+    count: int,
+    label: str,
+) -> Run:
+    """Warm up, then post `count` reports and return the run with the CPU time that the
+    server process, this script, the local PostgreSQL and the whole machine used for it."""
+    post_reports(API_CLIENTS * 4, "warm-up")
+    server_before = cpu_seconds(process.pid)
+    client_before = time.process_time()
+    database_before = database_cpu_times()
+    machine_before = busy_cpu_seconds()
+    run = post_reports(count, label)
+    return replace(
+        run,
+        server_cpu_seconds=cpu_seconds(process.pid) - server_before,
+        client_cpu_seconds=time.process_time() - client_before,
+        database_cpu_seconds=cpu_since(database_before, database_cpu_times()),
+        machine_cpu_seconds=busy_cpu_seconds() - machine_before,
+    )
 
 
 def run_floor(count: int) -> Run:
@@ -234,26 +266,9 @@ def run_floor(count: int) -> Run:
     process = subprocess.Popen(command, cwd=Path(__file__).parent)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the floor app did not start on port {port}")
-            time.sleep(0.2)
-        post_reports = _aiohttp_poster(base, "unused")
-        post_reports(API_CLIENTS * 4, "warm-up")
-        server_before = cpu_seconds(process.pid)
-        client_before = time.process_time()
-        run = post_reports(count, "FastAPI floor, no key, no database")
-        return replace(
-            run,
-            server_cpu_seconds=cpu_seconds(process.pid) - server_before,
-            client_cpu_seconds=time.process_time() - client_before,
-        )
+        wait_until_healthy(process, base, "the floor app", 30)
+        label = "FastAPI floor, no key, no database"
+        return measured_run(process, _aiohttp_poster(base, "unused"), count, label)
     finally:
         process.terminate()
         process.wait(30)
@@ -275,20 +290,7 @@ def run_api(
         _aiohttp_poster(base, token) if client == "aiohttp" else _requests_poster(base, token)
     )
     try:
-        # Warm up connections and code paths before the clock starts.
-        post_reports(API_CLIENTS * 4, "warm-up")
-        server_before = cpu_seconds(process.pid)
-        client_before = time.process_time()
-        database_before = database_cpu_times()
-        machine_before = busy_cpu_seconds()
-        run = post_reports(count, label)
-        return replace(
-            run,
-            server_cpu_seconds=cpu_seconds(process.pid) - server_before,
-            client_cpu_seconds=time.process_time() - client_before,
-            database_cpu_seconds=cpu_since(database_before, database_cpu_times()),
-            machine_cpu_seconds=busy_cpu_seconds() - machine_before,
-        )
+        return measured_run(process, post_reports, count, label)
     finally:
         process.terminate()
         process.wait(30)
@@ -504,15 +506,14 @@ def main() -> None:
                     client=args.client,
                 )
             )
-        if args.floor:
-            runs.append(run_floor(args.requests))
+        floors = [run_floor(args.requests)] if args.floor else []
         raw = run_raw_insert(database, args.requests)
         library = run_eventsourcing(server_conninfo, args.requests)
     finally:
         drop(server_conninfo, name)
 
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")
-    for run in [*runs, raw, library]:
+    for run in [*runs, *floors, raw, library]:
         print(run.line())
     for run in runs:
         if (budget := run.budget()) is not None:

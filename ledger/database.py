@@ -153,9 +153,7 @@ def read_as_tenant(
     """
     if conn.info.transaction_status != TransactionStatus.IDLE:
         return None
-    scoped = sql.SQL("SELECT set_config('civicpulse.tenant_id', {}, true); {}").format(
-        sql.Literal(tenant_id), query
-    )
+    scoped = _scoped(tenant_id, query)
     autocommit = conn.autocommit
     # Outside autocommit mode psycopg would open a transaction first.
     conn.autocommit = True
@@ -170,12 +168,11 @@ def read_as_tenant(
 async def read_as_tenant_async(
     conn: psycopg.AsyncConnection[Any], tenant_id: str, query: sql.Composable
 ) -> list[tuple[Any, ...]] | None:
-    """`read_as_tenant` on an async connection, for reads on the event loop."""
+    """Run one read-only statement scoped to `tenant_id`, as `read_as_tenant` does, on an
+    async connection for reads on the event loop."""
     if conn.info.transaction_status != TransactionStatus.IDLE:
         return None
-    scoped = sql.SQL("SELECT set_config('civicpulse.tenant_id', {}, true); {}").format(
-        sql.Literal(tenant_id), query
-    )
+    scoped = _scoped(tenant_id, query)
     autocommit = conn.autocommit
     await conn.set_autocommit(True)
     try:
@@ -184,6 +181,13 @@ async def read_as_tenant_async(
         return await cursor.fetchall()
     finally:
         await conn.set_autocommit(autocommit)
+
+
+def _scoped(tenant_id: str, query: sql.Composable) -> sql.Composed:
+    """Return the simple query that sets the tenant, then runs `query`."""
+    return sql.SQL("SELECT set_config('civicpulse.tenant_id', {}, true); {}").format(
+        sql.Literal(tenant_id), query
+    )
 
 
 class MissingConnection(LedgerError):
@@ -210,7 +214,7 @@ def _with_password(conninfo: str | None, password: SecretStr | None) -> str:
 
 
 def quietly_idle(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
-    """Tell whether an idle connection looks healthy without a round trip to the server.
+    """Return whether an idle connection looks healthy, without a round trip to the server.
 
     An idle connection has nothing to read: a server that ends it (a restart, a shutdown,
     pg_terminate_backend) sends an error and closes the socket, which makes it readable.
@@ -264,7 +268,8 @@ def checked_pool(conninfo: str, *, min_size: int, max_size: int, name: str) -> C
 def checked_async_pool(
     conninfo: str, *, min_size: int, max_size: int, name: str
 ) -> AsyncConnectionPool[Any]:
-    """`checked_pool` for coroutines on the event loop: the same test at each checkout."""
+    """Create an async pool, not yet open, for coroutines on the event loop, with the test
+    of `checked_pool` at each checkout."""
 
     async def check(conn: psycopg.AsyncConnection[Any]) -> None:
         if quietly_idle(conn):

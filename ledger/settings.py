@@ -149,7 +149,7 @@ class InvalidSettings(LedgerError):
         for detail in error.errors():
             name = str(detail["loc"][0]) if detail["loc"] else "?"
             variable = name if name.isupper() else ENV_PREFIX + name.upper()
-            # Connection strings and passwords may hold secrets: name them, never echo them.
+            # Connection strings and passwords may contain secrets: name them, never echo them.
             secret = any(part in name.lower() for part in ("url", "password"))
             value = "" if secret else f"={detail.get('input')!r}"
             reason = detail["msg"].removeprefix("Value error, ")

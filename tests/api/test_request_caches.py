@@ -17,7 +17,7 @@ from api import auth
 from api.app import create_app
 from ledger.database import Database, set_tenant
 from ledger.errors import AuthenticationFailed
-from ledger.keys import KeyCache, Role, issue_key, revoke_key
+from ledger.keys import ApiKey, KeyCache, Role, issue_key, revoke_key
 from ledger.store import PostgresEventStore
 from ledger.tenants import (
     cache_tenant_configs,
@@ -218,47 +218,50 @@ async def cached_check(
         return await cache.authenticate_cached(conn, token, now=now)
 
 
-def test_authenticate_cached_returns_the_holder_until_the_keys_stream_moves(
-    database: Database, session_pool: ConnectionPool[Any], store: PostgresEventStore, tenant_id: str
-) -> None:
-    key, token = issue_key(store, tenant_id, role=Role.STAFF, name="s", issued_by="t")
+def cached_key(
+    session_pool: ConnectionPool[Any], store: PostgresEventStore, tenant_id: str, **options: Any
+) -> tuple[ApiKey, str, KeyCache]:
+    """Issue a staff key and return it, its token and a cache that has read it once."""
+    key, token = issue_key(store, tenant_id, role=Role.STAFF, name="s", issued_by="t", **options)
     cache = KeyCache()
-    unknown = asyncio.run(cached_check(database, cache, token))
     with session_pool.connection() as conn:
         cache.authenticate(conn, token)
+    return key, token, cache
+
+
+def test_cached_check_until_keys_stream_moves(
+    database: Database, session_pool: ConnectionPool[Any], store: PostgresEventStore, tenant_id: str
+) -> None:
+    _, token = issue_key(store, tenant_id, role=Role.STAFF, name="s", issued_by="t")
+    unknown = asyncio.run(cached_check(database, KeyCache(), token))
+    key, token, cache = cached_key(session_pool, store, tenant_id)
     known = asyncio.run(cached_check(database, cache, token))
-    # Any key event moves the keys stream: the full check has to read the row again.
+    # Any key event moves the keys stream, so the full check has to read the row again.
     issue_key(store, tenant_id, role=Role.STAFF, name="other", issued_by="t")
     moved = asyncio.run(cached_check(database, cache, token))
 
     assert unknown is None
     assert known is not None
-    assert (known.key_id, known.tenant_id, known.role) == (key.key_id, tenant_id, Role.STAFF)
+    assert known.key_id == key.key_id
+    assert known.tenant_id == tenant_id
+    assert known.role == Role.STAFF
     assert moved is None
 
 
-def test_authenticate_cached_leaves_a_wrong_secret_to_the_full_check(
+def test_cached_check_skips_wrong_secret(
     database: Database, session_pool: ConnectionPool[Any], store: PostgresEventStore, tenant_id: str
 ) -> None:
-    _, token = issue_key(store, tenant_id, role=Role.STAFF, name="s", issued_by="t")
+    _, token, cache = cached_key(session_pool, store, tenant_id)
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
-    cache = KeyCache()
-    with session_pool.connection() as conn:
-        cache.authenticate(conn, token)
 
     assert asyncio.run(cached_check(database, cache, forged)) is None
 
 
-def test_authenticate_cached_rejects_an_expired_key(
+def test_cached_check_rejects_expired_key(
     database: Database, session_pool: ConnectionPool[Any], store: PostgresEventStore, tenant_id: str
 ) -> None:
     expires = datetime.now(UTC) + timedelta(hours=1)
-    _, token = issue_key(
-        store, tenant_id, role=Role.STAFF, name="s", issued_by="t", expires_at=expires
-    )
-    cache = KeyCache()
-    with session_pool.connection() as conn:
-        cache.authenticate(conn, token)
+    _, token, cache = cached_key(session_pool, store, tenant_id, expires_at=expires)
 
     with pytest.raises(AuthenticationFailed) as rejected:
         asyncio.run(cached_check(database, cache, token, expires + timedelta(seconds=1)))
@@ -266,7 +269,7 @@ def test_authenticate_cached_rejects_an_expired_key(
     assert "expired" in str(rejected.value)
 
 
-def test_api_checks_cached_keys_without_a_thread(
+def test_api_cached_keys_skip_the_thread(
     app_client: TestClient,
     store: PostgresEventStore,
     tenant_id: str,
@@ -285,12 +288,12 @@ def test_api_checks_cached_keys_without_a_thread(
     statuses = [post_report(app_client, tenant_id, token).status_code for _ in range(5)]
 
     assert statuses == [201] * 5
-    # The first request reads the key in a thread and caches it; the others check it on
-    # the loop.
+    # The first request reads the key in a thread and caches it, and the others check it
+    # on the loop.
     assert len(threaded) == 1
 
 
-def test_api_serves_keys_on_two_loops_at_once_and_without_a_lifespan(
+def test_api_keys_on_two_loops_and_no_lifespan(
     database: Database, session_pool: ConnectionPool[Any], store: PostgresEventStore, tenant_id: str
 ) -> None:
     _, token = issue_key(store, tenant_id, role=Role.STAFF, name="s", issued_by="t")

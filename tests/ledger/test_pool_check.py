@@ -47,16 +47,14 @@ def wait_until_readable(conn: psycopg.Connection[Any]) -> None:
         time.sleep(0.01)
 
 
-def test_checkout_hands_out_quiet_idle_connections_without_a_query(
-    pool: ConnectionPool[Any], checks: list[int]
-) -> None:
+def test_checkout_skips_query_when_quiet(pool: ConnectionPool[Any], checks: list[int]) -> None:
     pids = {backend_pid(pool) for _ in range(20)}
 
     assert len(pids) == 1
     assert checks == []
 
 
-def test_checkout_replaces_a_terminated_connection(
+def test_checkout_replaces_terminated_connection(
     pool: ConnectionPool[Any], database: Database, checks: list[int]
 ) -> None:
     first = backend_pid(pool)
@@ -74,7 +72,7 @@ def test_checkout_replaces_a_terminated_connection(
     assert checks == [first]
 
 
-def test_checkout_queries_a_connection_with_a_message_waiting(
+def test_checkout_queries_pending_message(
     pool: ConnectionPool[Any], database: Database, checks: list[int]
 ) -> None:
     conn = pool.getconn()
@@ -88,12 +86,12 @@ def test_checkout_queries_a_connection_with_a_message_waiting(
     finally:
         pool.putconn(conn)
 
-    # The message is harmless: the query succeeds and the same connection is handed out.
+    # The message is harmless, so the query succeeds and the same connection is handed out.
     assert backend_pid(pool) == pid
     assert checks == [pid]
 
 
-def test_quietly_idle_is_false_inside_a_transaction(database: Database) -> None:
+def test_quietly_idle_false_in_transaction(database: Database) -> None:
     with database.connect_owner() as conn:
         conn.execute("SELECT 1")
 
@@ -105,7 +103,7 @@ def test_quietly_idle_is_false_inside_a_transaction(database: Database) -> None:
         assert quietly_idle(conn)
 
 
-def test_quietly_idle_is_false_for_a_closed_connection(database: Database) -> None:
+def test_quietly_idle_false_when_closed(database: Database) -> None:
     conn = database.connect_owner()
     conn.close()
 

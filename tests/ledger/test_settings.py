@@ -17,7 +17,7 @@ def uncached_settings() -> None:
     get_settings.cache_clear()
 
 
-def test_get_settings_reads_group_commit_workers_with_a_default_of_one(
+def test_group_commit_workers_default_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("CIVICPULSE_GROUP_COMMIT_WORKERS", raising=False)
@@ -30,9 +30,7 @@ def test_get_settings_reads_group_commit_workers_with_a_default_of_one(
 
 
 @pytest.mark.parametrize("value", ["0", "17", "two"])
-def test_get_settings_names_the_variable_and_the_bad_value(
-    monkeypatch: pytest.MonkeyPatch, value: str
-) -> None:
+def test_bad_setting_names_variable_and_value(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("CIVICPULSE_GROUP_COMMIT_WORKERS", value)
 
     with pytest.raises(InvalidSettings) as raised:
@@ -43,7 +41,7 @@ def test_get_settings_names_the_variable_and_the_bad_value(
     assert "README.md" in message
 
 
-def test_get_settings_names_each_bad_value_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_settings_named_once_each(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CIVICPULSE_API_PORT", "70000")
     monkeypatch.setenv("CIVICPULSE_LOG_LEVEL", "loud")
 
@@ -56,7 +54,7 @@ def test_get_settings_names_each_bad_value_once(monkeypatch: pytest.MonkeyPatch)
     assert "Value error" not in message
 
 
-def test_cli_prints_one_line_and_exits_2_on_a_bad_setting(tmp_path: Path) -> None:
+def test_cli_bad_setting_exits_2(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
     env["CIVICPULSE_DATA_DIR"] = str(tmp_path / "pgdata")
     env["CIVICPULSE_GROUP_COMMIT_WORKERS"] = "0"
